@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (the main job) and `make test` (what CI runs).
+# Both set everything up first (scripts/setup.sh: venv, CPU torch without CUDA, hanlm).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-all lint format data
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/hanlm data check src/hanlm/assets/demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	HANLM_SLOW=1 $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+data:
+	python3 scripts/build_demo_data.py

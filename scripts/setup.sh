@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install hanlm into it.
+#
+# torch is installed first and pinned to the CPU build on machines without CUDA: an unpinned
+# `torch` requirement would otherwise pull a multi-GB CUDA build. A venv (or a system) that
+# already has torch keeps it. Re-running is cheap: the editable install is skipped while
+# pyproject.toml is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${HANLM_VENV:-.venv}
+PY=${PYTHON:-python3}
+CPU_TORCH=${HANLM_CPU_TORCH:-torch==2.13.0}
+EXTRAS=${HANLM_EXTRAS:-dev}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating virtual environment $VENV"
+    "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+
+if "$VPY" -c "import torch" >/dev/null 2>&1; then
+    echo "[setup] torch $("$VPY" -c 'import torch; print(torch.__version__)') already installed"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    echo "[setup] CUDA found: installing torch"
+    "$VPY" -m pip install --quiet torch
+else
+    echo "[setup] no CUDA: installing CPU $CPU_TORCH"
+    "$VPY" -m pip install --quiet "$CPU_TORCH"
+fi
+
+stamp="$VENV/.hanlm-installed"
+want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$EXTRAS"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[setup] installing hanlm[$EXTRAS] (editable)"
+    "$VPY" -m pip install --quiet -e ".[$EXTRAS]"
+    echo "$want" > "$stamp"
+else
+    echo "[setup] hanlm already installed in $VENV"
+fi

@@ -1,0 +1,208 @@
+"""The command line: `hanlm <command> [CONFIG.yaml] [key.sub=value ...]`.
+
+One table names every command, its module, its config class and a one-line help. Modules are
+imported only when their command runs (or its --help is asked for), so `hanlm --help` stays fast:
+torch, transformers and trl take seconds to import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import re
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hanlm import __version__
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # module with `run(cfg)` and the config class
+    config: str  # config class name in that module
+    help: str  # one line for `hanlm --help`
+    positional: str = ""  # config key that bare arguments fill (a list key takes several)
+    usage: str = ""  # what the bare arguments are, for the usage line
+
+
+COMMANDS: dict[str, Command] = {
+    "data check": Command(
+        "hanlm.data.check",
+        "DataCheckConfig",
+        "detect the format of data files, count and list bad records, show lengths and samples",
+        positional="paths",
+        usage="PATH [PATH ...]",
+    ),
+    "data prepare": Command(
+        "hanlm.data.prepare",
+        "DataPrepareConfig",
+        "clean, dedup, mix and split data into train/valid JSONL with counts in hanlm.json",
+        positional="data.paths",
+        usage="PATH [PATH ...]",
+    ),
+}
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _print_main_help() -> None:
+    width = max(len(n) for n in COMMANDS) + 2
+    lines = [
+        f"hanlm {__version__}: build Chinese and bilingual chat language models end to end",
+        "",
+        "usage: hanlm <command> [CONFIG.yaml] [key.sub=value ...]",
+        "       hanlm <command> --help     (lists the command's config keys)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}{cmd.help}" for name, cmd in COMMANDS.items()]
+    lines += [
+        "",
+        "Config values come from the YAML file, then from key=value overrides (YAML syntax:",
+        "train.lr=3e-4, data.paths=[a.jsonl,b.jsonl]); --key value and --flag also work.",
+    ]
+    print("\n".join(lines))
+
+
+def config_class(name: str) -> type:
+    cmd = COMMANDS[name]
+    return getattr(importlib.import_module(cmd.module), cmd.config)
+
+
+def command_help(name: str) -> str:
+    from hanlm.config import describe
+
+    cmd = COMMANDS[name]
+    cls = config_class(name)
+    rows = describe(cls)
+    bare = f" [{cmd.usage}]" if cmd.usage else ""
+    out = [f"usage: hanlm {name} [CONFIG.yaml]{bare} [key=value ...]", "", cmd.help, ""]
+    if cmd.positional:
+        out += [f"bare arguments set '{cmd.positional}'.", ""]
+    out.append("config keys (key  type  default):")
+    for key, tp, default, help_ in rows:
+        out.append(f"  {key}  {tp}  = {default}")
+        if help_:
+            out += textwrap.wrap(help_, 96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
+
+
+def _match_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    best = None
+    for name in COMMANDS:
+        words = name.split()
+        if argv[: len(words)] == words and (best is None or len(words) > len(best.split())):
+            best = name
+    if best is None:
+        return None, argv
+    return best, argv[len(best.split()) :]
+
+
+def parse_args(name: str, args: list[str]) -> tuple[str | None, list[Any]]:
+    """Split a command's arguments into an optional YAML path and a list of overrides."""
+    cmd = COMMANDS[name]
+    config_path = None
+    overrides: list[Any] = []
+    bare: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and len(arg) > 2:
+            key = arg[2:].replace("-", "_")
+            if "=" in key:
+                k = key.split("=", 1)[0]
+                overrides.append(f"{k}={arg.split('=', 1)[1]}")
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                overrides.append((key, _yaml_value(args[i + 1])))
+                i += 1
+            else:
+                overrides.append((key, True))
+        elif _OVERRIDE.match(arg):
+            overrides.append(arg)
+        elif config_path is None and arg.endswith((".yaml", ".yml")):
+            config_path = arg
+        else:
+            bare.append(arg)
+        i += 1
+    if bare:
+        if not cmd.positional:
+            raise UsageError(
+                f"hanlm {name}: unexpected argument(s) {bare};"
+                f" use key=value (see hanlm {name} --help)"
+            )
+        overrides.insert(0, (cmd.positional, bare if cmd.usage.endswith("...]") else bare[0]))
+        if not cmd.usage.endswith("...]") and len(bare) > 1:
+            raise UsageError(f"hanlm {name}: takes one {cmd.usage}, got {bare}")
+    return config_path, overrides
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _print_main_help()
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"hanlm {__version__}")
+        return 0
+    name, rest = _match_command(argv)
+    if name is None:
+        words = " ".join(argv[:2])
+        close = difflib.get_close_matches(words, list(COMMANDS), n=1, cutoff=0.4)
+        close = close or difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.4)
+        hint = f"; did you mean 'hanlm {close[0]}'?" if close else ""
+        print(f"hanlm: unknown command '{words}'{hint} (see hanlm --help)", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(command_help(name))
+        return 0
+
+    from hanlm.config import ConfigError, load_config
+    from hanlm.data.sources import DataError
+    from hanlm.runs import OutputDirError
+
+    try:
+        config_path, overrides = parse_args(name, rest)
+        cfg = load_config(config_class(name), config_path, overrides)
+    except (UsageError, ConfigError) as e:
+        print(f"hanlm {name}: {e}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name].module)
+    try:
+        result = module.run(cfg)
+    except (ConfigError, DataError, OutputDirError, FileNotFoundError) as e:
+        print(f"hanlm {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hanlm {name}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, int):
+        return result
+    if isinstance(result, (str, Path)):
+        print(f"hanlm {name}: done -> {result}")
+    return 0
+
+
+def fields_of(name: str) -> list[str]:
+    """Top-level config fields of a command (for tests and completion)."""
+    return [f.name for f in dataclasses.fields(config_class(name))]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""Typed configs: YAML files plus dotted command-line overrides, checked before anything is built.
+
+Each stage's config is a dataclass composed of the small shared parts below. Every field carries
+a one-line help text in its metadata; `describe()` turns that into `hanlm <command> --help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and what is allowed."""
+
+
+def opt(default: Any = _MISSING, help: str = "", **kw: Any) -> Any:
+    """A config field with a help line; mutable defaults are copied per instance."""
+    meta = {"help": help}
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata=meta, **kw)
+    if default is _MISSING:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("", "model: a Hugging Face directory, a .gguf file, or a hub id (online)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "weights dtype: auto = bf16 on a GPU that supports it, fp32 on CPU"
+    )
+    trust_remote_code: bool = opt(False, "allow custom modelling code from the model directory")
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = opt([], "data files, directories, globs, saved datasets dirs or hub ids")
+    format: Literal["auto", "text", "alpaca", "sharegpt", "messages", "preference"] = opt(
+        "auto", "record format; auto detects it from the first record's keys"
+    )
+    weights: list[float] = opt([], "per-path mixing weight (fraction of records kept; >1 repeats)")
+    valid_paths: list[str] = opt(
+        [], "explicit validation data (otherwise split off the train data)"
+    )
+    valid_fraction: float = opt(0.0, "fraction of records held out for validation (0 = none)")
+    seed: int = opt(0, "seed for mixing and the train/validation split")
+    on_bad_record: Literal["error", "skip"] = opt(
+        "error", "error: stop at the first bad record; skip: skip, count and report them"
+    )
+    text_field: str = opt("text", "field holding the text for the text format")
+    txt_unit: Literal["line", "paragraph", "file"] = opt(
+        "paragraph", "what one record of a .txt file is"
+    )
+    normalize: Literal["none", "nfc", "nfkc"] = opt(
+        "nfc", "Unicode normalisation of text (nfkc also turns full-width '，' into ',')"
+    )
+    clean: bool = opt(True, "remove control characters and tidy whitespace in text records")
+    min_chars: int = opt(1, "drop text records shorter than this (counted)")
+    dedup: Literal["none", "exact", "normalized"] = opt(
+        "normalized", "drop duplicate text records: exact, or after removing case/space/punct."
+    )
+    max_records: int = opt(0, "read at most this many records per path (0 = all)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = opt(100, "optimiser steps (takes precedence over epochs when > 0)")
+    epochs: float = opt(1.0, "epochs when max_steps is 0")
+    batch_size: int = opt(8, "per-device batch size")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float = opt(1e-3, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = opt(0.05, "fraction of steps for linear warm-up")
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate schedule")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    seed: int = opt(42, "seed for initialisation, dropout and data order")
+    logging_steps: int = opt(10, "write training metrics every N steps")
+    eval_steps: int = opt(50, "validate every N steps (0 = only at the end)")
+    save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    save_total_limit: int = opt(2, "keep at most this many checkpoints")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "auto = bf16 on a GPU that supports it, fp32 on CPU"
+    )
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(False, "train LoRA adapters instead of all weights")
+    r: int = opt(8, "LoRA rank")
+    alpha: int = opt(16, "LoRA alpha (scale = alpha / r)")
+    dropout: float = opt(0.05, "dropout on the LoRA path")
+    targets: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that get adapters",
+    )
+    modules_to_save: list[str] = opt([], "modules trained in full beside the adapters")
+    merge: bool = opt(True, "merge the adapters into the saved model")
+    keep_adapter: bool = opt(False, "also save the adapter directory beside the merged model")
+
+
+@dataclass
+class OutputConfig:
+    """Stage configs inherit this, so `output_dir=`, `overwrite=` and `resume=` are top-level."""
+
+    output_dir: str = opt("", "where the run writes its model, hanlm.json and metrics.jsonl")
+    overwrite: bool = opt(False, "replace a non-empty output_dir")
+    resume: bool = opt(False, "continue from the last checkpoint in output_dir")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    if origin is dict:
+        k, v = get_args(tp)
+        return f"dict[{_type_name(k)}, {_type_name(v)}]"
+    if tp is type(None):
+        return "None"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting the few safe cases."""
+    origin = get_origin(tp)
+    bad = ConfigError(
+        f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"config key '{key}': {value!r} is not allowed; choose one of "
+                + ", ".join(repr(c) for c in choices)
+            )
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `paths=a.jsonl` on the command line means a one-item list
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if isinstance(value, tp):
+        return value
+    raise bad
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            valid = list(fields)
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{_suggest(key, valid)} "
+                f"(valid keys here: {', '.join(valid)})"
+            )
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
+            raise ConfigError(f"config key '{prefix}{name}' is required: {f.metadata.get('help')}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config class accepts (for suggestions and --help)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(all_keys(tp, prefix + f.name + "."))
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ('a.b', value), the value read as YAML so `x=3`, `x=[1,2]` work."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+    valid = all_keys(cls)
+    sections = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    if key not in valid and key not in sections:
+        raise ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str | tuple[str, Any]] | None = None,
+) -> T:
+    """Build `cls` from an optional YAML file and `key.sub=value` overrides (applied last).
+
+    An override is a `key=value` string (the value read as YAML) or a ready `(key, value)` pair.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{p}: expected a mapping of config keys, got {type(loaded).__name__}"
+            )
+        data = loaded
+    for item in overrides or []:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        _set_dotted(data, key, value, cls)
+    try:
+        return _build(cls, data)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every field, nested sections flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, prefix + f.name + "."))
+            continue
+        if f.default is not _MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not _MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,271 @@
+"""The record formats users bring, detected and converted to three canonical shapes.
+
+- text:       {"text": str}
+- chat:       {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
+              (from `alpaca`, `sharegpt` and `messages` data)
+- preference: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+              (trl's conversational preference layout; strings become one-message lists)
+
+Every converter raises `RecordError` saying which field was expected and what was found; the
+caller adds the file and line.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+Format = Literal["text", "alpaca", "sharegpt", "messages", "preference"]
+FORMATS: tuple[str, ...] = ("text", "alpaca", "sharegpt", "messages", "preference")
+ROLES = ("system", "user", "assistant", "tool")
+
+# ShareGPT speaker names seen in the wild, mapped to chat roles.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "function": "tool",
+    "observation": "tool",
+    "tool": "tool",
+}
+_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+                  "function": "tool", "human": "user", "gpt": "assistant"}  # fmt: skip
+
+FORMAT_HELP = (
+    "text ({'text': ...}), alpaca ({'instruction','input','output'}), "
+    "sharegpt ({'conversations': [{'from','value'}]}), "
+    "messages ({'messages': [{'role','content'}]}), preference ({'prompt','chosen','rejected'})"
+)
+
+
+class RecordError(ValueError):
+    """One record does not fit its format."""
+
+
+def kind_of(fmt: str) -> str:
+    """The canonical shape a format converts to: text, chat or preference."""
+    return {"text": "text", "preference": "preference"}.get(fmt, "chat")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"string {value[:40]!r}" if value else "an empty string"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return f"an object with keys {sorted(value)[:8]}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _need_str(rec: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    if key not in rec:
+        raise RecordError(f"missing field '{key}' (record has keys {sorted(rec)})")
+    value = rec[key]
+    if not isinstance(value, str):
+        raise RecordError(f"field '{key}': expected a string, found {_describe(value)}")
+    if not allow_empty and not value.strip():
+        raise RecordError(f"field '{key}': expected non-empty text, found an empty string")
+    return value
+
+
+def _opt_str(rec: dict[str, Any], key: str) -> str:
+    value = rec.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RecordError(f"field '{key}': expected a string, found {_describe(value)}")
+    return value
+
+
+def detect(rec: Any, text_field: str = "text") -> str:
+    """Guess a record's format from its keys."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"expected a JSON object (record), found {_describe(rec)}")
+    keys = set(rec)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if text_field in keys:
+        return "text"
+    raise RecordError(
+        f"cannot tell the format from the keys {sorted(keys)}; expected one of: {FORMAT_HELP}."
+        " Rename the fields or set format=..."
+    )
+
+
+def _check_chat(messages: list[dict[str, str]], require_answer: bool) -> list[dict[str, str]]:
+    if not messages:
+        raise RecordError("the conversation is empty")
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i != 0:
+            raise RecordError(f"turn {i}: a system message may only come first")
+    if require_answer and not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("the conversation has no assistant turn to learn from")
+    if not any(m["role"] == "user" for m in messages):
+        raise RecordError("the conversation has no user turn")
+    return messages
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    # OpenAI content parts: [{"type": "text", "text": ...}]
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" for p in value
+    ):
+        return "".join(str(p.get("text", "")) for p in value)
+    raise RecordError(f"{where}: expected string content, found {_describe(value)}")
+
+
+def _messages(value: Any, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise RecordError(f"field '{field}': expected a list of messages, found {_describe(value)}")
+    out = []
+    for i, m in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise RecordError(
+                f"{where}: expected an object with role and content, found {_describe(m)}"
+            )
+        if "role" not in m or "content" not in m:
+            raise RecordError(f"{where}: expected keys 'role' and 'content', found {sorted(m)}")
+        role = _MESSAGE_ROLES.get(str(m["role"]).lower()) if isinstance(m["role"], str) else None
+        if role is None:
+            raise RecordError(f"{where}: unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+        out.append({"role": role, "content": _content(m["content"], where)})
+    return out
+
+
+def from_messages(rec: dict[str, Any], require_answer: bool = True) -> dict[str, Any]:
+    return {"messages": _check_chat(_messages(rec.get("messages"), "messages"), require_answer)}
+
+
+def from_sharegpt(rec: dict[str, Any], require_answer: bool = True) -> dict[str, Any]:
+    conv = rec.get("conversations")
+    if not isinstance(conv, list):
+        raise RecordError(f"field 'conversations': expected a list, found {_describe(conv)}")
+    messages = []
+    system = _opt_str(rec, "system")
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(conv):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            found = sorted(turn) if isinstance(turn, dict) else _describe(turn)
+            raise RecordError(f"{where}: expected keys 'from' and 'value', found {found}")
+        speaker = turn["from"]
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise RecordError(
+                f"{where}: unknown speaker {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}"
+            )
+        if not isinstance(turn["value"], str):
+            raise RecordError(f"{where}.value: expected a string, found {_describe(turn['value'])}")
+        messages.append({"role": role, "content": turn["value"]})
+    return {"messages": _check_chat(messages, require_answer)}
+
+
+def from_alpaca(rec: dict[str, Any], require_answer: bool = True) -> dict[str, Any]:
+    instruction = _need_str(rec, "instruction")
+    extra = _opt_str(rec, "input")
+    output = _need_str(rec, "output") if require_answer else _opt_str(rec, "output")
+    messages = []
+    system = _opt_str(rec, "system")
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+    history = rec.get("history") or []
+    if not isinstance(history, list):
+        raise RecordError(
+            "field 'history': expected a list of [user, assistant] pairs,"
+            f" found {_describe(history)}"
+        )
+    for i, pair in enumerate(history):
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(x, str) for x in pair)
+        ):
+            raise RecordError(
+                f"history[{i}]: expected a [user, assistant] pair of strings,"
+                f" found {_describe(pair)}"
+            )
+        messages += [
+            {"role": "user", "content": pair[0]},
+            {"role": "assistant", "content": pair[1]},
+        ]
+    prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
+    messages.append({"role": "user", "content": prompt})
+    if output:
+        messages.append({"role": "assistant", "content": output})
+    return {"messages": messages}
+
+
+def from_text(rec: dict[str, Any], text_field: str = "text") -> dict[str, Any]:
+    return {"text": _need_str(rec, text_field)}
+
+
+def _side(value: Any, field: str, role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RecordError(f"field '{field}': expected non-empty text, found an empty string")
+        return [{"role": role, "content": value}]
+    return _messages(value, field)
+
+
+def from_preference(rec: dict[str, Any]) -> dict[str, Any]:
+    for key in ("chosen", "rejected"):
+        if key not in rec:
+            raise RecordError(f"missing field '{key}' (record has keys {sorted(rec)})")
+    chosen = _side(rec["chosen"], "chosen", "assistant")
+    rejected = _side(rec["rejected"], "rejected", "assistant")
+    if rec.get("prompt") is not None:
+        prompt = _side(rec["prompt"], "prompt", "user")
+    else:
+        # Implicit prompt (Anthropic HH style): the shared opening of both conversations.
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise RecordError(
+                "missing field 'prompt', and 'chosen'/'rejected' share no opening turns"
+                " to use as one"
+            )
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if not any(m["role"] == "user" for m in prompt):
+        raise RecordError("field 'prompt': no user turn")
+    for key, side in (("chosen", chosen), ("rejected", rejected)):
+        if side[-1]["role"] != "assistant":
+            raise RecordError(f"field '{key}': must end with an assistant turn")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def convert(
+    rec: Any, fmt: str, text_field: str = "text", require_answer: bool = True
+) -> dict[str, Any]:
+    """Convert one raw record of format `fmt` to its canonical shape."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"expected a JSON object (record), found {_describe(rec)}")
+    if fmt == "text":
+        return from_text(rec, text_field)
+    if fmt == "alpaca":
+        return from_alpaca(rec, require_answer)
+    if fmt == "sharegpt":
+        return from_sharegpt(rec, require_answer)
+    if fmt == "messages":
+        return from_messages(rec, require_answer)
+    if fmt == "preference":
+        return from_preference(rec)
+    raise RecordError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")

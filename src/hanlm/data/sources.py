@@ -1,0 +1,282 @@
+"""Where records come from: files, directories, globs, saved `datasets` dirs and hub ids.
+
+Everything is read as a stream of `(raw_record, Location)` so that errors can name the file and
+line, and so that corpora larger than memory never have to be loaded whole (JSONL, TXT, CSV and
+Parquet stream; a JSON array file is the one format that must be parsed at once).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+TxtUnit = Literal["line", "paragraph", "file"]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or record) and what to do."""
+
+
+@dataclass(frozen=True)
+class Location:
+    source: str
+    line: int | None = None  # 1-based line in a text-like file
+    index: int | None = None  # 0-based record index (Parquet, JSON arrays, datasets)
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.source}:{self.line}"
+        if self.index is not None:
+            return f"{self.source}[record {self.index}]"
+        return self.source
+
+
+def _base_suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return os.path.splitext(name)[1]
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset_info.json").is_file()
+        or (path / "state.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+    )
+
+
+def resolve(spec: str) -> list[str]:
+    """Expand one path spec to the sources it names: files (sorted), a saved dataset, a hub id."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        files = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True))
+        files = [f for f in files if Path(f).is_file() and _base_suffix(Path(f)) in SUFFIXES]
+        if not files:
+            raise DataError(f"{spec}: the pattern matches no data file ({', '.join(SUFFIXES)})")
+        return files
+    if _is_saved_dataset(path):
+        return [str(path)]
+    if path.is_dir():
+        files = sorted(
+            str(p) for p in path.rglob("*") if p.is_file() and _base_suffix(p) in SUFFIXES
+        )
+        if not files:
+            raise DataError(f"{spec}: the directory holds no data file ({', '.join(SUFFIXES)})")
+        return files
+    if path.is_file():
+        if _base_suffix(path) not in SUFFIXES:
+            raise DataError(
+                f"{spec}: unsupported file type; use one of {', '.join(SUFFIXES)} (optionally .gz)"
+            )
+        return [str(path)]
+    if looks_like_hub_id(spec):
+        return [f"hf://{spec}"]
+    raise DataError(f"{spec}: no such file or directory")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split(":", 1)[0].split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs, decoded line by line so a bad byte is blamed on its line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start});"
+                    " convert the file to UTF-8"
+                ) from None
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[Any, Location]]:
+    for lineno, line in _iter_lines(path):
+        if not line.strip():
+            continue
+        loc = Location(path, line=lineno)
+        if lineno == 1:
+            line = line.lstrip("\ufeff")
+        try:
+            yield json.loads(line), loc
+        except json.JSONDecodeError as e:
+            yield BadJson(f"malformed JSON ({e.msg} at column {e.colno})"), loc
+
+
+class BadJson:
+    """Stands in for a record that could not be parsed, so the caller decides: stop or skip."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _iter_json(path: str) -> Iterator[tuple[Any, Location]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 ({e.reason}); convert the file to UTF-8"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        # A JSON file that is really JSON Lines is a common mix-up: read it as such.
+        if e.msg == "Extra data":
+            yield from _iter_jsonl(path)
+            return
+        raise DataError(
+            f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+            "a .json file must hold one array of records (or use .jsonl, one record a line)"
+        ) from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) == 1 and len(data) <= 3:
+            data = data[lists[0]]  # {"data": [...]} and similar wrappers
+        else:
+            data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
+    for i, rec in enumerate(data):
+        yield rec, Location(path, index=i)
+
+
+def _iter_csv(path: str) -> Iterator[tuple[Any, Location]]:
+    delimiter = "\t" if _base_suffix(Path(path)) == ".tsv" else ","
+    with _open_text(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}:1: not valid UTF-8 ({e.reason}); convert the file to UTF-8"
+            ) from None
+        header = [h.strip().lstrip("\ufeff") for h in header]
+        try:
+            for row in reader:
+                loc = Location(path, line=reader.line_num)
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    yield (
+                        BadJson(f"expected {len(header)} columns ({header}), found {len(row)}"),
+                        loc,
+                    )
+                    continue
+                yield dict(zip(header, row)), loc
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}:{reader.line_num + 1}: not valid UTF-8 ({e.reason}); convert to UTF-8"
+            ) from None
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[Any, Location]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            yield rec, Location(path, index=i)
+            i += 1
+
+
+def _iter_txt(path: str, unit: TxtUnit) -> Iterator[tuple[Any, Location]]:
+    if unit == "file":
+        text = "\n".join(line for _, line in _iter_lines(path))
+        if text.strip():
+            yield {"text": text}, Location(path, line=1)
+        return
+    if unit == "line":
+        for lineno, line in _iter_lines(path):
+            if line.strip():
+                yield {"text": line}, Location(path, line=lineno)
+        return
+    buf: list[str] = []
+    start = 0
+    for lineno, line in _iter_lines(path):
+        if line.strip():
+            if not buf:
+                start = lineno
+            buf.append(line)
+        elif buf:
+            yield {"text": "\n".join(buf)}, Location(path, line=start)
+            buf = []
+    if buf:
+        yield {"text": "\n".join(buf)}, Location(path, line=start)
+
+
+def _iter_dataset(source: str) -> Iterator[tuple[Any, Location]]:
+    import datasets
+
+    if source.startswith("hf://"):
+        spec = source[len("hf://") :]
+        name, _, split = spec.partition(":")
+        try:
+            ds = datasets.load_dataset(name, split=split or "train", streaming=True)
+        except Exception as e:  # offline, unknown id, gated...
+            raise DataError(
+                f"{spec}: could not load this Hugging Face dataset ({type(e).__name__}: {e}). "
+                "Offline? Download it once or pass a local path."
+            ) from None
+    else:
+        ds = datasets.load_from_disk(source)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{source}: saved DatasetDict has no 'train' split ({list(ds)})")
+            ds = ds["train"]
+    for i, rec in enumerate(ds):
+        yield rec, Location(source, index=i)
+
+
+def iter_source(source: str, txt_unit: TxtUnit = "paragraph") -> Iterator[tuple[Any, Location]]:
+    """Stream the raw records of one resolved source. Empty sources are an error."""
+    if source.startswith("hf://") or _is_saved_dataset(Path(source)):
+        it = _iter_dataset(source)
+    else:
+        suffix = _base_suffix(Path(source))
+        if suffix == ".jsonl":
+            it = _iter_jsonl(source)
+        elif suffix == ".json":
+            it = _iter_json(source)
+        elif suffix in (".csv", ".tsv"):
+            it = _iter_csv(source)
+        elif suffix == ".parquet":
+            it = _iter_parquet(source)
+        else:
+            it = _iter_txt(source, txt_unit)
+    empty = True
+    for item in it:
+        empty = False
+        yield item
+    if empty:
+        raise DataError(f"{source}: the file holds no records; check the path or the file")

@@ -1,0 +1,225 @@
+"""Run directories: the output-dir rules, `hanlm.json`, `metrics.jsonl` and atomic saves.
+
+Every command that writes results goes through `Run`: it refuses a non-empty output directory
+unless asked to overwrite or resume, records what produced the results (resolved config, git
+commit, package versions, seed, times), and never leaves a half-written file where a complete
+one is expected (write to a temporary sibling, then `os.replace`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hanlm.config import to_dict
+
+RUN_FILE = "hanlm.json"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+_VERSIONED = (
+    "hanlm",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "tokenizers",
+    "sentencepiece",
+)
+
+
+class OutputDirError(RuntimeError):
+    """The output directory cannot be used as asked."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, indent=2, default=str)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, dumps(obj) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `path` only if the block completes.
+
+    Used for checkpoints and saved models: a crash mid-save leaves the previous complete
+    directory (or nothing), never a partial one under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create `path`, refusing to mix a new run into an existing one by accident."""
+    if not str(path):
+        raise OutputDirError(
+            "output_dir is not set: pass output_dir=DIR (or output.output_dir=DIR)"
+        )
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output_dir {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if resume:
+            return path
+        if not overwrite:
+            raise OutputDirError(
+                f"output_dir {path} is not empty; pass overwrite=true to replace it"
+                " (or resume=true to continue a run there)"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def git_commit() -> str | None:
+    """The commit of the hanlm checkout in use, if it is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class Run:
+    """One command's output directory and its records."""
+
+    def __init__(
+        self,
+        command: str,
+        cfg: Any,
+        output_dir: str | Path,
+        overwrite: bool = False,
+        resume: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        self.command = command
+        self.dir = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
+        self.metrics_path = self.dir / METRICS_FILE
+        previous = read_run(self.dir) if resume else None
+        self.info: dict[str, Any] = {
+            "command": command,
+            "status": "running",
+            "config": to_dict(cfg),
+            "seed": seed,
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+            "started": _now(),
+            "ended": None,
+            "resumed": bool(previous),
+            "summary": {},
+            "data": {},
+        }
+        if previous:
+            self.info["first_started"] = previous.get("first_started", previous.get("started"))
+        import yaml
+
+        atomic_write_text(
+            self.dir / CONFIG_FILE,
+            yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False),
+        )
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.dir / RUN_FILE, self.info)
+
+    def log(self, step: int, **metrics: Any) -> None:
+        """Append one line of metrics; a line is flushed whole, so a crash loses at most it."""
+        row = {"step": step, "time": _now(), **metrics}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+    def set(self, section: str, value: Any) -> None:
+        self.info[section] = value
+        self.save()
+
+    def finish(self, summary: dict[str, Any] | None = None, status: str = "complete") -> None:
+        if summary:
+            self.info["summary"].update(summary)
+        self.info["status"] = status
+        self.info["ended"] = _now()
+        self.save()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.info["error"] = f"{exc_type.__name__}: {exc}"
+            self.finish(status="interrupted" if exc_type is KeyboardInterrupt else "failed")
+        elif self.info["status"] == "running":
+            self.finish()
+
+
+def read_run(path: str | Path) -> dict[str, Any] | None:
+    p = Path(path) / RUN_FILE
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path) / METRICS_FILE
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]

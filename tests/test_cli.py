@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from hanlm import cli
+from hanlm.config import describe
+
+
+def test_main_help_lists_every_command_once(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, cmd in cli.COMMANDS.items():
+        lines = [line for line in out.splitlines() if line.strip().startswith(name + " ")]
+        assert len(lines) == 1 and cmd.help in lines[0]
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_each_command_has_run_config_and_full_help(name, capsys):
+    module = __import__(cli.COMMANDS[name].module, fromlist=["run"])
+    assert callable(module.run)
+    cls = cli.config_class(name)
+    assert cli.main([*name.split(), "--help"]) == 0
+    out = capsys.readouterr().out
+    for key, tp, default, help_ in describe(cls):
+        assert f"  {key}  {tp}  = {default}" in out
+        assert help_.split()[0] in out
+    if cli.COMMANDS[name].positional:
+        assert cli.COMMANDS[name].positional in [r[0] for r in describe(cls)]
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = (
+        "import sys; from hanlm import cli; cli.main(['--help']);"
+        "cli.main(['data', 'check', '--help']);"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_unknown_command_suggests(capsys):
+    assert cli.main(["data", "chek"]) == 2
+    assert "did you mean 'hanlm data check'" in capsys.readouterr().err
+
+
+def test_parse_args_splits_yaml_bare_overrides_and_flags():
+    path, ov = cli.parse_args(
+        "data prepare",
+        ["cfg.yaml", "a.jsonl", "b.txt", "data.seed=3", "--overwrite", "--output-dir", "o"],
+    )
+    assert path == "cfg.yaml"
+    assert ov[0] == ("data.paths", ["a.jsonl", "b.txt"])
+    assert "data.seed=3" in ov and ("overwrite", True) in ov and ("output_dir", "o") in ov
+
+
+def test_bad_override_is_usage_error(capsys):
+    assert cli.main(["data", "check", "x.jsonl", "formt=text"]) == 2
+    assert "did you mean 'format'" in capsys.readouterr().err
+    assert cli.main(["data", "check", "x.jsonl", "samples=lots"]) == 2
+    assert "'samples': expected int" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    exe = __import__("shutil").which("hanlm") or str(
+        __import__("pathlib").Path(sys.executable).parent / "hanlm"
+    )
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("hanlm ")

@@ -1,0 +1,99 @@
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from hanlm.config import OutputConfig
+from hanlm.runs import (
+    OutputDirError,
+    Run,
+    atomic_dir,
+    atomic_write_json,
+    prepare_output_dir,
+    read_metrics,
+    read_run,
+)
+
+
+@dataclass
+class Cfg(OutputConfig):
+    x: int = 1
+
+
+def test_refuses_non_empty_dir_unless_overwrite_or_resume(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "model.bin").write_text("old")
+    with pytest.raises(OutputDirError, match="not empty; pass overwrite=true"):
+        prepare_output_dir(d)
+    assert (d / "model.bin").read_text() == "old"  # nothing touched
+    assert prepare_output_dir(d, resume=True) == d
+    assert (d / "model.bin").exists()
+    prepare_output_dir(d, overwrite=True)
+    assert d.is_dir() and not any(d.iterdir())
+
+
+def test_empty_or_missing_dir_is_fine_and_unset_is_error(tmp_path):
+    assert prepare_output_dir(tmp_path / "new" / "deep").is_dir()
+    with pytest.raises(OutputDirError, match="output_dir is not set"):
+        prepare_output_dir("")
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(OutputDirError, match="not a directory"):
+        prepare_output_dir(f)
+
+
+def test_run_writes_config_versions_metrics_and_status(tmp_path):
+    cfg = Cfg(output_dir=str(tmp_path / "r"), x=7)
+    with Run("demo", cfg, cfg.output_dir, seed=3) as run:
+        info = read_run(run.dir)
+        assert info["status"] == "running"
+        run.log(1, loss=2.5, note="中文")
+        run.log(2, loss=2.0)
+        run.finish({"final_loss": 2.0})
+    info = read_run(run.dir)
+    assert info["status"] == "complete" and info["ended"]
+    assert info["config"]["x"] == 7 and info["seed"] == 3
+    assert info["versions"]["hanlm"] and "torch" in info["versions"]
+    assert info["summary"] == {"final_loss": 2.0}
+    assert [m["loss"] for m in read_metrics(run.dir)] == [2.5, 2.0]
+    assert read_metrics(run.dir)[0]["note"] == "中文"
+    assert "x: 7" in (run.dir / "config.yaml").read_text()
+
+
+def test_run_records_failure(tmp_path):
+    cfg = Cfg(output_dir=str(tmp_path / "r"))
+    with pytest.raises(RuntimeError), Run("demo", cfg, cfg.output_dir):
+        raise RuntimeError("boom")
+    info = read_run(tmp_path / "r")
+    assert info["status"] == "failed" and "boom" in info["error"]
+
+
+def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
+    p = tmp_path / "a.json"
+    atomic_write_json(p, {"v": 1})
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("crash while serialising")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_json(p, {"v": Boom()})
+    assert json.loads(p.read_text()) == {"v": 1}
+    assert [q.name for q in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    target = tmp_path / "checkpoint-10"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    assert (target / "weights").read_text() == "v1"
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise KeyboardInterrupt
+    assert (target / "weights").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]
