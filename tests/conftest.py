@@ -13,3 +13,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A small byte-level BPE tokenizer with the chatml template (built once per session)."""
+    from hanlm.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """A saved random `test`-preset LLaMA + tokenizer directory (read-only: copy to modify)."""
+    from hanlm.testing import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")

@@ -27,14 +27,25 @@ class ModelError(ValueError):
     """A model or tokenizer that cannot be loaded or used as asked."""
 
 
-# LLaMA-style presets. Tiny ones are for CPU demos and tests; sizes are for vocab 8k.
+# LLaMA-style presets: (hidden, intermediate, layers, heads, kv heads). Tiny ones are for CPU
+# demos and tests.
+_PRESET_DIMS = {
+    "test": (32, 64, 2, 4, 2),
+    "tiny": (128, 384, 4, 4, 2),
+    "mini": (256, 768, 6, 8, 4),
+    "small": (512, 1536, 8, 8, 4),
+    "base": (768, 2048, 12, 12, 4),
+    "1b": (2048, 5632, 22, 32, 4),
+}
+_DIM_NAMES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 PRESETS: dict[str, dict[str, int]] = {
-    "test": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),  # fmt: skip
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),  # fmt: skip
-    "mini": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),  # fmt: skip
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),  # fmt: skip
-    "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4),  # fmt: skip
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),  # fmt: skip
+    name: dict(zip(_DIM_NAMES, dims)) for name, dims in _PRESET_DIMS.items()
 }
 
 
@@ -71,7 +82,9 @@ def package_file(spec: str) -> Path:
 def resolve_source(path: str) -> Source:
     """Turn a model path as the user wrote it into a `Source`."""
     if not path:
-        raise ModelError("no model given: set model.path to a HF directory, a .gguf file or a hub id")
+        raise ModelError(
+            "no model given: set model.path to a HF directory, a .gguf file or a hub id"
+        )
     if path.startswith("pkg:"):
         path = str(package_file(path))
     p = Path(path).expanduser()
