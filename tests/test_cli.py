@@ -47,10 +47,11 @@ def test_unknown_command_suggests(capsys):
 def test_parse_args_splits_yaml_bare_overrides_and_flags():
     path, ov = cli.parse_args(
         "data prepare",
-        ["cfg.yaml", "a.jsonl", "b.txt", "data.seed=3", "--overwrite", "--output-dir", "o"],
+        ["cfg.yaml", "a.jsonl", "--overwrite", "b.txt=1", "--output-dir", "o", "data.seed=3"],
     )
     assert path == "cfg.yaml"
-    assert ov[0] == ("data.paths", ["a.jsonl", "b.txt"])
+    assert ov[0] == ("data.paths", ["a.jsonl"])
+    assert "b.txt=1" in ov  # an override after a bare flag is not taken as the flag's value
     assert "data.seed=3" in ov and ("overwrite", True) in ov and ("output_dir", "o") in ov
 
 

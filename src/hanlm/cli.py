@@ -44,6 +44,11 @@ COMMANDS: dict[str, Command] = {
         positional="data.paths",
         usage="PATH [PATH ...]",
     ),
+    "pretrain": Command(
+        "hanlm.stages.pretrain",
+        "PretrainConfig",
+        "pretrain from scratch or continue pretraining (full, or LoRA + embeddings), packed",
+    ),
 }
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
@@ -120,7 +125,7 @@ def parse_args(name: str, args: list[str]) -> tuple[str | None, list[Any]]:
             if "=" in key:
                 k = key.split("=", 1)[0]
                 overrides.append(f"{k}={arg.split('=', 1)[1]}")
-            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            elif i + 1 < len(args) and not _is_option_like(args[i + 1]):
                 overrides.append((key, _yaml_value(args[i + 1])))
                 i += 1
             else:
@@ -142,6 +147,11 @@ def parse_args(name: str, args: list[str]) -> tuple[str | None, list[Any]]:
         if not cmd.usage.endswith("...]") and len(bare) > 1:
             raise UsageError(f"hanlm {name}: takes one {cmd.usage}, got {bare}")
     return config_path, overrides
+
+
+def _is_option_like(arg: str) -> bool:
+    """`--flag NEXT`: NEXT is the flag's value unless it is itself an option or override."""
+    return arg.startswith("--") or bool(_OVERRIDE.match(arg)) or arg.endswith((".yaml", ".yml"))
 
 
 def _yaml_value(text: str) -> Any:

@@ -154,6 +154,13 @@ class Run:
         seed: int | None = None,
     ) -> None:
         self.command = command
+        # Under torchrun only rank 0 touches the directory; the others just know its path.
+        self.main = int(os.environ.get("RANK", "0")) == 0
+        if not self.main:
+            self.dir = Path(output_dir)
+            self.metrics_path = self.dir / METRICS_FILE
+            self.info = {"summary": {}}
+            return
         self.dir = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
         self.metrics_path = self.dir / METRICS_FILE
         previous = read_run(self.dir) if resume else None
@@ -181,19 +188,26 @@ class Run:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.dir / RUN_FILE, self.info)
+        if self.main:
+            atomic_write_json(self.dir / RUN_FILE, self.info)
 
     def log(self, step: int, **metrics: Any) -> None:
         """Append one line of metrics; a line is flushed whole, so a crash loses at most it."""
+        if not self.main:
+            return
         row = {"step": step, "time": _now(), **metrics}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
     def set(self, section: str, value: Any) -> None:
+        if not self.main:
+            return
         self.info[section] = value
         self.save()
 
     def finish(self, summary: dict[str, Any] | None = None, status: str = "complete") -> None:
+        if not self.main:
+            return
         if summary:
             self.info["summary"].update(summary)
         self.info["status"] = status
@@ -204,6 +218,8 @@ class Run:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.main:
+            return
         if exc_type is not None:
             self.info["error"] = f"{exc_type.__name__}: {exc}"
             self.finish(status="interrupted" if exc_type is KeyboardInterrupt else "failed")

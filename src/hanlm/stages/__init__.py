@@ -1,0 +1,1 @@
+"""Pipeline stages: one module each, with a config class and run(cfg)."""

@@ -1,0 +1,321 @@
+"""`hanlm pretrain`: causal-LM pretraining from scratch, or continued on an existing model.
+
+Reads top to bottom: tokenizer -> text data -> tokenize and pack into blocks -> model (preset
+from scratch, or loaded; optional LoRA with trainable embeddings or only the new token rows)
+-> transformers Trainer -> merged HF model directory + metrics.
+
+Validation reports loss, perplexity and bits per character; bpc = loss x (predicted tokens /
+characters) / ln 2 over the validation text, so models with different tokenizers compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hanlm import IGNORE_INDEX
+from hanlm.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
+from hanlm.runs import Run
+
+
+@dataclass
+class PretrainConfig(OutputConfig):
+    model: ModelConfig = opt(ModelConfig, "model to continue from; empty = build from preset")
+    preset: str = opt("tiny", "size preset when building from scratch (test, tiny, mini, small...)")
+    tokenizer: str = opt("", "tokenizer dir (required from scratch; default: the model's)")
+    data: DataConfig = opt(DataConfig, "text corpora")
+    block_size: int = opt(256, "tokens per packed training block")
+    num_proc: int = opt(1, "processes for tokenization (datasets.map)")
+    streaming: bool = opt(False, "stream the corpus instead of loading it (needs max_steps)")
+    cache_dir: str = opt("", "tokenized-data cache (default ~/.cache/hanlm/tokenized)")
+    train: TrainConfig = opt(TrainConfig, "optimisation")
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (continued pretraining)")
+    train_embeddings: Literal["none", "full", "new_tokens"] = opt(
+        "full",
+        "with LoRA: embeddings/LM head trained in full, not at all, or only the new token rows",
+    )
+    new_tokens_from: int = opt(
+        -1, "first new token id for train_embeddings=new_tokens (-1: from vocab_report.json)"
+    )
+    max_positions: int = opt(2048, "context length of a model built from scratch")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _tokenize_and_pack(
+    texts: list[str], tok: Any, block_size: int, num_proc: int, cache_dir: str
+) -> tuple[Any, dict[str, float]]:
+    """Blocks of `block_size` tokens: documents joined with EOS, the tail block padded."""
+    import datasets
+
+    eos = tok.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token to separate documents")
+    h = hashlib.sha256()
+    h.update(json.dumps([block_size, tok.name_or_path, len(tok)]).encode())
+    h.update(tok.backend_tokenizer.to_str().encode() if hasattr(tok, "backend_tokenizer") else b"")
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    root = Path(cache_dir or os.path.expanduser("~/.cache/hanlm/tokenized"))
+    cached = root / h.hexdigest()[:24]
+    if (cached / "stats.json").is_file():
+        print(f"[hanlm] using cached tokenized data {cached}")
+        return datasets.load_from_disk(str(cached / "blocks")), json.loads(
+            (cached / "stats.json").read_text()
+        )
+
+    ds = datasets.Dataset.from_dict({"text": texts})
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [[*x, eos] for x in ids]}
+
+    ds = ds.map(
+        tokenize,
+        batched=True,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=["text"],
+        desc="tokenizing",
+    )
+    stream = [t for ids in ds["ids"] for t in ids]
+    n_tokens = len(stream)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    blocks, labels, masks = [], [], []
+    for start in range(0, n_tokens, block_size):
+        chunk = stream[start : start + block_size]
+        real = len(chunk)
+        if real < 2:
+            continue
+        fill = block_size - real
+        blocks.append(chunk + [pad] * fill)
+        labels.append(chunk + [IGNORE_INDEX] * fill)
+        masks.append([1] * real + [0] * fill)
+    if not blocks:
+        raise ValueError("the corpus gives fewer than 2 tokens; nothing to train on")
+    out = datasets.Dataset.from_dict(
+        {"input_ids": blocks, "labels": labels, "attention_mask": masks}
+    )
+    stats = {
+        "documents": len(texts),
+        "tokens": n_tokens,
+        "characters": sum(len(t) for t in texts),
+        "blocks": len(blocks),
+        "real_token_fraction": n_tokens / (len(blocks) * block_size),
+        # Each block predicts all its real tokens but the first.
+        "predicted_tokens": sum(sum(m) - 1 for m in masks),
+    }
+    tmp = root / f".{cached.name}.tmp{os.getpid()}"
+    out.save_to_disk(str(tmp / "blocks"))
+    (tmp / "stats.json").write_text(json.dumps(stats))
+    with contextlib.suppress(OSError):  # another process cached it first
+        os.replace(tmp, cached)
+    return out, stats
+
+
+def _stream_blocks(cfg: PretrainConfig, tok: Any) -> Any:
+    """An IterableDataset of packed blocks for corpora larger than memory."""
+    import datasets
+
+    from hanlm.data import stream
+
+    eos, block = tok.eos_token_id, cfg.block_size
+
+    def gen() -> Any:
+        buf: list[int] = []
+        for rec in stream(cfg.data, kind="text"):
+            buf += tok(rec["text"], add_special_tokens=False)["input_ids"] + [eos]
+            while len(buf) >= block:
+                chunk, buf = buf[:block], buf[block:]
+                yield {"input_ids": chunk, "labels": chunk, "attention_mask": [1] * block}
+
+    return datasets.IterableDataset.from_generator(gen)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _new_token_ids(cfg: PretrainConfig, tok: Any) -> list[int]:
+    start = cfg.new_tokens_from
+    if start < 0:
+        report = Path(cfg.model.path) / "vocab_report.json"
+        if not report.is_file():
+            raise ValueError(
+                "train_embeddings=new_tokens needs new_tokens_from=ID or a model directory made"
+                " by `hanlm vocab` (with vocab_report.json)"
+            )
+        info = json.loads(report.read_text(encoding="utf-8"))
+        start = int(info.get("new_token_start", info.get("base_vocab_size", -1)))
+        if start < 0:
+            raise ValueError(f"{report}: has no base_vocab_size/new_token_start")
+    ids = list(range(start, len(tok)))
+    if not ids:
+        raise ValueError(f"new_tokens_from={start}: the tokenizer has no ids at or after it")
+    return ids
+
+
+def _build_or_load(cfg: PretrainConfig, tok: Any) -> Any:
+    from hanlm.modeling import build_model, load_model
+
+    if cfg.model.path:
+        model = load_model(cfg.model)
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+        return model
+    vocab = math.ceil(len(tok) / 64) * 64  # multiples of 64 keep matmuls efficient
+    model = build_model(cfg.preset, vocab, max_positions=max(cfg.max_positions, cfg.block_size))
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def _peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(cfg: PretrainConfig) -> Path:
+    import torch
+    from transformers import Trainer, default_data_collator, set_seed
+
+    from hanlm import training
+    from hanlm.data import load
+    from hanlm.modeling import load_tokenizer, save_model
+
+    if not cfg.model.path and not cfg.tokenizer:
+        raise ValueError(
+            "pretraining from scratch needs tokenizer=DIR (e.g. the output of `hanlm vocab`)"
+        )
+    if cfg.streaming and cfg.train.max_steps <= 0:
+        raise ValueError("streaming=true needs train.max_steps > 0 (the corpus length is unknown)")
+    started = time.time()
+    with Run(
+        "pretrain", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
+    ) as run:
+        set_seed(cfg.train.seed)
+        tok = load_tokenizer(cfg.tokenizer or cfg.model.path)
+
+        # Data: texts -> packed blocks (cached), or a stream of blocks.
+        valid_ds, valid_stats = None, None
+        if cfg.streaming:
+            train_ds, data_info = _stream_blocks(cfg, tok), {"streaming": True}
+            if cfg.data.valid_paths:
+                vcfg = DataConfig(**{**cfg.data.__dict__, "paths": cfg.data.valid_paths,
+                                     "valid_paths": []})  # fmt: skip
+                vtexts = [r["text"] for r in load(vcfg, kind="text").train]
+                valid_ds, valid_stats = _tokenize_and_pack(
+                    vtexts, tok, cfg.block_size, 1, cfg.cache_dir
+                )
+        else:
+            data = load(cfg.data, kind="text")
+            print(data.stats.summary())
+            train_ds, train_stats = _tokenize_and_pack(
+                [r["text"] for r in data.train], tok, cfg.block_size, cfg.num_proc, cfg.cache_dir
+            )
+            data_info = {**data.stats.as_dict(), "train_blocks": train_stats}
+            if data.valid:
+                valid_ds, valid_stats = _tokenize_and_pack(
+                    [r["text"] for r in data.valid], tok, cfg.block_size, 1, cfg.cache_dir
+                )
+            print(
+                f"[hanlm] {train_stats['tokens']:,} tokens in {train_stats['blocks']:,} blocks of"
+                f" {cfg.block_size}; real-token fraction {train_stats['real_token_fraction']:.4f}"
+            )
+        if valid_stats:
+            data_info["valid_blocks"] = valid_stats
+        run.set("data", data_info)
+        tokens_per_char = (
+            valid_stats["predicted_tokens"] / valid_stats["characters"] if valid_stats else None
+        )
+
+        # Model.
+        model = _build_or_load(cfg, tok)
+        if cfg.lora.enabled:
+            lora = cfg.lora
+            tokens = None
+            if cfg.train_embeddings == "full":
+                lora = LoraConfig(**{**lora.__dict__, "modules_to_save": sorted(
+                    set(lora.modules_to_save) | {"embed_tokens", "lm_head"})})  # fmt: skip
+            elif cfg.train_embeddings == "new_tokens":
+                tokens = _new_token_ids(cfg, tok)
+            model = training.apply_lora(model, lora, trainable_tokens=tokens)
+        params = training.describe_trainable(model)
+        print(
+            f"[hanlm] parameters: {params['total_params']:,} total,"
+            f" {params['trainable_params']:,} trainable ({params['trainable_pct']:.2f}%)"
+        )
+
+        args = training.training_args(cfg.train, run.dir, has_eval=valid_ds is not None)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=valid_ds,
+            data_collator=default_data_collator,
+            processing_class=tok,
+            callbacks=[training.metrics_callback(run, tokens_per_char)],
+        )
+        checkpoint = training.resume_point(run.dir, cfg.resume)
+        summary: dict[str, Any] = dict(params)
+        if valid_ds is not None and checkpoint is None:
+            first = trainer.evaluate()  # the starting point the report compares against
+            summary["initial_eval_loss"] = first["eval_loss"]
+            if tokens_per_char:
+                summary["initial_eval_bpc"] = first["eval_loss"] * tokens_per_char / math.log(2)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        summary["train_loss"] = result.training_loss
+        summary["steps"] = result.global_step
+        if valid_ds is not None:
+            final = trainer.evaluate()
+            summary["eval_loss"] = final["eval_loss"]
+            summary["eval_ppl"] = math.exp(min(final["eval_loss"], 50))
+            if tokens_per_char:
+                summary["eval_bpc"] = final["eval_loss"] * tokens_per_char / math.log(2)
+                summary["tokens_per_char"] = tokens_per_char
+
+        # Save an ordinary HF directory (LoRA merged unless asked otherwise).
+        if training.is_main_process():
+            model = trainer.model
+            if cfg.lora.enabled:
+                if cfg.lora.keep_adapter or not cfg.lora.merge:
+                    model.save_pretrained(str(run.dir / "adapter"))
+                if cfg.lora.merge:
+                    model = model.merge_and_unload()
+            if not cfg.lora.enabled or cfg.lora.merge:
+                model.generation_config.eos_token_id = tok.eos_token_id
+                model.generation_config.pad_token_id = tok.pad_token_id
+                save_model(model, tok, run.dir)
+            summary["peak_memory_mb"] = _peak_memory_mb()
+            summary["seconds"] = time.time() - started
+            if torch.cuda.is_available():
+                summary["device"] = torch.cuda.get_device_name()
+            run.finish(summary)
+            _print_summary(summary)
+    return run.dir
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    parts = [f"steps {s.get('steps')}", f"train loss {s.get('train_loss', float('nan')):.4f}"]
+    if "eval_loss" in s:
+        first = s.get("initial_eval_loss", float("nan"))
+        parts.append(f"eval loss {first:.4f} -> {s['eval_loss']:.4f}")
+    if "eval_bpc" in s:
+        parts.append(f"bpc {s.get('initial_eval_bpc', float('nan')):.3f} -> {s['eval_bpc']:.3f}")
+    parts.append(f"{s['seconds']:.0f}s")
+    print("[hanlm] pretrain: " + ", ".join(parts))
