@@ -119,3 +119,20 @@ def test_round_trip_through_dict():
     cfg = load_config(StageConfig, None, ["train.lr=0.5"])
     again = load_config(StageConfig, None, [(k, v) for k, v in to_dict(cfg).items()])
     assert again == cfg
+
+
+@dataclass
+class Gen:
+    temperature: float = opt(0.7, "t")
+    max_new_tokens: int = opt(256, "n")
+
+
+def test_partial_section_keeps_the_fields_own_defaults():
+    from dataclasses import field
+
+    @dataclass
+    class C:
+        gen: Gen = field(default_factory=lambda: Gen(temperature=0.0), metadata={"help": "g"})
+
+    cfg = load_config(C, None, ["gen.max_new_tokens=8"])
+    assert cfg.gen.temperature == 0.0 and cfg.gen.max_new_tokens == 8

@@ -44,6 +44,18 @@ COMMANDS: dict[str, Command] = {
         positional="data.paths",
         usage="PATH [PATH ...]",
     ),
+    "sft": Command(
+        "hanlm.stages.sft",
+        "SFTConfig",
+        "instruction-tune with a chat template and answer-only loss (full, LoRA, QLoRA)",
+    ),
+    "chat": Command(
+        "hanlm.infer.chat",
+        "ChatConfig",
+        "chat with a model in the terminal, streaming (or answer one --prompt and exit)",
+        positional="model.path",
+        usage="MODEL_DIR",
+    ),
     "pretrain": Command(
         "hanlm.stages.pretrain",
         "PretrainConfig",

@@ -231,6 +231,13 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -242,6 +249,13 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
                 f"unknown config key '{prefix}{key}'{_suggest(key, valid)} "
                 f"(valid keys here: {', '.join(valid)})"
             )
+        f = fields[key]
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            # A section given in part keeps the field's own defaults for the rest.
+            if f.default_factory is not _MISSING:
+                value = _merge(dataclasses.asdict(f.default_factory()), value)
+            elif dataclasses.is_dataclass(f.default):
+                value = _merge(dataclasses.asdict(f.default), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     for name, f in fields.items():
         if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:

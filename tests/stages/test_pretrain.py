@@ -135,8 +135,13 @@ def test_trainable_tokens_change_only_new_rows(tmp_path, corpus, tiny_model_path
     before = state(tiny_model_path)["model.embed_tokens.weight"]
     after = state(out)["model.embed_tokens.weight"]
     assert torch.equal(before[:start], after[:start])
-    seen = {t for line in LINES for t in __import__("transformers").AutoTokenizer.from_pretrained(
-        tiny_model_path)(line)["input_ids"]}  # fmt: skip
+    seen = {
+        t
+        for line in LINES
+        for t in __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_path)(line)[
+            "input_ids"
+        ]
+    }
     used_new = [i for i in seen if i >= start]
     assert used_new, "the corpus must use some new rows for this test to mean anything"
     assert not torch.equal(before[used_new], after[used_new])
@@ -166,19 +171,40 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, corpus, 
 def test_cli_refuses_non_empty_output(tmp_path, corpus, tok_dir, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
-    code = cli.main(["pretrain", f"tokenizer={tok_dir}", f"data.paths={corpus}", f"output_dir={tmp_path / 'busy'}"])  # fmt: skip
+    code = cli.main(
+        [
+            "pretrain",
+            f"tokenizer={tok_dir}",
+            f"data.paths={corpus}",
+            f"output_dir={tmp_path / 'busy'}",
+        ]
+    )
     assert code == 1 and "overwrite=true" in capsys.readouterr().err
 
 
 def test_torchrun_two_process_cpu(tmp_path, corpus, tok_dir):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(29500 + random.Random().randint(0, 400)),
-        "-m", "hanlm.cli", "pretrain", f"tokenizer={tok_dir}", "preset=test",
-        f"data.paths=[{corpus}]", "block_size=64", "train.batch_size=2", "train.max_steps=4",
-        "train.eval_steps=0", f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + random.Random().randint(0, 400)),
+        "-m",
+        "hanlm.cli",
+        "pretrain",
+        f"tokenizer={tok_dir}",
+        "preset=test",
+        f"data.paths=[{corpus}]",
+        "block_size=64",
+        "train.batch_size=2",
+        "train.max_steps=4",
+        "train.eval_steps=0",
+        f"output_dir={out}",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = read_run(out)

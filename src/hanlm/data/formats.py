@@ -34,8 +34,15 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
-_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
-                  "function": "tool", "human": "user", "gpt": "assistant"}  # fmt: skip
+_MESSAGE_ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "human": "user",
+    "gpt": "assistant",
+}
 
 FORMAT_HELP = (
     "text ({'text': ...}), alpaca ({'instruction','input','output'}), "

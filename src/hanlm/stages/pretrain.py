@@ -216,8 +216,9 @@ def run(cfg: PretrainConfig) -> Path:
         if cfg.streaming:
             train_ds, data_info = _stream_blocks(cfg, tok), {"streaming": True}
             if cfg.data.valid_paths:
-                vcfg = DataConfig(**{**cfg.data.__dict__, "paths": cfg.data.valid_paths,
-                                     "valid_paths": []})  # fmt: skip
+                vcfg = DataConfig(
+                    **{**cfg.data.__dict__, "paths": cfg.data.valid_paths, "valid_paths": []}
+                )
                 vtexts = [r["text"] for r in load(vcfg, kind="text").train]
                 valid_ds, valid_stats = _tokenize_and_pack(
                     vtexts, tok, cfg.block_size, 1, cfg.cache_dir
@@ -250,8 +251,14 @@ def run(cfg: PretrainConfig) -> Path:
             lora = cfg.lora
             tokens = None
             if cfg.train_embeddings == "full":
-                lora = LoraConfig(**{**lora.__dict__, "modules_to_save": sorted(
-                    set(lora.modules_to_save) | {"embed_tokens", "lm_head"})})  # fmt: skip
+                lora = LoraConfig(
+                    **{
+                        **lora.__dict__,
+                        "modules_to_save": sorted(
+                            set(lora.modules_to_save) | {"embed_tokens", "lm_head"}
+                        ),
+                    }
+                )
             elif cfg.train_embeddings == "new_tokens":
                 tokens = _new_token_ids(cfg, tok)
             model = training.apply_lora(model, lora, trainable_tokens=tokens)

@@ -1,0 +1,1 @@
+"""Inference: generation engine and terminal chat."""

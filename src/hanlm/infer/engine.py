@@ -1,0 +1,121 @@
+"""Generation for chat, evaluation and serving: batched greedy/sampled answers and streaming.
+
+Prompts are rendered with the model's chat template (`templates.prompt_ids`), and generation
+stops at the template's end-of-turn token and EOS — the same ids training taught the model to
+emit and that are saved in `generation_config.json`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from hanlm.config import opt
+from hanlm.data.templates import prompt_ids, stop_token_ids
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = opt(256, "most tokens generated per answer")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = opt(0.9, "nucleus sampling: keep the smallest set with this probability")
+    top_k: int = opt(50, "sample among the k most likely tokens (0 = off)")
+    repetition_penalty: float = opt(1.1, "penalise tokens already generated (1 = off)")
+    seed: int = opt(0, "sampling seed (answers are repeatable)")
+
+
+def _generate_kwargs(opts: GenerationOptions, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "max_new_tokens": opts.max_new_tokens,
+        "eos_token_id": stop_ids,
+        "pad_token_id": pad_id,
+        "repetition_penalty": opts.repetition_penalty,
+    }
+    if opts.temperature > 0:
+        kw.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def generate(
+    model: Any,
+    tok: Any,
+    conversations: list[list[dict[str, str]]],
+    opts: GenerationOptions,
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """Answers for each conversation: {"text", "stopped" (ended on a stop token), "tokens"}."""
+    import torch
+
+    stop_ids = stop_token_ids(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    results = []
+    model.eval()
+    torch.manual_seed(opts.seed)
+    for start in range(0, len(conversations), batch_size):
+        batch = [prompt_ids(tok, conv) for conv in conversations[start : start + batch_size]]
+        width = max(len(ids) for ids in batch)
+        # Left padding keeps every prompt's last token next to its first generated one.
+        input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                **_generate_kwargs(opts, stop_ids, pad_id),
+            )
+        for row in out[:, width:].tolist():
+            stopped = False
+            for i, t in enumerate(row):
+                if t in stop_ids:
+                    row, stopped = row[:i], True
+                    break
+            results.append(
+                {
+                    "text": tok.decode(row, skip_special_tokens=True),
+                    "stopped": stopped,
+                    "tokens": len(row),
+                }
+            )
+    return results
+
+
+def stream(
+    model: Any, tok: Any, messages: list[dict[str, str]], opts: GenerationOptions
+) -> Iterator[str]:
+    """Yield the answer's text piece by piece as it is generated."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    stop_ids = stop_token_ids(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tok, messages)], device=device)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(opts.seed)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        streamer=streamer,
+        **_generate_kwargs(opts, stop_ids, pad_id),
+    )
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as e:  # surfaced in the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]

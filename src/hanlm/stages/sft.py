@@ -1,0 +1,295 @@
+"""`hanlm sft`: instruction tuning with a chat template and loss on the answers only.
+
+Reads top to bottom: model and tokenizer -> chat template (its special tokens added, the
+embeddings resized) -> conversations rendered with `render()` into ids and answer-only labels,
+long ones truncated by an explicit policy -> optional LoRA / QLoRA -> trl's SFTTrainer ->
+held-out answer loss and stop-token rate before and after -> an HF directory whose tokenizer and
+generation config carry the template and the stop tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from hanlm import IGNORE_INDEX
+from hanlm.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
+from hanlm.infer.engine import GenerationOptions
+from hanlm.runs import Run, atomic_write_text
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+DEMO_TRAIN = str(_ASSETS / "sft.train.jsonl.gz")
+DEMO_VALID = str(_ASSETS / "sft.valid.jsonl.gz")
+
+
+@dataclass
+class SFTConfig(OutputConfig):
+    model: ModelConfig = opt(ModelConfig, "the model to tune (HF dir, .gguf, hub id)")
+    data: DataConfig = opt(
+        DataConfig, "alpaca / sharegpt / messages data (no paths: the embedded demo set)"
+    )
+    template: Literal["auto", "chatml", "llama2", "llama3", "alpaca"] = opt(
+        "auto", "chat template; auto = the model's own (guessed if it lacks answer markers)"
+    )
+    cutoff_len: int = opt(512, "most tokens per conversation")
+    truncation: Literal["drop", "truncate_history"] = opt(
+        "truncate_history",
+        "too long: drop it, or drop the oldest turns (an answer is never cut)",
+    )
+    quantize: Literal["none", "4bit"] = opt("none", "4bit = QLoRA (bitsandbytes, GPU only)")
+    neftune_alpha: float = opt(0.0, "NEFTune embedding noise (0 = off; 5 is the paper's)")
+    packing: bool = opt(False, "pack several conversations into one sequence")
+    train: TrainConfig = opt(TrainConfig, "optimisation")
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters")
+    eval_prompts: int = opt(32, "held-out prompts answered greedily before and after training")
+    generation: GenerationOptions = field(
+        default_factory=lambda: GenerationOptions(max_new_tokens=128, temperature=0.0),
+        metadata={"help": "decoding of the held-out answers"},
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def fit_to_length(
+    tok: Any, messages: list[dict[str, str]], cutoff: int, policy: str
+) -> tuple[list[int], list[int], int] | None:
+    """Render a conversation within `cutoff` tokens: (ids, labels, turns dropped) or None.
+
+    With truncate_history the oldest user/assistant exchanges after the system prompt are
+    dropped until it fits; an answer is never cut, so what cannot fit whole is dropped.
+    """
+    from hanlm.data.templates import render
+
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    dropped = 0
+    while True:
+        ids, labels = render(tok, system + turns)
+        if len(ids) <= cutoff:
+            return ids, labels, dropped
+        if policy == "drop":
+            return None
+        # Drop through the first assistant turn: one whole exchange.
+        cut = next((i for i, m in enumerate(turns) if m["role"] == "assistant"), None)
+        if cut is None or not any(m["role"] == "assistant" for m in turns[cut + 1 :]):
+            return None
+        turns = turns[cut + 1 :]
+        dropped += cut + 1
+
+
+def _encode(
+    records: list[dict[str, Any]], tok: Any, cfg: SFTConfig
+) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    from tqdm.auto import tqdm
+
+    rows, counts = [], {"kept": 0, "dropped_too_long": 0, "history_truncated": 0}
+    for rec in tqdm(records, desc="rendering", leave=False, mininterval=1.0):
+        fitted = fit_to_length(tok, rec["messages"], cfg.cutoff_len, cfg.truncation)
+        if fitted is None:
+            counts["dropped_too_long"] += 1
+            continue
+        ids, labels, dropped = fitted
+        counts["history_truncated"] += dropped > 0
+        counts["kept"] += 1
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows, counts
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def answer_loss(model: Any, rows: list[dict[str, list[int]]], batch_size: int = 8) -> float:
+    """Mean loss per answer token over `rows` (labels mask everything but the answers)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.tensor(
+                [r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch]
+            )
+            labels = torch.tensor(
+                [r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in batch]
+            )
+            mask = torch.tensor(
+                [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch]
+            )
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:].to(device)
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total += loss.item()
+            count += int((shift_labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def held_out_answers(
+    model: Any, tok: Any, records: list[dict[str, Any]], opts: GenerationOptions
+) -> list[dict[str, Any]]:
+    """Greedy answers to held-out prompts (the conversation up to its last answer)."""
+    from hanlm.infer.engine import generate
+
+    prompts, refs = [], []
+    for rec in records:
+        msgs = rec["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompts.append(msgs[:last])
+        refs.append(msgs[last]["content"])
+    answers = generate(model, tok, prompts, opts)
+    return [
+        {"prompt": p[-1]["content"], "reference": r, **a} for p, r, a in zip(prompts, refs, answers)
+    ]
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(cfg: SFTConfig) -> Path:
+    import torch
+    from transformers import set_seed
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    from hanlm import training
+    from hanlm.data import load, to_dataset
+    from hanlm.data.templates import apply_template, stop_token_ids
+    from hanlm.modeling import load_model, load_tokenizer, save_model
+
+    if cfg.quantize == "4bit" and not torch.cuda.is_available():
+        raise ValueError(
+            "quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on this machine use"
+            " lora.enabled=true without quantize, or full fine-tuning"
+        )
+    if cfg.quantize == "4bit" and not cfg.lora.enabled:
+        raise ValueError(
+            "quantize=4bit trains LoRA adapters on a frozen 4-bit model: set lora.enabled=true"
+        )
+    started = time.time()
+    with Run(
+        "sft", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
+    ) as run:
+        set_seed(cfg.train.seed)
+        tok = load_tokenizer(cfg.model.path)
+        added = apply_template(tok, cfg.template)
+
+        dcfg = cfg.data
+        if not dcfg.paths:
+            dcfg = replace(dcfg, paths=[DEMO_TRAIN], valid_paths=dcfg.valid_paths or [DEMO_VALID])
+        data = load(dcfg, kind="chat")
+        print(data.stats.summary())
+        train_rows, train_counts = _encode(data.train, tok, cfg)
+        valid_rows, valid_counts = _encode(data.valid, tok, cfg)
+        if not train_rows:
+            raise ValueError(f"no conversation fits cutoff_len={cfg.cutoff_len}; raise it")
+        print(
+            f"[hanlm] rendered {train_counts['kept']} conversations; dropped as too long:"
+            f" {train_counts['dropped_too_long']}; history truncated: {train_counts['history_truncated']}"
+        )
+        run.set(
+            "data",
+            {**data.stats.as_dict(), "train_render": train_counts, "valid_render": valid_counts},
+        )
+
+        # Model: load (4-bit for QLoRA), grow the embeddings for new template tokens.
+        kw: dict[str, Any] = {}
+        if cfg.quantize == "4bit":
+            from transformers import BitsAndBytesConfig
+
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            )
+        model = load_model(cfg.model, **kw)
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=True)
+        model.config.pad_token_id = tok.pad_token_id
+
+        summary: dict[str, Any] = {"template_tokens_added": added}
+        valid_eval = data.valid[: cfg.eval_prompts]
+        if valid_rows and not cfg.resume:
+            summary["initial_answer_loss"] = answer_loss(model, valid_rows)
+            before = held_out_answers(model, tok, valid_eval, cfg.generation)
+            summary["initial_stop_rate"] = sum(a["stopped"] for a in before) / max(len(before), 1)
+            print(
+                f"[hanlm] before SFT: answer loss {summary['initial_answer_loss']:.4f},"
+                f" stop rate {summary['initial_stop_rate']:.2%}"
+            )
+
+        if cfg.lora.enabled:
+            if cfg.quantize == "4bit":
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model)
+            lora = cfg.lora
+            if added:
+                # New template tokens need trainable rows, or the model can never learn to stop.
+                # (peft's trainable-token rows clash with trl's fused LM-head loss, so the
+                # embeddings and head are trained whole.)
+                extra = {"embed_tokens", "lm_head"}
+                lora = replace(lora, modules_to_save=sorted(set(lora.modules_to_save) | extra))
+            model = training.apply_lora(model, lora)
+        summary.update(training.describe_trainable(model))
+
+        args = training.training_args(
+            cfg.train,
+            run.dir,
+            has_eval=bool(valid_rows),
+            args_cls=TrlSFTConfig,
+            max_length=None,  # lengths were enforced above, by the truncation policy
+            packing=cfg.packing,
+            neftune_noise_alpha=cfg.neftune_alpha or None,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=to_dataset(train_rows),
+            eval_dataset=to_dataset(valid_rows) if valid_rows else None,
+            processing_class=tok,
+            callbacks=[training.metrics_callback(run)],
+        )
+        result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
+        summary.update(train_loss=result.training_loss, steps=result.global_step)
+
+        model = trainer.model
+        if cfg.lora.enabled:
+            if cfg.lora.keep_adapter or not cfg.lora.merge:
+                model.save_pretrained(str(run.dir / "adapter"))
+            if cfg.lora.merge:
+                model = model.merge_and_unload()
+        if valid_rows:
+            summary["answer_loss"] = answer_loss(model, valid_rows)
+            after = held_out_answers(model, tok, valid_eval, cfg.generation)
+            summary["stop_rate"] = sum(a["stopped"] for a in after) / max(len(after), 1)
+            lines = [json.dumps(a, ensure_ascii=False) for a in after]
+            atomic_write_text(run.dir / "samples.jsonl", "\n".join(lines) + "\n")
+
+        # The stop tokens travel with the model: chat, the API, transformers and vLLM read them.
+        stops = stop_token_ids(tok, cfg.template)
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.config.eos_token_id = stops[0]
+        if training.is_main_process() and (not cfg.lora.enabled or cfg.lora.merge):
+            save_model(model, tok, run.dir)
+        summary["seconds"] = time.time() - started
+        run.finish(summary)
+        if "answer_loss" in summary:
+            print(
+                f"[hanlm] sft: answer loss {summary.get('initial_answer_loss', math.nan):.4f}"
+                f" -> {summary['answer_loss']:.4f}; stop rate"
+                f" {summary.get('initial_stop_rate', math.nan):.2%} -> {summary['stop_rate']:.2%}"
+            )
+    return run.dir
