@@ -69,7 +69,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ):
         load_config(StageConfig, p)
     p = write(tmp_path, "train:\n  max_step: 1\n")
-    with pytest.raises(ConfigError, match=r"'train.max_step'.*did you mean 'max_steps'"):
+    with pytest.raises(ConfigError, match=r"'train.max_step'.*did you mean 'train.max_steps'"):
         load_config(StageConfig, p)
 
 

@@ -226,9 +226,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise bad
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +246,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if key not in fields:
             valid = list(fields)
             raise ConfigError(
-                f"unknown config key '{prefix}{key}'{_suggest(key, valid)} "
+                f"unknown config key '{prefix}{key}'{_suggest(key, valid, prefix)} "
                 f"(valid keys here: {', '.join(valid)})"
             )
         f = fields[key]

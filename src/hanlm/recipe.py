@@ -1,0 +1,384 @@
+"""`hanlm run RECIPE`: run a recipe's stages in order, skipping what is unchanged, resuming what
+was interrupted, and writing a report.
+
+A recipe is YAML:
+
+    name: demo
+    run_dir: runs/demo                 # stage outputs go to <run_dir>/<stage>
+    report: {prompts_from: ..., num_prompts: 6, max_new_tokens: 64}
+    stages:
+      pretrain:
+        command: pretrain              # any command of `hanlm --help` that writes output_dir
+        config: {tokenizer: "${stages.tokenizer.output}", ...}
+
+`${stages.NAME.output}` is an earlier stage's output directory; `${assets}` the embedded demo data;
+`${recipe_dir}` and `${run_dir}` what they say. A stage is skipped when its fingerprint — its
+command, resolved config, the fingerprints of the stages it reads and the contents of the files
+it names — equals the one recorded at its last complete run. Each stage runs as a child process
+(`python -m hanlm.cli`), so its peak memory is measured and a crash is contained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hanlm.config import ConfigError, opt
+from hanlm.runs import atomic_write_json, atomic_write_text, read_run
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
+STATE_FILE = "recipe_state.json"
+_REF = re.compile(r"\$\{([^}]+)\}")
+# Stages whose command can continue from a checkpoint after an interruption.
+RESUMABLE = {"pretrain", "sft", "reward", "ppo", "dpo", "grpo"}
+# Config keys the runner sets itself; they do not change what a stage computes.
+_RUNNER_KEYS = ("output_dir", "overwrite", "resume")
+_WRITTEN = ("cache_dir", "output_dir")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    recipe: str = opt("", "recipe YAML (default: recipes/demo.yaml)")
+    run_dir: str = opt("", "override the recipe's run_dir")
+    from_stage: str = opt("", "run this stage and every later one, even if unchanged (--from)")
+    only: str = opt("", "run only this stage, even if unchanged (--only)")
+    dry_run: bool = opt(False, "print the plan and exit (--dry-run)")
+    report: bool = opt(True, "write report.html and report.md after the run")
+
+
+@dataclass
+class Stage:
+    name: str
+    command: str
+    config: dict[str, Any]  # as written, with ${...} references unresolved
+    needs: list[str]  # earlier stages this one reads
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    run_dir: Path
+    stages: list[Stage]
+    report: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _refs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return _REF.findall(value)
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _refs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _refs(v)]
+    return []
+
+
+def default_recipe() -> Path:
+    here = Path("recipes/demo.yaml")
+    if here.is_file():
+        return here
+    repo = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+    return repo if repo.is_file() else here
+
+
+def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
+    """Parse and check a recipe: commands exist, references point to earlier stages."""
+    from hanlm.cli import COMMANDS
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    unknown = set(raw) - {"name", "run_dir", "stages", "report"}
+    if unknown:
+        raise RecipeError(
+            f"{path}: unknown recipe keys {sorted(unknown)}; use name, run_dir, stages, report"
+        )
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise RecipeError(f"{path}: 'stages' must map stage names to {{command, config}}")
+    stages: list[Stage] = []
+    for name, spec in stages_raw.items():
+        where = f"{path}: stage '{name}'"
+        if not isinstance(spec, dict) or "command" not in spec:
+            raise RecipeError(f"{where}: needs a 'command' (one of {', '.join(COMMANDS)})")
+        extra = set(spec) - {"command", "config"}
+        if extra:
+            raise RecipeError(f"{where}: unknown keys {sorted(extra)}; use command and config")
+        command = spec["command"]
+        if command not in COMMANDS:
+            raise RecipeError(f"{where}: unknown command '{command}' (see hanlm --help)")
+        config = spec.get("config") or {}
+        if not isinstance(config, dict):
+            raise RecipeError(f"{where}: 'config' must be a mapping")
+        needs = []
+        earlier = [s.name for s in stages]
+        for ref in _refs(config):
+            if ref in ("assets", "recipe_dir", "run_dir"):
+                continue
+            m = re.fullmatch(r"stages\.([\w-]+)\.output", ref)
+            if not m:
+                raise RecipeError(
+                    f"{where}: unknown reference ${{{ref}}}; use ${{stages.NAME.output}},"
+                    " ${assets}, ${recipe_dir} or ${run_dir}"
+                )
+            dep = m.group(1)
+            if dep == name:
+                raise RecipeError(f"{where}: refers to its own output (a cycle)")
+            if dep not in stages_raw:
+                raise RecipeError(f"{where}: refers to unknown stage '{dep}'")
+            if dep not in earlier:
+                raise RecipeError(
+                    f"{where}: refers to stage '{dep}', which comes later; stages run in order,"
+                    f" so this would be a cycle — move it after '{dep}'"
+                )
+            needs.append(dep)
+        stages.append(Stage(name, command, config, sorted(set(needs))))
+    rd = Path(run_dir or raw.get("run_dir") or f"runs/{raw.get('name', path.stem)}")
+    return Recipe(raw.get("name", path.stem), path, rd, stages, raw.get("report") or {})
+
+
+def _substitute(value: Any, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return _REF.sub(lambda m: env[m.group(1)], value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, env) for v in value]
+    return value
+
+
+def stage_dir(recipe: Recipe, name: str) -> Path:
+    return recipe.run_dir / name
+
+
+def resolve_config(recipe: Recipe, stage: Stage) -> dict[str, Any]:
+    """The stage's config with references replaced and checked against its config class."""
+    from hanlm.cli import config_class
+    from hanlm.config import load_config, to_dict
+
+    env = {
+        "assets": str(ASSETS),
+        "recipe_dir": str(recipe.path.resolve().parent),
+        "run_dir": str(recipe.run_dir),
+        **{f"stages.{s.name}.output": str(stage_dir(recipe, s.name)) for s in recipe.stages},
+    }
+    config = _substitute(stage.config, env)
+    config.setdefault("output_dir", str(stage_dir(recipe, stage.name)))
+    cls = config_class(stage.command)
+    try:
+        cfg = load_config(cls, None, [(k, v) for k, v in config.items()])
+    except ConfigError as e:
+        raise RecipeError(f"{recipe.path}: stage '{stage.name}': {e}") from None
+    return to_dict(cfg)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _file_digest(path: Path, h: Any) -> None:
+    if path.is_file():
+        h.update(str(path.stat().st_size).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    elif path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(str(p.relative_to(path)).encode())
+                _file_digest(p, h)
+
+
+def _input_files(value: Any, skip: set[str]) -> list[Path]:
+    if isinstance(value, str):
+        if value in skip or any(value.startswith(s + os.sep) for s in skip):
+            return []
+        p = Path(value)
+        return [p] if value and p.exists() and p.resolve() != Path.cwd().resolve() else []
+    if isinstance(value, dict):
+        # Caches and outputs are written by the run, not read by it.
+        return [
+            p for k, v in value.items() if not k.endswith(_WRITTEN) for p in _input_files(v, skip)
+        ]
+    if isinstance(value, list):
+        return [p for v in value for p in _input_files(v, skip)]
+    return []
+
+
+def fingerprint(
+    recipe: Recipe, stage: Stage, config: dict[str, Any], upstream: dict[str, str]
+) -> str:
+    """Hash of what determines a stage's output (not where it goes or how it is resumed)."""
+    h = hashlib.sha256()
+    pure = {k: v for k, v in config.items() if k not in _RUNNER_KEYS}
+    h.update(json.dumps([stage.command, pure], sort_keys=True, default=str).encode())
+    for dep in stage.needs:
+        h.update(f"{dep}={upstream[dep]}".encode())
+    stage_outputs = {str(stage_dir(recipe, s.name)) for s in recipe.stages}
+    for p in sorted(set(_input_files(pure, stage_outputs))):
+        h.update(str(p).encode())
+        _file_digest(p, h)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _read_state(recipe: Recipe) -> dict[str, Any]:
+    p = recipe.run_dir / STATE_FILE
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+
+def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
+    """For each stage: its action (skip, run, resume, rerun) and why."""
+    names = [s.name for s in recipe.stages]
+    for flag, value in (("--from", cfg.from_stage), ("--only", cfg.only)):
+        if value and value not in names:
+            raise RecipeError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
+    state = _read_state(recipe)
+    upstream: dict[str, str] = {}
+    steps = []
+    forced_from = names.index(cfg.from_stage) if cfg.from_stage else None
+    for i, stage in enumerate(recipe.stages):
+        config = resolve_config(recipe, stage)
+        fp = fingerprint(recipe, stage, config, upstream)
+        upstream[stage.name] = fp
+        prev = state.get(stage.name, {})
+        out = stage_dir(recipe, stage.name)
+        info = read_run(out)
+        done = prev.get("fingerprint") == fp and info and info.get("status") == "complete"
+        if cfg.only and stage.name != cfg.only:
+            action, why = "skip", "not selected (--only)"
+            if not done:
+                action, why = "missing", "not selected (--only), and it has no complete output"
+        elif cfg.only or (forced_from is not None and i >= forced_from):
+            action, why = "rerun", "selected"
+        elif done:
+            action, why = "skip", "unchanged since its last complete run"
+        elif (
+            prev.get("fingerprint") == fp
+            and info
+            and stage.command in RESUMABLE
+            and info.get("status") in ("running", "interrupted", "failed")
+        ):
+            action, why = (
+                "resume",
+                f"interrupted ({info.get('status')}): resume from its last checkpoint",
+            )
+        elif prev:
+            action, why = "rerun", "config or inputs changed"
+        else:
+            action, why = "run", "never run"
+        steps.append(
+            {"stage": stage, "config": config, "fingerprint": fp, "action": action, "why": why}
+        )
+    for step in steps:
+        if step["action"] in ("run", "rerun", "resume"):
+            for dep in step["stage"].needs:
+                dep_step = next(s for s in steps if s["stage"].name == dep)
+                if dep_step["action"] == "missing":
+                    raise RecipeError(
+                        f"stage '{step['stage'].name}' needs the output of '{dep}', which has"
+                        f" no complete run; run it first (hanlm run {recipe.path} --only {dep})"
+                    )
+    return steps
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run_stage(recipe: Recipe, step: dict[str, Any], log: Any) -> dict[str, Any]:
+    stage: Stage = step["stage"]
+    config = dict(step["config"])
+    if step["action"] == "resume":
+        config["resume"], config["overwrite"] = True, False
+    else:
+        config["overwrite"], config["resume"] = True, False
+    cfg_dir = recipe.run_dir / ".stages"
+    cfg_path = cfg_dir / f"{stage.name}.yaml"
+    atomic_write_text(cfg_path, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    cmd = [sys.executable, "-m", "hanlm.cli", *stage.command.split(), str(cfg_path)]
+    log(f"\n=== [{stage.name}] hanlm {stage.command} ({step['why']})")
+    started = time.time()
+    proc = subprocess.Popen(cmd)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "returncode": proc.returncode,
+        "seconds": round(time.time() - started, 1),
+        "peak_memory_mb": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
+    }
+
+
+def run(cfg: RunConfig) -> int:
+    recipe = load_recipe(cfg.recipe or default_recipe(), cfg.run_dir)
+    steps = plan(recipe, cfg)
+    print(f"recipe {recipe.name} ({recipe.path}) -> {recipe.run_dir}")
+    width = max(len(s["stage"].name) for s in steps)
+    for s in steps:
+        print(f"  {s['stage'].name:<{width}}  {s['stage'].command:<12} {s['action']:<7} {s['why']}")
+    if cfg.dry_run:
+        return 0
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    state = _read_state(recipe)
+    state_path = recipe.run_dir / STATE_FILE
+    failed = None
+    started = time.time()
+    for step in steps:
+        name = step["stage"].name
+        if step["action"] in ("skip", "missing"):
+            continue
+        # Record the fingerprint before running, so an interrupted stage can be resumed.
+        state[name] = {
+            **state.get(name, {}),
+            "fingerprint": step["fingerprint"],
+            "status": "running",
+        }
+        atomic_write_json(state_path, state)
+        result = _run_stage(recipe, step, print)
+        ok = result["returncode"] == 0
+        state[name].update(
+            result, status="complete" if ok else "failed", command=step["stage"].command
+        )
+        atomic_write_json(state_path, state)
+        if not ok:
+            failed = name
+            break
+    if cfg.report:
+        from hanlm.report import write_report
+
+        paths = write_report(recipe, state)
+        print(f"report: {paths[0]}")
+    if failed:
+        print(
+            f"hanlm run: stage '{failed}' failed; completed stages are kept. Fix it and run again.",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"hanlm run: {recipe.name} done in {time.time() - started:.1f}s")
+    return 0
