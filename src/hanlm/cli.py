@@ -27,9 +27,16 @@ class Command:
     help: str  # one line for `hanlm --help`
     positional: str = ""  # config key that bare arguments fill (a list key takes several)
     usage: str = ""  # what the bare arguments are, for the usage line
+    aliases: tuple[tuple[str, str], ...] = ()  # (--flag name, config key) pairs
+    func: str = "run"  # the module's entry point (commands sharing a module differ here)
 
 
 COMMANDS: dict[str, Command] = {
+    "vocab": Command(
+        "hanlm.stages.vocab",
+        "VocabConfig",
+        "train a Chinese tokenizer, or merge one into a base model's vocabulary and resize it",
+    ),
     "data check": Command(
         "hanlm.data.check",
         "DataCheckConfig",
@@ -55,6 +62,14 @@ COMMANDS: dict[str, Command] = {
         "chat with a model in the terminal, streaming (or answer one --prompt and exit)",
         positional="model.path",
         usage="MODEL_DIR",
+    ),
+    "run": Command(
+        "hanlm.recipe",
+        "RunConfig",
+        "run a recipe's stages (skip unchanged, resume interrupted) and write a report",
+        positional="recipe",
+        usage="RECIPE.yaml",
+        aliases=(("from", "from_stage"),),
     ),
     "pretrain": Command(
         "hanlm.stages.pretrain",
@@ -134,6 +149,7 @@ def parse_args(name: str, args: list[str]) -> tuple[str | None, list[Any]]:
         arg = args[i]
         if arg.startswith("--") and len(arg) > 2:
             key = arg[2:].replace("-", "_")
+            key = dict(cmd.aliases).get(key, key)
             if "=" in key:
                 k = key.split("=", 1)[0]
                 overrides.append(f"{k}={arg.split('=', 1)[1]}")
@@ -144,7 +160,11 @@ def parse_args(name: str, args: list[str]) -> tuple[str | None, list[Any]]:
                 overrides.append((key, True))
         elif _OVERRIDE.match(arg):
             overrides.append(arg)
-        elif config_path is None and arg.endswith((".yaml", ".yml")):
+        elif (
+            config_path is None
+            and arg.endswith((".yaml", ".yml"))
+            and not cmd.usage.endswith((".yaml", ".yml"))  # `hanlm run RECIPE.yaml`
+        ):
             config_path = arg
         else:
             bare.append(arg)
@@ -197,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hanlm.config import ConfigError, load_config
     from hanlm.data.sources import DataError
+    from hanlm.modeling import ModelError
     from hanlm.runs import OutputDirError
 
     try:
@@ -207,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name].module)
     try:
-        result = module.run(cfg)
-    except (ConfigError, DataError, OutputDirError, FileNotFoundError) as e:
+        result = getattr(module, COMMANDS[name].func)(cfg)
+    except (ConfigError, DataError, ModelError, OutputDirError, FileNotFoundError) as e:
         print(f"hanlm {name}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -176,6 +176,12 @@ def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:
             arch = getattr(config, "architectures", None) or config.model_type
             raise ModelError(f"{cfg.path}: {arch} is not a causal language model") from None
         raise
+    quantizer = getattr(model, "hf_quantizer", None)
+    dense = all(p.is_floating_point() for p in model.parameters())
+    if src.gguf_file and quantizer is not None and dense:
+        # Dequantised at load: the weights are dense, so drop the GGUF marker, which would make
+        # save_pretrained refuse ("quantized with gguf and is not serializable").
+        quantizer.remove_quantization_config(model)
     return model
 
 
@@ -231,3 +237,78 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, **kw: Any) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def model_config(cfg: ModelConfig) -> Any:
+    """The config of the causal LM `cfg` names, read without loading weights.
+
+    Stages call it before slow work so that a wrong model (an encoder GGUF, a classifier) fails
+    in seconds with a clear message, not after training a tokenizer.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    src = resolve_source(cfg.path)
+    try:
+        config = AutoConfig.from_pretrained(
+            src.path, gguf_file=src.gguf_file, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise _offline_hint(src, e) from None
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        arch = getattr(config, "architectures", None) or config.model_type
+        raise ModelError(f"{cfg.path}: {arch} is not a causal language model")
+    return config
+
+
+def resize_embeddings(model: Any, vocab_size: int, pad_to_multiple_of: int = 64) -> tuple[int, int]:
+    """Grow input embeddings and LM head (tied or untied) to hold `vocab_size` tokens.
+
+    The row count is padded to a multiple of `pad_to_multiple_of` (faster matmuls); it never
+    shrinks, and existing rows are kept bit for bit. Returns (old_rows, new_rows); the caller
+    initialises the new rows (see `init_rows`).
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return old, old
+    step = max(1, pad_to_multiple_of)
+    new = -(-vocab_size // step) * step
+    model.resize_token_embeddings(new, mean_resizing=False)
+    return old, new
+
+
+def init_rows(
+    model: Any,
+    rows: list[int],
+    mean_of: int,
+    sources: dict[int, list[int]] | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> None:
+    """Set embedding (and untied LM-head) rows: each to the mean of its `sources` rows if given,
+    else to the mean of rows [0, mean_of), plus optional Gaussian noise of `noise` times the
+    per-dimension std of those rows.
+
+    Mean rows keep a new token's logit near the average one, so it cannot dominate the
+    softmax before training; HF's default random rows can.
+    """
+    import torch
+
+    inp = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    mats = [inp]
+    if out is not None and out.weight.data_ptr() != inp.data_ptr():
+        mats.append(out.weight)
+    gen = torch.Generator().manual_seed(seed)
+    sources = sources or {}
+    with torch.no_grad():
+        for w in mats:
+            ref = w[:mean_of].float()
+            mean, std = ref.mean(0), ref.std(0)
+            for r in rows:
+                src = sources.get(r)
+                v = w[src].float().mean(0) if src else mean.clone()
+                if noise > 0:
+                    v += noise * std * torch.randn(v.shape, generator=gen)
+                w[r] = v.to(w.dtype)
