@@ -76,6 +76,20 @@ COMMANDS: dict[str, Command] = {
         "PretrainConfig",
         "pretrain from scratch or continue pretraining (full, or LoRA + embeddings), packed",
     ),
+    "eval": Command(
+        "hanlm.stages.evaluate",
+        "EvalConfig",
+        "score a model on C-Eval/CMMLU/MMLU-style benchmarks, perplexity and samples",
+        positional="model.path",
+        usage="MODEL_DIR",
+    ),
+    "eval contamination": Command(
+        "hanlm.stages.contamination",
+        "ContaminationConfig",
+        "audit training data for benchmark items (n-gram overlap) before trusting a score",
+        positional="train",
+        usage="TRAIN_PATH [TRAIN_PATH ...]",
+    ),
 }
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")

@@ -198,7 +198,8 @@ def run(cfg: SFTConfig) -> Path:
             raise ValueError(f"no conversation fits cutoff_len={cfg.cutoff_len}; raise it")
         print(
             f"[hanlm] rendered {train_counts['kept']} conversations; dropped as too long:"
-            f" {train_counts['dropped_too_long']}; history truncated: {train_counts['history_truncated']}"
+            f" {train_counts['dropped_too_long']};"
+            f" history truncated: {train_counts['history_truncated']}"
         )
         run.set(
             "data",
