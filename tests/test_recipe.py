@@ -186,7 +186,7 @@ def test_run_skip_change_and_report(tmp_path, files, capsys):
     capsys.readouterr()
     assert cli.main(["run", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "pretrain  pretrain     skip" in out and "sft       sft          resume" in out
+    assert "pretrain  pretrain  skip" in out and "sft       sft       resume" in out
     assert read_run(run_dir / "sft")["status"] == "complete"
 
 

@@ -76,6 +76,34 @@ COMMANDS: dict[str, Command] = {
         "PretrainConfig",
         "pretrain from scratch or continue pretraining (full, or LoRA + embeddings), packed",
     ),
+    "reward": Command(
+        "hanlm.stages.reward",
+        "RewardConfig",
+        "train a reward model on preference pairs (scalar head, pairwise ranking loss)",
+    ),
+    "reward score": Command(
+        "hanlm.stages.reward",
+        "RewardScoreConfig",
+        "print a reward model's score of an answer (--prompt/--response) or of a JSONL file",
+        positional="model.path",
+        usage="MODEL_DIR",
+        func="score",
+    ),
+    "ppo": Command(
+        "hanlm.stages.ppo",
+        "PPOConfig",
+        "PPO against a reward model or rule rewards, KL penalty to the SFT model, PPO-ptx mix",
+    ),
+    "dpo": Command(
+        "hanlm.stages.dpo",
+        "DPOConfig",
+        "direct preference optimisation (sigmoid, IPO, hinge) with cached reference log-probs",
+    ),
+    "grpo": Command(
+        "hanlm.stages.grpo",
+        "GRPOConfig",
+        "GRPO with rewards from a reward model and/or rule functions (module:function)",
+    ),
     "eval": Command(
         "hanlm.stages.evaluate",
         "EvalConfig",

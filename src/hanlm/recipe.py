@@ -46,7 +46,7 @@ _RUNNER_KEYS = ("output_dir", "overwrite", "resume")
 _WRITTEN = ("cache_dir", "output_dir")
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     pass
 
 
@@ -340,8 +340,10 @@ def run(cfg: RunConfig) -> int:
     steps = plan(recipe, cfg)
     print(f"recipe {recipe.name} ({recipe.path}) -> {recipe.run_dir}")
     width = max(len(s["stage"].name) for s in steps)
+    cwidth = max(len(s["stage"].command) for s in steps)
     for s in steps:
-        print(f"  {s['stage'].name:<{width}}  {s['stage'].command:<12} {s['action']:<7} {s['why']}")
+        stage, command = s["stage"].name, s["stage"].command
+        print(f"  {stage:<{width}}  {command:<{cwidth}}  {s['action']:<7} {s['why']}")
     if cfg.dry_run:
         return 0
     recipe.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,367 @@
+"""`hanlm dpo`: direct preference optimisation through trl's DPOTrainer.
+
+Reads top to bottom: tokenizer and template -> preference pairs -> policy (full, or LoRA whose
+disabled adapter is the reference) and a frozen reference (a copy of the start model, or
+`ref_model`) -> trl's DPOTrainer with the chosen loss (sigmoid = DPO, ipo, hinge, robust) ->
+held-out preference accuracy and reward margins before and after -> an HF directory.
+
+Reference log-probabilities never change during training, so with `precompute_ref=true` they
+are computed once and kept on disk. trl computes them when `precompute_ref_log_probs` is set and
+caches the result next to a disk-backed dataset, keyed by the dataset's fingerprint and a hash
+of the reference weights (the caching trl's maintainers point to for this request). hanlm gives
+that dataset a stable home: `<ref_cache_dir>/<key>/`, where the key hashes the reference model's
+files, the tokenizer and template, the pairs and `max_length`. A later run with the same model
+and data finds trl's cache there and skips the reference pass; `hanlm.json` records whether the
+cache was hit, and `manifest.json` in the cache directory counts the runs that used it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from hanlm.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    OutputConfig,
+    TrainConfig,
+    opt,
+)
+from hanlm.runs import Run, atomic_write_json
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+DEMO_TRAIN = str(_ASSETS / "preference.train.jsonl.gz")
+DEMO_VALID = str(_ASSETS / "preference.valid.jsonl.gz")
+
+
+@dataclass
+class DPOConfig(OutputConfig):
+    model: ModelConfig = opt(ModelConfig, "the SFT model to align (also the reference)")
+    ref_model: str = opt("", "a different frozen reference model dir (default: the start model)")
+    data: DataConfig = opt(
+        DataConfig, "preference pairs (no paths: the embedded demo set, derived from real text)"
+    )
+    template: Literal["auto", "chatml", "llama2", "llama3", "alpaca"] = opt(
+        "auto", "chat template; auto = the model's own"
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
+        "sigmoid", "sigmoid = DPO; ipo = (h - 1/2β)²; hinge = SLiC; robust = noisy-label DPO"
+    )
+    beta: float = opt(0.1, "β: strength of the tie to the reference (IPO: its τ)")
+    label_smoothing: float = opt(0.0, "robust: assumed share of flipped preference labels")
+    max_length: int = opt(512, "pairs whose prompt + answer has more tokens are dropped (counted)")
+    precompute_ref: bool = opt(
+        False, "compute reference log-probs once and cache them on disk (reused by later runs)"
+    )
+    ref_cache_dir: str = opt("", "where cached reference log-probs live (~/.cache/hanlm/ref_logps)")
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(max_steps=200, lr=5e-5, eval_steps=50),
+        metadata={"help": "optimisation"},
+    )
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (the reference is the adapter-free model)")
+    eval_pairs: int = opt(0, "held-out pairs measured before and after (0 = all)")
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError("beta must be > 0")
+        if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("label_smoothing must be in [0, 0.5) for loss_type=robust")
+
+
+# --------------------------------------------------------------------------- cache key
+
+
+def _hash_files(h: Any, path: str) -> None:
+    """Feed a model's weights and config into `h` (content, not names or times)."""
+    from hanlm.modeling import resolve_source
+
+    src = resolve_source(path)
+    root = Path(src.path)
+    if not root.exists():  # a hub id: its name is all we have
+        h.update(src.path.encode())
+        return
+    names = [src.gguf_file] if src.gguf_file else []
+    names += sorted(
+        p.name
+        for p in root.iterdir()
+        if p.suffix in (".safetensors", ".bin", ".json")
+        and p.name != "hanlm.json"
+        and not p.name.startswith(("tokenizer", "special_tokens", "metrics"))
+    )
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with open(root / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def ref_cache_key(
+    ref_path: str, tok: Any, splits: dict[str, list[dict[str, Any]]], max_length: int
+) -> tuple[str, str, str]:
+    """(key, model hash, data hash) for the reference log-probs of these pairs."""
+    import trl
+
+    mh = hashlib.sha256()
+    _hash_files(mh, ref_path)
+    dh = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    dh.update((backend.to_str() if backend is not None else repr(tok.get_vocab())).encode())
+    dh.update(str(tok.chat_template).encode())
+    dh.update(json.dumps([max_length, trl.__version__]).encode())
+    for name in sorted(splits):
+        dh.update(name.encode() + b"\0")
+        for rec in splits[name]:
+            dh.update(json.dumps(rec, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    model_hash, data_hash = mh.hexdigest(), dh.hexdigest()
+    key = hashlib.sha256((model_hash + data_hash).encode()).hexdigest()[:24]
+    return key, model_hash, data_hash
+
+
+def _cache_files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("cache-*.arrow")}
+
+
+def cached_splits(
+    root: Path, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]
+) -> dict[str, Any]:
+    """Disk-backed datasets of the pairs under `root` (written once, atomically)."""
+    import datasets
+
+    from hanlm.runs import atomic_dir
+
+    for name, records in splits.items():
+        target = root / name
+        if not (target / "dataset_info.json").is_file():
+            with atomic_dir(target) as tmp:
+                datasets.Dataset.from_list(records).save_to_disk(str(tmp))
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        atomic_write_json(manifest, {**info, "runs": 0})
+    return {name: datasets.load_from_disk(str(root / name)) for name in splits}
+
+
+def fitting_pairs(
+    records: list[dict[str, Any]], tok: Any, max_length: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The pairs whose prompt + answer (either side) fit `max_length` tokens; the count dropped."""
+    from hanlm.data.templates import render
+
+    kept = []
+    for rec in records:
+        longest = max(len(render(tok, rec["prompt"] + rec[k])[0]) for k in ("chosen", "rejected"))
+        if longest <= max_length:
+            kept.append(rec)
+    return kept, len(records) - len(kept)
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def completion_logps(
+    model: Any, rows: list[dict[str, list[int]]], batch_size: int = 8
+) -> list[list[float]]:
+    """Summed log-probs of each row's chosen and rejected answer given its prompt: [[c, r], ...]."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    out: list[list[float]] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            seqs, spans = [], []
+            for r in batch:
+                for side in ("chosen_ids", "rejected_ids"):
+                    seqs.append(r["prompt_ids"] + r[side])
+                    spans.append((len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r[side])))
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+            mask = torch.tensor(
+                [[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device
+            )
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            token_logp = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            sums = [float(token_logp[i, a - 1 : b - 1].sum()) for i, (a, b) in enumerate(spans)]
+            out += [[sums[i], sums[i + 1]] for i in range(0, len(sums), 2)]
+    return out
+
+
+def preference_metrics(
+    policy: list[list[float]], ref: list[list[float]], beta: float
+) -> dict[str, float]:
+    """Implicit-reward accuracy and margin, and plain log-prob preference accuracy."""
+    n = max(len(policy), 1)
+    margins = [beta * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(policy, ref)]
+    return {
+        "reward_accuracy": sum(m > 0 for m in margins) / n,
+        "reward_margin": sum(margins) / n,
+        "logp_accuracy": sum(c > r for c, r in policy) / n,
+        "chosen_logp": sum(c for c, _ in policy) / n,
+        "rejected_logp": sum(r for _, r in policy) / n,
+    }
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(cfg: DPOConfig) -> Path:
+    from transformers import set_seed
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    from hanlm import training
+    from hanlm.data import load, to_dataset
+    from hanlm.data.templates import apply_template, stop_token_ids
+    from hanlm.modeling import load_model, load_tokenizer, save_model
+
+    started = time.time()
+    with Run(
+        "dpo", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
+    ) as run:
+        set_seed(cfg.train.seed)
+        tok = load_tokenizer(cfg.model.path)
+        if apply_template(tok, cfg.template):
+            raise ValueError(
+                f"{cfg.model.path}: the tokenizer lacks the chat template's special tokens;"
+                " DPO starts from an SFT model (hanlm sft) that already knows its template"
+            )
+
+        dcfg = cfg.data
+        if not dcfg.paths:
+            dcfg = replace(dcfg, paths=[DEMO_TRAIN], valid_paths=dcfg.valid_paths or [DEMO_VALID])
+        data = load(dcfg, kind="preference")
+        print(data.stats.summary())
+        # Lengths are enforced here, not by trl: its length filter closes over the whole trainer
+        # config, which would tie the reference cache to every training argument.
+        train, dropped = fitting_pairs(data.train, tok, cfg.max_length)
+        valid, dropped_valid = fitting_pairs(data.valid, tok, cfg.max_length)
+        if not train:
+            raise ValueError(f"no preference pair fits max_length={cfg.max_length}; raise it")
+        splits = {"train": train}
+        if valid:
+            splits["valid"] = valid[: cfg.eval_pairs] if cfg.eval_pairs > 0 else valid
+        run.set(
+            "data",
+            {**data.stats.as_dict(), "dropped_too_long": dropped + dropped_valid},
+        )
+        summary: dict[str, Any] = {}
+
+        # Reference log-probs: trl's precompute, on disk-backed datasets in a stable place.
+        ref_path = cfg.ref_model or cfg.model.path
+        cache_root = before_files = None
+        if cfg.precompute_ref:
+            key, model_hash, data_hash = ref_cache_key(ref_path, tok, splits, cfg.max_length)
+            base = cfg.ref_cache_dir or os.path.expanduser("~/.cache/hanlm/ref_logps")
+            cache_root = Path(base) / key
+            info = {"ref_model": ref_path, "model_hash": model_hash, "data_hash": data_hash}
+            datasets_ = cached_splits(cache_root, splits, info)
+            before_files = _cache_files(cache_root)
+        else:
+            datasets_ = {name: to_dataset(recs) for name, recs in splits.items()}
+
+        model = load_model(cfg.model)
+        model.config.pad_token_id = tok.pad_token_id
+        ref_model = None
+        if cfg.lora.enabled:
+            if cfg.ref_model:
+                raise ConfigError(
+                    "with LoRA the reference is the adapter-free model; drop ref_model"
+                )
+            model = training.apply_lora(model, cfg.lora)
+        elif cfg.ref_model or not cfg.precompute_ref:
+            # An explicit frozen copy: trl would otherwise rebuild one from config._name_or_path.
+            ref_model = load_model(replace(cfg.model, path=ref_path)).requires_grad_(False).eval()
+        summary.update(training.describe_trainable(model))
+
+        args = training.training_args(
+            cfg.train,
+            run.dir,
+            has_eval="valid" in datasets_,
+            args_cls=TrlDPOConfig,
+            beta=cfg.beta,
+            loss_type=[cfg.loss_type],
+            label_smoothing=cfg.label_smoothing,
+            max_length=None,
+            precompute_ref_log_probs=cfg.precompute_ref,
+        )
+        t0 = time.time()
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=datasets_["train"],
+            eval_dataset=datasets_.get("valid"),
+            processing_class=tok,
+            callbacks=[training.metrics_callback(run)],
+        )
+        summary["trainer_setup_seconds"] = time.time() - t0
+        if cache_root is not None:
+            created = _cache_files(cache_root) - before_files
+            hit = not created
+            manifest = json.loads((cache_root / "manifest.json").read_text(encoding="utf-8"))
+            manifest["runs"] = manifest.get("runs", 0) + 1
+            manifest["hits"] = manifest.get("hits", 0) + hit
+            atomic_write_json(cache_root / "manifest.json", manifest)
+            summary.update(ref_cache="hit" if hit else "miss", ref_cache_dir=str(cache_root))
+            print(
+                f"[hanlm] reference log-probs {'reused from' if hit else 'computed and cached in'}"
+                f" {cache_root} ({summary['trainer_setup_seconds']:.1f}s)"
+            )
+
+        # Held-out pairs as trl tokenized them; the reference side comes from the cache if any.
+        eval_ds = trainer.eval_dataset
+        eval_rows = (
+            [
+                {k: eval_ds[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                for i in range(len(eval_ds))
+            ]
+            if eval_ds is not None
+            else []
+        )
+        ref_logps: list[list[float]] = []
+        if eval_rows:
+            if cfg.precompute_ref:
+                ref_logps = [
+                    [float(c), float(r)]
+                    for c, r in zip(eval_ds["ref_chosen_logps"], eval_ds["ref_rejected_logps"])
+                ]
+            else:
+                ref_logps = completion_logps(ref_model or model, eval_rows, cfg.train.batch_size)
+            before = preference_metrics(ref_logps, ref_logps, cfg.beta)
+            summary["initial_logp_accuracy"] = before["logp_accuracy"]
+            print(f"[hanlm] before DPO: held-out log-prob accuracy {before['logp_accuracy']:.3f}")
+
+        result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
+        summary.update(train_loss=result.training_loss, steps=result.global_step)
+
+        model = trainer.model
+        if cfg.lora.enabled:
+            if cfg.lora.keep_adapter or not cfg.lora.merge:
+                model.save_pretrained(str(run.dir / "adapter"))
+            if cfg.lora.merge:
+                model = model.merge_and_unload()
+        if eval_rows:
+            after = preference_metrics(
+                completion_logps(model, eval_rows, cfg.train.batch_size), ref_logps, cfg.beta
+            )
+            summary.update(after)
+            print(
+                f"[hanlm] dpo: held-out reward accuracy {after['reward_accuracy']:.3f},"
+                f" margin {after['reward_margin']:.4f}; log-prob accuracy"
+                f" {summary['initial_logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
+            )
+        stops = stop_token_ids(tok, cfg.template)
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        model.generation_config.pad_token_id = tok.pad_token_id
+        if training.is_main_process() and (not cfg.lora.enabled or cfg.lora.merge):
+            save_model(model, tok, run.dir)
+        summary["seconds"] = time.time() - started
+        run.finish(summary)
+    return run.dir

@@ -1,0 +1,357 @@
+"""`hanlm reward`: a reward model trained on preference pairs; `hanlm reward score` applies one.
+
+Reads top to bottom: tokenizer and chat template -> preference pairs rendered as whole
+conversations (prompt + chosen, prompt + rejected) -> a sequence-classification model with one
+output, its scalar read at the last non-pad token, initialised from an SFT model -> optional
+LoRA (the new `score` head trained in full) -> trl's RewardTrainer, loss -log σ(r_w - r_l - m)
+-> held-out pairwise accuracy and mean reward gap before and after -> an ordinary HF directory
+(`AutoModelForSequenceClassification.from_pretrained` loads it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from hanlm.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
+from hanlm.runs import Run
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+DEMO_TRAIN = str(_ASSETS / "preference.train.jsonl.gz")
+DEMO_VALID = str(_ASSETS / "preference.valid.jsonl.gz")
+Template = Literal["auto", "chatml", "llama2", "llama3", "alpaca"]
+
+
+@dataclass
+class RewardConfig(OutputConfig):
+    model: ModelConfig = opt(ModelConfig, "the SFT model the reward model starts from")
+    data: DataConfig = opt(
+        DataConfig, "preference pairs (no paths: the embedded demo set, derived from real text)"
+    )
+    template: Template = opt("auto", "chat template; auto = the model's own")
+    max_length: int = opt(512, "most tokens per rendered conversation; longer pairs are dropped")
+    margin: float = opt(0.0, "ranking margin m in -log σ(r_chosen - r_rejected - m)")
+    center_coef: float = opt(
+        0.0, "pull the mean reward toward 0 with this weight (Eisenstein et al.; 0.01 typical)"
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(max_steps=300, lr=3e-4, eval_steps=100),
+        metadata={"help": "optimisation"},
+    )
+    lora: LoraConfig = opt(LoraConfig, "LoRA adapters (the score head is always trained in full)")
+    eval_pairs: int = opt(0, "held-out pairs scored before and after (0 = all)")
+
+
+@dataclass
+class RewardScoreConfig:
+    model: ModelConfig = opt(ModelConfig, "the reward model directory")
+    prompt: str = opt("", "score one answer: the user prompt")
+    response: str = opt("", "score one answer: the answer")
+    file: str = opt(
+        "", "JSONL of {prompt, response}, {messages} or {prompt, chosen, rejected} records"
+    )
+    output: str = opt("", "write JSONL results here (default: standard output)")
+    batch_size: int = opt(16, "conversations scored at once")
+    max_length: int = opt(1024, "longer conversations keep their last tokens")
+
+
+# --------------------------------------------------------------------------- model and scoring
+
+
+def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
+    """A one-output sequence-classification model (a fresh `score` head on a causal LM dir)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hanlm.modeling import ModelError, pick_precision, resolve_source, torch_dtype
+
+    src = resolve_source(cfg.path)
+    dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            src.path,
+            gguf_file=src.gguf_file,
+            num_labels=1,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            **kw,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{cfg.path}: cannot load as a reward model ({e})") from None
+    if model.config.num_labels != 1:
+        raise ModelError(f"{cfg.path}: has {model.config.num_labels} outputs; a reward model has 1")
+    return model
+
+
+def score_ids(
+    model: Any, id_lists: list[list[int]], pad_id: int, batch_size: int = 16
+) -> list[float]:
+    """The scalar reward of each token sequence (right-padded; read at the last real token)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(id_lists), batch_size):
+            batch = id_lists[start : start + batch_size]
+            width = max(len(x) for x in batch)
+            ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in batch], device=device)
+            mask = torch.tensor(
+                [[1] * len(x) + [0] * (width - len(x)) for x in batch], device=device
+            )
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            out += logits[:, 0].float().tolist()
+    return out
+
+
+def conversation_ids(tok: Any, messages: list[dict[str, str]], max_length: int) -> list[int]:
+    """Ids of a whole conversation as the reward model saw them in training (last tokens kept)."""
+    from hanlm.data.templates import render
+
+    ids, _ = render(tok, messages)
+    return ids[-max_length:]
+
+
+def score_conversations(
+    model: Any,
+    tok: Any,
+    conversations: list[list[dict[str, str]]],
+    batch_size: int = 16,
+    max_length: int = 1024,
+) -> list[float]:
+    """Rewards of whole conversations (each ending with the assistant answer to judge)."""
+    ids = [conversation_ids(tok, c, max_length) for c in conversations]
+    return score_ids(model, ids, tok.pad_token_id, batch_size)
+
+
+def encode_pairs(
+    records: list[dict[str, Any]], tok: Any, max_length: int
+) -> tuple[list[dict[str, list[int]]], int]:
+    """(rows of chosen_ids / rejected_ids, pairs dropped as too long)."""
+    from hanlm.data.templates import render
+
+    rows, dropped = [], 0
+    for rec in records:
+        chosen, _ = render(tok, rec["prompt"] + rec["chosen"])
+        rejected, _ = render(tok, rec["prompt"] + rec["rejected"])
+        if max(len(chosen), len(rejected)) > max_length:
+            dropped += 1
+            continue
+        rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
+    return rows, dropped
+
+
+def pair_metrics(
+    model: Any, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int = 16
+) -> dict[str, float]:
+    """Held-out pairwise accuracy (r_chosen > r_rejected), mean reward gap, reward mean/std."""
+    import statistics
+
+    chosen = score_ids(model, [r["chosen_ids"] for r in rows], pad_id, batch_size)
+    rejected = score_ids(model, [r["rejected_ids"] for r in rows], pad_id, batch_size)
+    gaps = [c - r for c, r in zip(chosen, rejected)]
+    both = chosen + rejected
+    return {
+        "accuracy": sum(g > 0 for g in gaps) / max(len(gaps), 1),
+        "reward_gap": sum(gaps) / max(len(gaps), 1),
+        "reward_mean": statistics.fmean(both) if both else 0.0,
+        "reward_std": statistics.pstdev(both) if len(both) > 1 else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- hanlm reward
+
+
+def run(cfg: RewardConfig) -> Path:
+    from transformers import set_seed
+    from trl import RewardConfig as TrlRewardConfig
+    from trl import RewardTrainer
+
+    from hanlm import training
+    from hanlm.data import load, to_dataset
+    from hanlm.data.templates import apply_template
+    from hanlm.modeling import load_tokenizer, save_model
+
+    started = time.time()
+    with Run(
+        "reward", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
+    ) as run:
+        set_seed(cfg.train.seed)
+        tok = load_tokenizer(cfg.model.path)
+        added = apply_template(tok, cfg.template)
+
+        dcfg = cfg.data
+        if not dcfg.paths:
+            dcfg = replace(dcfg, paths=[DEMO_TRAIN], valid_paths=dcfg.valid_paths or [DEMO_VALID])
+        data = load(dcfg, kind="preference")
+        print(data.stats.summary())
+        train_rows, train_dropped = encode_pairs(data.train, tok, cfg.max_length)
+        valid_rows, valid_dropped = encode_pairs(data.valid, tok, cfg.max_length)
+        if not train_rows:
+            raise ValueError(f"no preference pair fits max_length={cfg.max_length}; raise it")
+        run.set(
+            "data",
+            {
+                **data.stats.as_dict(),
+                "train_pairs": len(train_rows),
+                "valid_pairs": len(valid_rows),
+                "dropped_too_long": train_dropped + valid_dropped,
+            },
+        )
+        eval_rows = valid_rows[: cfg.eval_pairs] if cfg.eval_pairs > 0 else valid_rows
+
+        model = load_reward_model(cfg.model)
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=True)
+        model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token
+
+        summary: dict[str, Any] = {"template_tokens_added": added}
+        if eval_rows and not cfg.resume:
+            before = pair_metrics(model, eval_rows, tok.pad_token_id, cfg.train.batch_size)
+            summary.update({f"initial_{k}": v for k, v in before.items()})
+            print(
+                f"[hanlm] before: held-out accuracy {before['accuracy']:.3f},"
+                f" reward gap {before['reward_gap']:.4f}"
+            )
+
+        if cfg.lora.enabled:
+            extra = {"score"} | ({"embed_tokens", "lm_head"} if added else set())
+            lora = replace(cfg.lora, modules_to_save=sorted(set(cfg.lora.modules_to_save) | extra))
+            model = training.apply_lora(model, lora, task="SEQ_CLS")
+        summary.update(training.describe_trainable(model))
+
+        def with_margin(rows: list[dict[str, Any]]) -> Any:
+            if cfg.margin:
+                rows = [{**r, "margin": cfg.margin} for r in rows]
+            return to_dataset(rows)
+
+        args = training.training_args(
+            cfg.train,
+            run.dir,
+            has_eval=bool(valid_rows),
+            args_cls=TrlRewardConfig,
+            max_length=None,  # lengths were enforced above
+            center_rewards_coefficient=cfg.center_coef or None,
+        )
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=with_margin(train_rows),
+            eval_dataset=with_margin(valid_rows) if valid_rows else None,
+            processing_class=tok,
+            callbacks=[training.metrics_callback(run)],
+        )
+        result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
+        summary.update(train_loss=result.training_loss, steps=result.global_step)
+
+        model = trainer.model
+        if cfg.lora.enabled:
+            if cfg.lora.keep_adapter or not cfg.lora.merge:
+                model.save_pretrained(str(run.dir / "adapter"))
+            if cfg.lora.merge:
+                model = model.merge_and_unload()
+        if eval_rows:
+            after = pair_metrics(model, eval_rows, tok.pad_token_id, cfg.train.batch_size)
+            summary.update(after)
+            print(
+                f"[hanlm] reward: held-out accuracy {summary.get('initial_accuracy', 0):.3f}"
+                f" -> {after['accuracy']:.3f}, reward gap {after['reward_gap']:.4f}"
+                f" (rewards {after['reward_mean']:.3f} ± {after['reward_std']:.3f})"
+            )
+        if training.is_main_process() and (not cfg.lora.enabled or cfg.lora.merge):
+            save_model(model, tok, run.dir)
+        summary["seconds"] = time.time() - started
+        run.finish(summary)
+    return run.dir
+
+
+# --------------------------------------------------------------------------- hanlm reward score
+
+
+def _score_records(path: str) -> list[dict[str, Any]]:
+    from hanlm.data.formats import RecordError, from_preference
+    from hanlm.data.sources import BadJson, DataError, iter_source, resolve
+
+    out = []
+    for source in resolve(path):
+        for raw, loc in iter_source(source):
+            if isinstance(raw, BadJson) or not isinstance(raw, dict):
+                raise DataError(f"{loc}: not a JSON object")
+            try:
+                if "chosen" in raw and "rejected" in raw:
+                    out.append({"kind": "pair", "raw": raw, **from_preference(raw)})
+                elif "messages" in raw:
+                    out.append({"kind": "conversation", "raw": raw, "messages": raw["messages"]})
+                elif "prompt" in raw and "response" in raw:
+                    # the same checks as a preference record whose two answers are this one
+                    conv = from_preference({**raw, "chosen": raw["response"], "rejected": "-"})
+                    msgs = conv["prompt"] + conv["chosen"]
+                    out.append({"kind": "conversation", "raw": raw, "messages": msgs})
+                else:
+                    raise RecordError(
+                        "expected {prompt, response}, {messages} or {prompt, chosen, rejected};"
+                        f" found keys {sorted(raw)}"
+                    )
+            except RecordError as e:
+                raise DataError(f"{loc}: {e}") from None
+    return out
+
+
+def score(cfg: RewardScoreConfig) -> int:
+    """Print the reward of one answer (a bare number) or of every record in a file (JSONL)."""
+    from hanlm.modeling import load_tokenizer
+
+    if bool(cfg.file) == bool(cfg.prompt or cfg.response):
+        print("hanlm reward score: give either --prompt and --response, or --file", file=sys.stderr)
+        return 2
+    if not cfg.file and not (cfg.prompt and cfg.response):
+        print("hanlm reward score: --prompt and --response go together", file=sys.stderr)
+        return 2
+    tok = load_tokenizer(cfg.model.path)
+    model = load_reward_model(cfg.model)
+    model.config.pad_token_id = tok.pad_token_id
+
+    def conv_score(convs: list[list[dict[str, str]]]) -> list[float]:
+        return score_conversations(model, tok, convs, cfg.batch_size, cfg.max_length)
+
+    if not cfg.file:
+        conv = [
+            {"role": "user", "content": cfg.prompt},
+            {"role": "assistant", "content": cfg.response},
+        ]
+        print(f"{conv_score([conv])[0]:.6f}")
+        return 0
+
+    records = _score_records(cfg.file)
+    convs = [r["messages"] for r in records if r["kind"] == "conversation"]
+    pairs = [r for r in records if r["kind"] == "pair"]
+    conv_scores = iter(conv_score(convs))
+    chosen = iter(conv_score([p["prompt"] + p["chosen"] for p in pairs]))
+    rejected = iter(conv_score([p["prompt"] + p["rejected"] for p in pairs]))
+    lines, wins = [], 0
+    for r in records:
+        row = {k: v for k, v in r["raw"].items() if k != "meta"}
+        if r["kind"] == "pair":
+            c, j = next(chosen), next(rejected)
+            wins += c > j
+            row.update(chosen_reward=c, rejected_reward=j)
+        else:
+            row["reward"] = next(conv_scores)
+        lines.append(json.dumps(row, ensure_ascii=False))
+    text = "\n".join(lines) + "\n"
+    if cfg.output:
+        from hanlm.runs import atomic_write_text
+
+        atomic_write_text(cfg.output, text)
+    else:
+        sys.stdout.write(text)
+    if pairs:
+        print(
+            f"[hanlm] pairwise accuracy {wins / len(pairs):.4f} over {len(pairs)} pairs",
+            file=sys.stderr,
+        )
+    return 0
