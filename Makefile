@@ -11,7 +11,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(BIN)/hanlm data check "src/hanlm/assets/demo/*.jsonl.gz"
+	$(BIN)/hanlm run recipes/demo.yaml
 
 test: setup
 	$(BIN)/ruff check .

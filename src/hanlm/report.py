@@ -256,8 +256,9 @@ def write_report(recipe: Any, state: dict[str, Any]) -> tuple[Path, Path]:
             if p.is_file():
                 doc.h3(title)
                 flat = _flatten(json.loads(p.read_text(encoding="utf-8")))
+                flat = {k: v for k, v in flat.items() if v is not None}
                 doc.table(["measure", "value"], [[k, v] for k, v in flat.items()][:80])
-        summary = _flatten(info.get("summary") or {})
+        summary = {k: v for k, v in _flatten(info.get("summary") or {}).items() if v is not None}
         if summary:
             doc.h3("Summary")
             doc.table(["measure", "value"], [[k, v] for k, v in summary.items()])
