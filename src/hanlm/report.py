@@ -144,7 +144,12 @@ def _plot(stage: str, metrics: list[dict[str, Any]]) -> bytes | None:
 
 
 def _is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    """A causal LM that can answer prompts (reward models are classifiers: not these)."""
+    cfg = path / "config.json"
+    if not cfg.is_file() or not any(path.glob("*.safetensors")):
+        return False
+    archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+    return any(a.endswith("ForCausalLM") for a in archs)
 
 
 def _prompts(recipe: Any) -> list[dict[str, Any]]:
