@@ -210,3 +210,41 @@ def test_torchrun_two_process_cpu(tmp_path, corpus, tok_dir):
     info = read_run(out)
     assert info["status"] == "complete" and info["summary"]["steps"] == 4
     assert "world_size" in proc.stderr + proc.stdout or (out / "model.safetensors").is_file()
+
+
+def test_streaming_pretraining_runs_and_needs_max_steps(tmp_path, corpus, tok_dir):
+    out = run(
+        load_config(
+            PretrainConfig,
+            None,
+            [
+                f"tokenizer={tok_dir}",
+                "preset=test",
+                "streaming=true",
+                f"data.paths=[{corpus}]",
+                f"data.valid_paths=[{corpus}]",
+                "data.max_records=40",
+                "block_size=32",
+                "train.batch_size=2",
+                "train.max_steps=6",
+                "train.eval_steps=0",
+                "train.lr=3e-3",
+                f"output_dir={tmp_path / 's'}",
+                f"cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+    )
+    s = read_run(out)["summary"]
+    assert s["steps"] == 6 and s["eval_loss"] < s["initial_eval_loss"]
+    bad = load_config(
+        PretrainConfig,
+        None,
+        [
+            "streaming=true",
+            "train.max_steps=0",
+            f"tokenizer={tok_dir}",
+            f"output_dir={tmp_path / 'x'}",
+        ],
+    )
+    with pytest.raises(ValueError, match="streaming=true needs train.max_steps"):
+        run(bad)
