@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all lint format data
+.PHONY: setup demo test test-slow test-all lint format data
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,9 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	HANLM_SLOW=1 $(BIN)/python -m pytest -q -m slow
 
 test-all: setup
 	HANLM_SLOW=1 $(BIN)/python -m pytest -q
