@@ -69,3 +69,9 @@ def test_console_script_runs():
     )
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("hanlm ")
+
+
+def test_stage_value_errors_print_cleanly(tmp_path, capsys):
+    code = cli.main(["pretrain", "data.paths=[x.jsonl]", f"output_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "needs tokenizer=DIR" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 import re
 import sys
 import textwrap
@@ -273,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         result = getattr(module, COMMANDS[name].func)(cfg)
     except (ConfigError, DataError, ModelError, OutputDirError, FileNotFoundError) as e:
         print(f"hanlm {name}: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # stages raise it for settings that cannot work together
+        if os.environ.get("HANLM_DEBUG") == "1":
+            raise
+        print(f"hanlm {name}: error: {e} (HANLM_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"hanlm {name}: interrupted", file=sys.stderr)

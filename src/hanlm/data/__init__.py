@@ -1,6 +1,14 @@
 """The data layer: every stage reads its records through here (see loader.py)."""
 
-from hanlm.data.loader import DataStats, LoadedData, load, stream, stream_with_stats, to_dataset
+from hanlm.data.loader import (
+    DataStats,
+    LoadedData,
+    load,
+    or_demo,
+    stream,
+    stream_with_stats,
+    to_dataset,
+)
 from hanlm.data.sources import DataError, Location
 
 __all__ = [
@@ -9,6 +17,7 @@ __all__ = [
     "LoadedData",
     "Location",
     "load",
+    "or_demo",
     "stream",
     "stream_with_stats",
     "to_dataset",

@@ -162,6 +162,15 @@ def apply_template(tokenizer: Any, name: str = "auto") -> list[str]:
     return missing
 
 
+def require_template(tokenizer: Any, name: str, model_path: str, stage: str) -> None:
+    """Install `name` on the tokenizer of a model that must already have been tuned with it."""
+    if apply_template(tokenizer, name):
+        raise TemplateError(
+            f"{model_path}: the tokenizer lacks the {name} chat template's special tokens;"
+            f" {stage} starts from a model tuned with that template (hanlm sft template={name})"
+        )
+
+
 def eot_token(tokenizer: Any, name: str = "auto") -> str:
     tpl = resolve(tokenizer, name)
     if tpl is None:

@@ -76,15 +76,11 @@ class ChatSession:
 
 
 def load_chat_model(cfg: ChatConfig) -> tuple[Any, Any]:
-    from hanlm.data.templates import apply_template
+    from hanlm.data.templates import require_template
     from hanlm.modeling import load_model, load_tokenizer
 
     tok = load_tokenizer(cfg.model.path)
-    if apply_template(tok, cfg.template):
-        raise ValueError(
-            f"{cfg.model.path}: the {cfg.template} template needs tokens this model was not"
-            " trained with; run hanlm sft with that template first"
-        )
+    require_template(tok, cfg.template, cfg.model.path, "chat")
     model = load_model(cfg.model)
     model.eval()
     return model, tok

@@ -36,10 +36,6 @@ from hanlm.config import (
 )
 from hanlm.runs import Run, atomic_write_json
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-DEMO_TRAIN = str(_ASSETS / "preference.train.jsonl.gz")
-DEMO_VALID = str(_ASSETS / "preference.valid.jsonl.gz")
-
 
 @dataclass
 class DPOConfig(OutputConfig):
@@ -217,8 +213,8 @@ def run(cfg: DPOConfig) -> Path:
     from trl import DPOTrainer
 
     from hanlm import training
-    from hanlm.data import load, to_dataset
-    from hanlm.data.templates import apply_template, stop_token_ids
+    from hanlm.data import load, or_demo, to_dataset
+    from hanlm.data.templates import require_template, stop_token_ids
     from hanlm.modeling import load_model, load_tokenizer, save_model
 
     started = time.time()
@@ -227,15 +223,9 @@ def run(cfg: DPOConfig) -> Path:
     ) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
-        if apply_template(tok, cfg.template):
-            raise ValueError(
-                f"{cfg.model.path}: the tokenizer lacks the chat template's special tokens;"
-                " DPO starts from an SFT model (hanlm sft) that already knows its template"
-            )
+        require_template(tok, cfg.template, cfg.model.path, "DPO")
 
-        dcfg = cfg.data
-        if not dcfg.paths:
-            dcfg = replace(dcfg, paths=[DEMO_TRAIN], valid_paths=dcfg.valid_paths or [DEMO_VALID])
+        dcfg = or_demo(cfg.data, "preference")
         data = load(dcfg, kind="preference")
         print(data.stats.summary())
         # Lengths are enforced here, not by trl: its length filter closes over the whole trainer

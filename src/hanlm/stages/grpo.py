@@ -29,10 +29,6 @@ from hanlm.config import (
 from hanlm.rewards import RuleConfig
 from hanlm.runs import Run
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-DEMO_PROMPTS = str(_ASSETS / "preference.train.jsonl.gz")
-DEMO_PROMPTS_VALID = str(_ASSETS / "preference.valid.jsonl.gz")
-
 
 @dataclass
 class GRPOConfig(OutputConfig):
@@ -91,8 +87,8 @@ def run(cfg: GRPOConfig) -> Path:
     from trl import GRPOTrainer
 
     from hanlm import training
-    from hanlm.data import load, to_dataset
-    from hanlm.data.templates import apply_template, prompt_ids, stop_token_ids
+    from hanlm.data import load, or_demo, to_dataset
+    from hanlm.data.templates import prompt_ids, require_template, stop_token_ids
     from hanlm.modeling import load_model, load_tokenizer, save_model
     from hanlm.rewards import build_rules
     from hanlm.stages.ppo import Scorer, held_out_scores, prompts_of
@@ -104,18 +100,10 @@ def run(cfg: GRPOConfig) -> Path:
     ) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
-        if apply_template(tok, cfg.template):
-            raise ValueError(
-                f"{cfg.model.path}: the tokenizer lacks the chat template's special tokens;"
-                " GRPO starts from an SFT model (hanlm sft) that already knows its template"
-            )
+        require_template(tok, cfg.template, cfg.model.path, "GRPO")
         stops = stop_token_ids(tok, cfg.template)
 
-        dcfg = cfg.data
-        if not dcfg.paths:
-            dcfg = replace(
-                dcfg, paths=[DEMO_PROMPTS], valid_paths=dcfg.valid_paths or [DEMO_PROMPTS_VALID]
-            )
+        dcfg = or_demo(cfg.data, "preference")
         data = load(dcfg)
         if data.kind == "text":
             raise ValueError("GRPO prompts come from chat or preference data, not plain text")

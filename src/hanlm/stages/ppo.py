@@ -45,11 +45,6 @@ from hanlm.runs import Run
 if TYPE_CHECKING:
     import torch
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-DEMO_PROMPTS = str(_ASSETS / "preference.train.jsonl.gz")
-DEMO_PROMPTS_VALID = str(_ASSETS / "preference.valid.jsonl.gz")
-DEMO_PTX = str(_ASSETS / "zh_corpus.train.jsonl.gz")
-DEMO_PTX_VALID = str(_ASSETS / "zh_corpus.valid.jsonl.gz")
 CHECKPOINTS = "checkpoints"
 
 
@@ -394,8 +389,8 @@ def run(cfg: PPOConfig) -> Path:
     from transformers import get_scheduler, set_seed
 
     from hanlm import losses, training
-    from hanlm.data import load
-    from hanlm.data.templates import apply_template, prompt_ids, stop_token_ids
+    from hanlm.data import load, or_demo
+    from hanlm.data.templates import prompt_ids, require_template, stop_token_ids
     from hanlm.modeling import load_model, load_tokenizer, pick_precision, save_model
     from hanlm.runs import atomic_dir
     from hanlm.stages.reward import load_reward_model
@@ -416,19 +411,11 @@ def run(cfg: PPOConfig) -> Path:
     ) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
-        if apply_template(tok, cfg.template):
-            raise ValueError(
-                f"{cfg.model.path}: the tokenizer lacks the chat template's special tokens;"
-                " PPO starts from an SFT model (hanlm sft) that already knows its template"
-            )
+        require_template(tok, cfg.template, cfg.model.path, "PPO")
         stops = stop_token_ids(tok, cfg.template)
 
         # ---- prompts and pretraining text
-        dcfg = cfg.data
-        if not dcfg.paths:
-            dcfg = replace(
-                dcfg, paths=[DEMO_PROMPTS], valid_paths=dcfg.valid_paths or [DEMO_PROMPTS_VALID]
-            )
+        dcfg = or_demo(cfg.data, "preference")
         data = load(dcfg)
         if data.kind == "text":
             raise ValueError("PPO prompts come from chat or preference data, not plain text")
@@ -443,9 +430,7 @@ def run(cfg: PPOConfig) -> Path:
                 f"{len(train_prompts)} prompts fit max_prompt_len={cfg.max_prompt_len};"
                 f" need at least rollout_batch={cfg.rollout_batch}"
             )
-        pcfg = cfg.ptx_data
-        if not pcfg.paths:
-            pcfg = replace(pcfg, paths=[DEMO_PTX], valid_paths=pcfg.valid_paths or [DEMO_PTX_VALID])
+        pcfg = or_demo(cfg.ptx_data, "zh_corpus")
         ptx_train: list[list[int]] = []
         ptx_valid: list[list[int]] = []
         if cfg.ptx_coef > 0 or cfg.eval_ptx_blocks > 0:

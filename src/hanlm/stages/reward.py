@@ -20,9 +20,6 @@ from typing import Any, Literal
 from hanlm.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
 from hanlm.runs import Run
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-DEMO_TRAIN = str(_ASSETS / "preference.train.jsonl.gz")
-DEMO_VALID = str(_ASSETS / "preference.valid.jsonl.gz")
 Template = Literal["auto", "chatml", "llama2", "llama3", "alpaca"]
 
 
@@ -172,7 +169,7 @@ def run(cfg: RewardConfig) -> Path:
     from trl import RewardTrainer
 
     from hanlm import training
-    from hanlm.data import load, to_dataset
+    from hanlm.data import load, or_demo, to_dataset
     from hanlm.data.templates import apply_template
     from hanlm.modeling import load_tokenizer, save_model
 
@@ -184,9 +181,7 @@ def run(cfg: RewardConfig) -> Path:
         tok = load_tokenizer(cfg.model.path)
         added = apply_template(tok, cfg.template)
 
-        dcfg = cfg.data
-        if not dcfg.paths:
-            dcfg = replace(dcfg, paths=[DEMO_TRAIN], valid_paths=dcfg.valid_paths or [DEMO_VALID])
+        dcfg = or_demo(cfg.data, "preference")
         data = load(dcfg, kind="preference")
         print(data.stats.summary())
         train_rows, train_dropped = encode_pairs(data.train, tok, cfg.max_length)

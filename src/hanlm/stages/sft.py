@@ -21,12 +21,6 @@ from hanlm.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, Trai
 from hanlm.infer.engine import GenerationOptions
 from hanlm.runs import Run, atomic_write_text
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-
-
-DEMO_TRAIN = str(_ASSETS / "sft.train.jsonl.gz")
-DEMO_VALID = str(_ASSETS / "sft.valid.jsonl.gz")
-
 
 @dataclass
 class SFTConfig(OutputConfig):
@@ -166,7 +160,7 @@ def run(cfg: SFTConfig) -> Path:
     from trl import SFTTrainer
 
     from hanlm import training
-    from hanlm.data import load, to_dataset
+    from hanlm.data import load, or_demo, to_dataset
     from hanlm.data.templates import apply_template, stop_token_ids
     from hanlm.modeling import load_model, load_tokenizer, save_model
 
@@ -187,9 +181,7 @@ def run(cfg: SFTConfig) -> Path:
         tok = load_tokenizer(cfg.model.path)
         added = apply_template(tok, cfg.template)
 
-        dcfg = cfg.data
-        if not dcfg.paths:
-            dcfg = replace(dcfg, paths=[DEMO_TRAIN], valid_paths=dcfg.valid_paths or [DEMO_VALID])
+        dcfg = or_demo(cfg.data, "sft")
         data = load(dcfg, kind="chat")
         print(data.stats.summary())
         train_rows, train_counts = _encode(data.train, tok, cfg)
