@@ -107,6 +107,15 @@ def apply_lora(
     return get_peft_model(model, peft_cfg)
 
 
+def finish_lora(model: Any, lora: LoraConfig, run_dir: Path) -> Any:
+    """Keep the adapter beside the run if asked (or if not merging); return the model to save."""
+    if not lora.enabled:
+        return model
+    if lora.keep_adapter or not lora.merge:
+        model.save_pretrained(str(run_dir / "adapter"))
+    return model.merge_and_unload() if lora.merge else model
+
+
 def describe_trainable(model: Any) -> dict[str, Any]:
     trainable, total = count_parameters(model)
     return {

@@ -332,11 +332,7 @@ def run(cfg: DPOConfig) -> Path:
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
         model = trainer.model
-        if cfg.lora.enabled:
-            if cfg.lora.keep_adapter or not cfg.lora.merge:
-                model.save_pretrained(str(run.dir / "adapter"))
-            if cfg.lora.merge:
-                model = model.merge_and_unload()
+        model = training.finish_lora(model, cfg.lora, run.dir)
         if eval_rows:
             after = preference_metrics(
                 completion_logps(model, eval_rows, cfg.train.batch_size), ref_logps, cfg.beta

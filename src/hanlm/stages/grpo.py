@@ -186,11 +186,7 @@ def run(cfg: GRPOConfig) -> Path:
             summary.update(first_train_reward=rewards[0], last_train_reward=rewards[-1])
 
         model = trainer.model
-        if cfg.lora.enabled:
-            if cfg.lora.keep_adapter or not cfg.lora.merge:
-                model.save_pretrained(str(run.dir / "adapter"))
-            if cfg.lora.merge:
-                model = model.merge_and_unload()
+        model = training.finish_lora(model, cfg.lora, run.dir)
         tok.padding_side = "right"
         if eval_prompts:
             after = held_out_scores(model, tok, eval_prompts, stops, scorer, cfg.max_new_tokens)

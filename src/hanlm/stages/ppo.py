@@ -716,11 +716,7 @@ def run(cfg: PPOConfig) -> Path:
             final_kl=metrics.get("kl"),
             final_score=metrics.get("score"),
         )
-        if cfg.lora.enabled:
-            if cfg.lora.keep_adapter or not cfg.lora.merge:
-                policy.save_pretrained(str(run.dir / "adapter"))
-            if cfg.lora.merge:
-                policy = policy.merge_and_unload()
+        policy = training.finish_lora(policy, cfg.lora, run.dir)
         policy.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         policy.generation_config.pad_token_id = tok.pad_token_id
         if training.is_main_process() and (not cfg.lora.enabled or cfg.lora.merge):

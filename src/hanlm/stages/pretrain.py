@@ -298,12 +298,7 @@ def run(cfg: PretrainConfig) -> Path:
 
         # Save an ordinary HF directory (LoRA merged unless asked otherwise).
         if training.is_main_process():
-            model = trainer.model
-            if cfg.lora.enabled:
-                if cfg.lora.keep_adapter or not cfg.lora.merge:
-                    model.save_pretrained(str(run.dir / "adapter"))
-                if cfg.lora.merge:
-                    model = model.merge_and_unload()
+            model = training.finish_lora(trainer.model, cfg.lora, run.dir)
             if not cfg.lora.enabled or cfg.lora.merge:
                 model.generation_config.eos_token_id = tok.eos_token_id
                 model.generation_config.pad_token_id = tok.pad_token_id

@@ -244,11 +244,7 @@ def run(cfg: RewardConfig) -> Path:
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
         model = trainer.model
-        if cfg.lora.enabled:
-            if cfg.lora.keep_adapter or not cfg.lora.merge:
-                model.save_pretrained(str(run.dir / "adapter"))
-            if cfg.lora.merge:
-                model = model.merge_and_unload()
+        model = training.finish_lora(model, cfg.lora, run.dir)
         if eval_rows:
             after = pair_metrics(model, eval_rows, tok.pad_token_id, cfg.train.batch_size)
             summary.update(after)

@@ -258,11 +258,7 @@ def run(cfg: SFTConfig) -> Path:
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
         model = trainer.model
-        if cfg.lora.enabled:
-            if cfg.lora.keep_adapter or not cfg.lora.merge:
-                model.save_pretrained(str(run.dir / "adapter"))
-            if cfg.lora.merge:
-                model = model.merge_and_unload()
+        model = training.finish_lora(model, cfg.lora, run.dir)
         if valid_rows:
             summary["answer_loss"] = answer_loss(model, valid_rows)
             after = held_out_answers(model, tok, valid_eval, cfg.generation)
