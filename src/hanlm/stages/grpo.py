@@ -87,11 +87,11 @@ def run(cfg: GRPOConfig) -> Path:
     from trl import GRPOTrainer
 
     from hanlm import training
-    from hanlm.data import load, or_demo, to_dataset
-    from hanlm.data.templates import prompt_ids, require_template, stop_token_ids
+    from hanlm.data import to_dataset
+    from hanlm.data.templates import require_template, stop_token_ids
     from hanlm.modeling import load_model, load_tokenizer, save_model
     from hanlm.rewards import build_rules
-    from hanlm.stages.ppo import Scorer, held_out_scores, prompts_of
+    from hanlm.stages.ppo import Scorer, held_out_scores, load_prompts
     from hanlm.stages.reward import load_reward_model
 
     started = time.time()
@@ -103,16 +103,9 @@ def run(cfg: GRPOConfig) -> Path:
         require_template(tok, cfg.template, cfg.model.path, "GRPO")
         stops = stop_token_ids(tok, cfg.template)
 
-        dcfg = or_demo(cfg.data, "preference")
-        data = load(dcfg)
-        if data.kind == "text":
-            raise ValueError("GRPO prompts come from chat or preference data, not plain text")
-
-        def fitting(records: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
-            return [p for p in prompts_of(records) if len(prompt_ids(tok, p)) <= cfg.max_prompt_len]
-
-        train_prompts = fitting(data.train)
-        eval_prompts = fitting(data.valid)[: cfg.eval_prompts]
+        data, train_prompts, eval_prompts = load_prompts(
+            cfg.data, tok, cfg.max_prompt_len, cfg.eval_prompts, "GRPO"
+        )
         if not train_prompts:
             raise ValueError(f"no prompt fits max_prompt_len={cfg.max_prompt_len}")
         run.set(

@@ -135,6 +135,24 @@ def prompts_of(records: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
     return out
 
 
+def load_prompts(
+    data_cfg: DataConfig, tok: Any, max_prompt_len: int, eval_prompts: int, stage: str
+) -> tuple[Any, list[list[dict[str, str]]], list[list[dict[str, str]]]]:
+    """Prompts for rollouts (PPO, GRPO): (loaded data, train prompts, held-out prompts), keeping
+    those that fit `max_prompt_len` tokens once rendered."""
+    from hanlm.data import load, or_demo
+    from hanlm.data.templates import prompt_ids
+
+    data = load(or_demo(data_cfg, "preference"))
+    if data.kind == "text":
+        raise ValueError(f"{stage} prompts come from chat or preference data, not plain text")
+
+    def fitting(records: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
+        return [p for p in prompts_of(records) if len(prompt_ids(tok, p)) <= max_prompt_len]
+
+    return data, fitting(data.train), fitting(data.valid)[:eval_prompts]
+
+
 class Cycler:
     """Endless shuffled passes over range(n); its state (pass, position) resumes exactly."""
 
@@ -390,7 +408,7 @@ def run(cfg: PPOConfig) -> Path:
 
     from hanlm import losses, training
     from hanlm.data import load, or_demo
-    from hanlm.data.templates import prompt_ids, require_template, stop_token_ids
+    from hanlm.data.templates import require_template, stop_token_ids
     from hanlm.modeling import load_model, load_tokenizer, pick_precision, save_model
     from hanlm.runs import atomic_dir
     from hanlm.stages.reward import load_reward_model
@@ -415,16 +433,9 @@ def run(cfg: PPOConfig) -> Path:
         stops = stop_token_ids(tok, cfg.template)
 
         # ---- prompts and pretraining text
-        dcfg = or_demo(cfg.data, "preference")
-        data = load(dcfg)
-        if data.kind == "text":
-            raise ValueError("PPO prompts come from chat or preference data, not plain text")
-
-        def fitting(records: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
-            return [p for p in prompts_of(records) if len(prompt_ids(tok, p)) <= cfg.max_prompt_len]
-
-        train_prompts, eval_prompts = fitting(data.train), fitting(data.valid)
-        eval_prompts = eval_prompts[: cfg.eval_prompts]
+        data, train_prompts, eval_prompts = load_prompts(
+            cfg.data, tok, cfg.max_prompt_len, cfg.eval_prompts, "PPO"
+        )
         if len(train_prompts) < cfg.rollout_batch:
             raise ValueError(
                 f"{len(train_prompts)} prompts fit max_prompt_len={cfg.max_prompt_len};"
