@@ -78,3 +78,9 @@ def test_auto_keeps_a_marked_template_and_upgrades_a_known_unmarked_one():
     t.chat_template = "{{ '<|im_start|>' }}"  # e.g. SmolLM2's own ChatML template, no markers
     apply_template(t, "auto")
     assert t.chat_template == TEMPLATES["chatml"].jinja
+
+
+def test_config_template_names_match_the_table():
+    from hanlm.data.templates import TEMPLATE_NAMES
+
+    assert ("auto", *TEMPLATES) == TEMPLATE_NAMES

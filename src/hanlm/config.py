@@ -21,6 +21,10 @@ T = TypeVar("T")
 _MISSING = dataclasses.MISSING
 
 
+# Chat template names, for every stage that takes one (the table lives in data/templates.py).
+TemplateName = Literal["auto", "chatml", "llama2", "llama3", "alpaca"]
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and what is allowed."""
 

@@ -10,9 +10,10 @@ saved with the tokenizer and generation config, so a model stops where training 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from hanlm import IGNORE_INDEX
+from hanlm.config import TemplateName
 
 
 class TemplateError(ValueError):
@@ -102,7 +103,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "llama2": ChatTemplate("llama2", _LLAMA2, None, (), bos="<s>"),
     "alpaca": ChatTemplate("alpaca", _ALPACA, None, ()),
 }
-TEMPLATE_NAMES = ("auto", *TEMPLATES)
+TEMPLATE_NAMES = get_args(TemplateName)
 
 
 def _guess(existing: str) -> str | None:

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from hanlm.config import ModelConfig, opt
+from hanlm.config import ModelConfig, TemplateName, opt
 from hanlm.infer.engine import GenerationOptions
 
 HELP = "commands: /reset (clear history), /system TEXT (set system prompt), /exit"
@@ -22,7 +22,7 @@ class ChatConfig:
     model: ModelConfig = opt(ModelConfig, "the model directory to chat with")
     prompt: str = opt("", "answer this one prompt and exit (for scripts)")
     system: str = opt("", "system prompt")
-    template: str = opt("auto", "chat template if the model has none (chatml, llama2, ...)")
+    template: TemplateName = opt("auto", "chat template if the model has none")
     generation: GenerationOptions = field(
         default_factory=GenerationOptions, metadata={"help": "decoding options"}
     )

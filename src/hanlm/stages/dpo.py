@@ -31,6 +31,7 @@ from hanlm.config import (
     LoraConfig,
     ModelConfig,
     OutputConfig,
+    TemplateName,
     TrainConfig,
     opt,
 )
@@ -44,9 +45,7 @@ class DPOConfig(OutputConfig):
     data: DataConfig = opt(
         DataConfig, "preference pairs (no paths: the embedded demo set, derived from real text)"
     )
-    template: Literal["auto", "chatml", "llama2", "llama3", "alpaca"] = opt(
-        "auto", "chat template; auto = the model's own"
-    )
+    template: TemplateName = opt("auto", "chat template; auto = the model's own")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
         "sigmoid", "sigmoid = DPO; ipo = (h - 1/2β)²; hinge = SLiC; robust = noisy-label DPO"
     )
@@ -331,8 +330,7 @@ def run(cfg: DPOConfig) -> Path:
         result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
-        model = trainer.model
-        model = training.finish_lora(model, cfg.lora, run.dir)
+        model = training.finish_lora(trainer.model, cfg.lora, run.dir)
         if eval_rows:
             after = preference_metrics(
                 completion_logps(model, eval_rows, cfg.train.batch_size), ref_logps, cfg.beta

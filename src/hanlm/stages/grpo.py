@@ -23,6 +23,7 @@ from hanlm.config import (
     LoraConfig,
     ModelConfig,
     OutputConfig,
+    TemplateName,
     TrainConfig,
     opt,
 )
@@ -39,9 +40,7 @@ class GRPOConfig(OutputConfig):
     data: DataConfig = opt(
         DataConfig, "prompts: preference or chat records (no paths: the demo preference prompts)"
     )
-    template: Literal["auto", "chatml", "llama2", "llama3", "alpaca"] = opt(
-        "auto", "chat template; auto = the model's own"
-    )
+    template: TemplateName = opt("auto", "chat template; auto = the model's own")
     max_prompt_len: int = opt(256, "prompts with more tokens are dropped (counted)")
     num_generations: int = opt(4, "answers sampled per prompt (the group)")
     max_new_tokens: int = opt(64, "most tokens per answer")
@@ -178,8 +177,7 @@ def run(cfg: GRPOConfig) -> Path:
         if rewards:
             summary.update(first_train_reward=rewards[0], last_train_reward=rewards[-1])
 
-        model = trainer.model
-        model = training.finish_lora(model, cfg.lora, run.dir)
+        model = training.finish_lora(trainer.model, cfg.lora, run.dir)
         tok.padding_side = "right"
         if eval_prompts:
             after = held_out_scores(model, tok, eval_prompts, stops, scorer, cfg.max_new_tokens)

@@ -28,7 +28,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from hanlm.config import (
     ConfigError,
@@ -36,6 +36,7 @@ from hanlm.config import (
     LoraConfig,
     ModelConfig,
     OutputConfig,
+    TemplateName,
     TrainConfig,
     opt,
 )
@@ -59,9 +60,7 @@ class PPOConfig(OutputConfig):
     data: DataConfig = opt(
         DataConfig, "prompts: preference or chat records (no paths: the demo preference prompts)"
     )
-    template: Literal["auto", "chatml", "llama2", "llama3", "alpaca"] = opt(
-        "auto", "chat template; auto = the model's own"
-    )
+    template: TemplateName = opt("auto", "chat template; auto = the model's own")
     max_prompt_len: int = opt(256, "prompts with more tokens are dropped (counted)")
     max_new_tokens: int = opt(64, "most tokens per sampled answer")
     temperature: float = opt(1.0, "sampling temperature of the rollouts (log-probs use it too)")

@@ -15,12 +15,18 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from hanlm.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
+from hanlm.config import (
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    OutputConfig,
+    TemplateName,
+    TrainConfig,
+    opt,
+)
 from hanlm.runs import Run
-
-Template = Literal["auto", "chatml", "llama2", "llama3", "alpaca"]
 
 
 @dataclass
@@ -29,7 +35,7 @@ class RewardConfig(OutputConfig):
     data: DataConfig = opt(
         DataConfig, "preference pairs (no paths: the embedded demo set, derived from real text)"
     )
-    template: Template = opt("auto", "chat template; auto = the model's own")
+    template: TemplateName = opt("auto", "chat template; auto = the model's own")
     max_length: int = opt(512, "most tokens per rendered conversation; longer pairs are dropped")
     margin: float = opt(0.0, "ranking margin m in -log σ(r_chosen - r_rejected - m)")
     center_coef: float = opt(
@@ -243,8 +249,7 @@ def run(cfg: RewardConfig) -> Path:
         result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
-        model = trainer.model
-        model = training.finish_lora(model, cfg.lora, run.dir)
+        model = training.finish_lora(trainer.model, cfg.lora, run.dir)
         if eval_rows:
             after = pair_metrics(model, eval_rows, tok.pad_token_id, cfg.train.batch_size)
             summary.update(after)

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hanlm import IGNORE_INDEX
-from hanlm.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
+from hanlm.config import (
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    OutputConfig,
+    TemplateName,
+    TrainConfig,
+    opt,
+)
 from hanlm.infer.engine import GenerationOptions
 from hanlm.runs import Run, atomic_write_text
 
@@ -28,7 +36,7 @@ class SFTConfig(OutputConfig):
     data: DataConfig = opt(
         DataConfig, "alpaca / sharegpt / messages data (no paths: the embedded demo set)"
     )
-    template: Literal["auto", "chatml", "llama2", "llama3", "alpaca"] = opt(
+    template: TemplateName = opt(
         "auto", "chat template; auto = the model's own (guessed if it lacks answer markers)"
     )
     cutoff_len: int = opt(512, "most tokens per conversation")
@@ -257,8 +265,7 @@ def run(cfg: SFTConfig) -> Path:
         result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
-        model = trainer.model
-        model = training.finish_lora(model, cfg.lora, run.dir)
+        model = training.finish_lora(trainer.model, cfg.lora, run.dir)
         if valid_rows:
             summary["answer_loss"] = answer_loss(model, valid_rows)
             after = held_out_answers(model, tok, valid_eval, cfg.generation)
