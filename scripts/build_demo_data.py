@@ -67,6 +67,10 @@ SFT_QUOTA = dict(  # train records per derived task; valid gets the same mix sca
     idiom_origin=1800, poet_bio=1300, multi_turn=1600,
 )  # fmt: skip
 PREF_QUOTA = {"next_line": 3500, "idiom_explain": 1500}
+PREF_DEFECTS = {  # rejected-answer kinds, used in turn (so each is an equal share of its task)
+    "next_line": ("other_poem", "echo", "truncated", "looping", "scrambled", "off_topic"),
+    "idiom_explain": ("other_idiom", "truncated", "looping", "echo"),
+}
 SFT_VALID, PREF_VALID, BENCH_DEV, BENCH_TEST = 400, 200, 5, 150
 HOLD_POEMS, HOLD_IDIOMS = 480, 560
 HOLD_POETS = {"元": 40, "唐": 100, "宋": 100}
@@ -814,30 +818,73 @@ class Maker:
         return out
 
     def preference(self, quota: dict[str, int]) -> list[dict[str, Any]]:
-        """chosen = the true answer; rejected = a real answer of the same shape to another item."""
+        """chosen = the true answer; rejected = that answer with one typed defect (PREF_DEFECTS).
+
+        The defects are the ways small chat models fail: answering with a real line of another
+        poem (needs knowledge of the poem; the hard kind), echoing the question, stopping
+        half-way, looping, scrambling, or answering a different kind of question.
+        """
         out: list[dict[str, Any]] = []
         lines: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for d, cp in self.regular:
             for _, b in cp:
                 lines[len(b)].append((b, d.key))
-        for d, cp in self.rng.sample(self.regular, min(len(self.regular), quota["next_line"])):
+        picked = self.rng.sample(self.regular, min(len(self.regular), quota["next_line"]))
+        for i, (d, cp) in enumerate(picked):
             a, b = self.rng.choice(cp)
-            for c, other in (self.rng.choice(lines[len(b)]) for _ in range(20)):
-                if other != d.key and norm(c) not in (norm(a), norm(b)):
-                    prompt = self.rng.choice(T_NEXT).format(a=a)
-                    out.append(self.pref("next_line", prompt, b, c, [d.key, other]))
-                    break
-        for r in self.rng.sample(self.idioms, min(len(self.idioms), quota["idiom_explain"])):
-            e = r["explanation"]
-            for o in (self.rng.choice(self.idioms) for _ in range(50)):
-                oe = o["explanation"]
-                if o is not r and 0.6 <= len(oe) / len(e) <= 1.6 and norm(oe) != norm(e):
-                    prompt = self.rng.choice(T_IDIOM).format(w=r["word"])
-                    out.append(
-                        self.pref("idiom_explain", prompt, e, oe, [idiom_key(r), idiom_key(o)])
-                    )
-                    break
+            defect = PREF_DEFECTS["next_line"][i % len(PREF_DEFECTS["next_line"])]
+            keys, bad = [d.key], ""
+            if defect == "other_poem":
+                for c, other in (self.rng.choice(lines[len(b)]) for _ in range(20)):
+                    if other != d.key and norm(c) not in (norm(a), norm(b)):
+                        bad, keys = c, [d.key, other]
+                        break
+            elif defect == "off_topic":
+                r = self.rng.choice(self.idioms)
+                bad, keys = r["explanation"], [d.key, idiom_key(r)]
+            else:
+                bad = self.defective(b, defect, echo=a)
+            if bad:
+                wrap = self.rng.choice(A_NEXT)  # the same wording on both sides
+                prompt = self.rng.choice(T_NEXT).format(a=a)
+                rec = self.pref("next_line", prompt, wrap.format(b=b), wrap.format(b=bad), keys)
+                out.append({**rec, "meta": {**rec["meta"], "defect": defect}})
+        picked_idioms = self.rng.sample(self.idioms, min(len(self.idioms), quota["idiom_explain"]))
+        for i, r in enumerate(picked_idioms):
+            kinds = PREF_DEFECTS["idiom_explain"]
+            e, defect = r["explanation"], kinds[i % len(kinds)]
+            keys, bad = [idiom_key(r)], ""
+            if defect == "other_idiom":
+                for o in (self.rng.choice(self.idioms) for _ in range(50)):
+                    oe = o["explanation"]
+                    if o is not r and 0.6 <= len(oe) / len(e) <= 1.6 and norm(oe) != norm(e):
+                        bad, keys = oe, [idiom_key(r), idiom_key(o)]
+                        break
+            else:
+                bad = self.defective(e, defect, echo=r["word"])
+            if bad:
+                prompt = self.rng.choice(T_IDIOM).format(w=r["word"])
+                rec = self.pref("idiom_explain", prompt, e, bad, keys)
+                out.append({**rec, "meta": {**rec["meta"], "defect": defect}})
         return out
+
+    def defective(self, text: str, defect: str, echo: str) -> str:
+        """`text` with one defect; "" when it cannot be applied (the pair is skipped)."""
+        if defect == "echo":  # repeats the question's line or word instead of answering
+            return echo if norm(echo) != norm(text) else ""
+        if defect == "truncated":  # stops mid-way
+            return text[: max(1, round(len(text) * self.rng.uniform(0.3, 0.6)))]
+        if defect == "looping":  # degenerate repetition of an opening fragment
+            frag = text[: self.rng.randint(2, 4)]
+            return frag * max(3, 2 * len(text) // len(frag))
+        if defect == "scrambled":  # the right characters in a wrong order
+            chars = list(text)
+            for _ in range(10):
+                self.rng.shuffle(chars)
+                if "".join(chars) != text:
+                    return "".join(chars)
+            return ""
+        raise ValueError(f"unknown defect {defect!r}")
 
     @staticmethod
     def pref(task: str, prompt: str, chosen: str, rejected: str, keys: list[str]) -> dict:
@@ -1131,8 +1178,12 @@ reproduced as-is (corpus documents, chatterbot conversations) carries `meta.deri
   biography (cut to whole sentences), and two-turn combinations of these; plus the chatterbot
   conversations. Idiom text: the CSV lost its opening quotation marks and colons, so orphaned
   closing quotes were removed and `◇` replaced by `；`.
-* `preference.*`: chosen = the true next line / true idiom explanation; rejected = a real line
-  of the same length from another poem / the real explanation of another idiom.
+* `preference.*`: chosen = the true next line / true idiom explanation; rejected = that answer
+  with one defect, named in `meta.defect`, in equal shares per task: a real line of the same
+  length from another poem / the real explanation of another idiom (telling these apart needs
+  knowledge of the poem or idiom), an echo of the question's line or idiom, the answer cut
+  off mid-way, a looping fragment of it, its characters scrambled, or (next line) an idiom
+  explanation instead of a verse.
 * `bench.*`: four-option questions (poem author, next line, idiom meaning both ways, poet
   dynasty, source book of a classic quotation); answers and distractors are real data, options
   placed with a fixed seed, answer letters balanced.

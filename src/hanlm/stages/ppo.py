@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -451,6 +452,12 @@ def run(cfg: PPOConfig) -> Path:
                     raise ValueError("the ptx data gives no full block; lower ptx_block")
             ptx_valid = pack_blocks([r["text"] for r in ptx.valid], tok, cfg.ptx_block)
             ptx_valid = ptx_valid[: cfg.eval_ptx_blocks]
+            if not ptx_valid:  # say so: a missing figure should not pass unnoticed
+                print(
+                    "[hanlm] note: no held-out pretraining text, so the held-out ptx loss is not"
+                    " measured; set ptx_data.valid_paths or ptx_data.valid_fraction",
+                    file=sys.stderr,
+                )
         run.set(
             "data",
             {
