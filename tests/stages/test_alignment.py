@@ -119,6 +119,31 @@ def test_reward_score_one_answer_and_a_file(reward_dir, pref, capsys, tmp_path):
     assert cli.main(["reward", "score", str(reward_dir), "--prompt", "x"]) == 2  # no response
 
 
+def test_reward_score_accuracy_per_group(reward_dir, capsys, tmp_path):
+    # group "kept" holds ordinary pairs, group "flipped" the same pairs with the sides swapped,
+    # and one record has no meta: the per-group figures must follow the scores written out.
+    rows = []
+    for i in range(8):
+        pair = {"prompt": QUESTIONS[i % 4], "chosen": GOOD[i % 4], "rejected": BAD[(i + 1) % 4]}
+        rows.append({**pair, "meta": {"kind": "kept"}})
+        swapped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
+        rows.append({**swapped, "meta": {"kind": "flipped"}})
+    rows.append({"prompt": QUESTIONS[0], "chosen": GOOD[0], "rejected": BAD[1]})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "scores.jsonl"
+    argv = ["reward", "score", str(reward_dir), f"file={pairs}", f"output={out}"]
+    assert cli.main([*argv, "group_by=meta.kind"]) == 0
+    err = capsys.readouterr().err
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    won = [r["chosen_reward"] > r["rejected_reward"] for r in scored]
+    kept, flipped = sum(won[0:16:2]) / 8, sum(won[1:16:2]) / 8
+    assert kept >= 0.75 and flipped <= 0.25  # the trained model ranks good answers first
+    assert f"meta.kind=kept: {kept:.4f} over 8" in err
+    assert f"meta.kind=flipped: {flipped:.4f} over 8" in err
+    assert "meta.kind=(missing): " in err and " over 1" in err
+
+
 # --------------------------------------------------------------------------- rule rewards
 
 

@@ -58,6 +58,9 @@ class RewardScoreConfig:
         "", "JSONL of {prompt, response}, {messages} or {prompt, chosen, rejected} records"
     )
     output: str = opt("", "write JSONL results here (default: standard output)")
+    group_by: str = opt(
+        "", "pairs: also give the accuracy per value of this record field (dotted: meta.defect)"
+    )
     batch_size: int = opt(16, "conversations scored at once")
     max_length: int = opt(1024, "longer conversations keep their last tokens")
 
@@ -329,12 +332,15 @@ def score(cfg: RewardScoreConfig) -> int:
     chosen = iter(conv_score([p["prompt"] + p["chosen"] for p in pairs]))
     rejected = iter(conv_score([p["prompt"] + p["rejected"] for p in pairs]))
     lines, wins = [], 0
+    groups: dict[str, list[bool]] = {}
     for r in records:
         row = {k: v for k, v in r["raw"].items() if k != "meta"}
         if r["kind"] == "pair":
             c, j = next(chosen), next(rejected)
             wins += c > j
             row.update(chosen_reward=c, rejected_reward=j)
+            if cfg.group_by:
+                groups.setdefault(_field(r["raw"], cfg.group_by), []).append(c > j)
         else:
             row["reward"] = next(conv_scores)
         lines.append(json.dumps(row, ensure_ascii=False))
@@ -350,4 +356,19 @@ def score(cfg: RewardScoreConfig) -> int:
             f"[hanlm] pairwise accuracy {wins / len(pairs):.4f} over {len(pairs)} pairs",
             file=sys.stderr,
         )
+        for name, won in sorted(groups.items()):
+            print(
+                f"[hanlm]   {cfg.group_by}={name}: {sum(won) / len(won):.4f} over {len(won)}",
+                file=sys.stderr,
+            )
     return 0
+
+
+def _field(raw: dict[str, Any], dotted: str) -> str:
+    """The value at a dotted path of a record, as text ("(missing)" when absent)."""
+    value: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "(missing)"
+        value = value[part]
+    return str(value)
