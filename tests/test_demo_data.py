@@ -113,11 +113,26 @@ def test_sft_records(name: str) -> None:
 
 @pytest.mark.parametrize("name", PREF)
 def test_preference_records(name: str) -> None:
+    defects: Counter = Counter()
     for r in records(name):
         assert set(r) == {"prompt", "chosen", "rejected", "meta"}
         assert all(isinstance(r[k], str) and r[k].strip() for k in ("prompt", "chosen", "rejected"))
         assert r["chosen"] != r["rejected"]
         assert r["meta"]["derived"] is True and r["meta"]["task"] and r["meta"]["source_key"]
+        defects[(r["meta"]["task"], r["meta"]["defect"])] += 1
+        if r["meta"]["defect"] == "truncated":  # a strict prefix of the inner answer
+            assert len(r["rejected"]) < len(r["chosen"])
+        if r["meta"]["defect"] == "scrambled":  # the same characters in another order
+            assert sorted(r["chosen"]) == sorted(r["rejected"])
+    # every defect kind of every task is there, in roughly equal shares within a task
+    expected = {
+        ("next_line", d)
+        for d in ("other_poem", "echo", "truncated", "looping", "scrambled", "off_topic")
+    } | {("idiom_explain", d) for d in ("other_idiom", "truncated", "looping", "echo")}
+    assert set(defects) == expected
+    for task in ("next_line", "idiom_explain"):
+        counts = [n for (t, _), n in defects.items() if t == task]
+        assert max(counts) - min(counts) <= max(counts) * 0.1 + 1, defects
 
 
 @pytest.mark.parametrize("name", BENCH)
