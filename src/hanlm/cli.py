@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if isinstance(result, int):
         return result
-    if isinstance(result, (str, Path)):
+    if isinstance(result, (str, Path)) and os.environ.get("RANK", "0") == "0":  # once per job
         print(f"hanlm {name}: done -> {result}")
     return 0
 

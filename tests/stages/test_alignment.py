@@ -273,6 +273,104 @@ def test_ppo_ptx_term_enters_the_loss_and_resume_repeats_a_step(
     assert read_run(out)["summary"]["initial_eval_score"] is not None
 
 
+# A rule reward that notes which prompts each process scored (and gives nothing).
+SEEN_RULE = """
+import json, os
+
+
+def seen(prompts, completions, completion_ids=None, **kw):
+    path = os.path.join(os.environ["SEEN_DIR"], "rank" + os.environ.get("RANK", "0") + ".jsonl")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps([p[-1]["content"] for p in prompts], ensure_ascii=False) + "\\n")
+    return [0.0] * len(completions)
+"""
+
+
+def test_ppo_data_parallel_under_torchrun(tmp_path, tiny_model_path, pref):
+    """Two CPU processes (gloo): disjoint prompts, gradients averaged (the processes end with
+    the same weights), one writer, and a resume that repeats the last step exactly."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "seen_rule.py").write_text(SEEN_RULE)
+    out = tmp_path / "ppo"
+    argv = [
+        f"model.path={tiny_model_path}",
+        *_data(pref),
+        f"ptx_data.paths=[{pref / 'ptx.jsonl'}]",
+        "rules.funcs=[token_share,seen_rule:seen]",
+        f"rules.target={POEMS}",
+        "max_new_tokens=6",
+        "rollout_batch=4",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "ppo_epochs=1",
+        "ptx_coef=1.0",
+        "ptx_block=16",
+        "ptx_batch=2",
+        "kl_target=1.0",
+        "train.lr=1e-3",
+        "train.max_steps=3",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "eval_prompts=4",
+        "eval_ptx_blocks=0",
+        f"output_dir={out}",
+    ]
+
+    def launch(*extra, seen):
+        (tmp_path / seen).mkdir()
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "SEEN_DIR": str(tmp_path / seen),
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        }
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", "2", "-m", "hanlm.cli", "ppo", *argv, *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return proc
+
+    proc = launch(seen="seen")
+    info = read_run(out)
+    s = info["summary"]
+    assert info["status"] == "complete" and s["world_size"] == 2 and s["global_rollout_batch"] == 8
+    assert s["weights_equal_across_processes"] is True  # false if gradients were not averaged
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # one writer: no row per process
+    assert proc.stdout.count("[hanlm] ppo: held-out score") == 1
+    assert proc.stdout.count("hanlm ppo: done ->") == 1
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).generation_config.eos_token_id
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    # each process scored its own 4 training prompts per step; only the first evaluates
+    def calls(rank):
+        path = tmp_path / "seen" / f"rank{rank}.jsonl"
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+    def train(batch):
+        return int(batch[0].rsplit("#", 1)[1]) < 48  # valid prompts are #48..#63
+
+    first = [b for b in calls(0) if train(b)]
+    second = calls(1)
+    assert len(first) == len(second) == 3 and all(train(b) for b in second)
+    held_out = [b for b in calls(0) if not train(b)]  # 4 prompts before, at step 2, at the end
+    assert sum(len(b) for b in held_out) == 3 * 4
+    for a, b in zip(first, second):
+        assert len(a) == len(b) == 4 and not set(a) & set(b)
+
+    # resuming from step 2 (every process's random state) repeats step 3 exactly
+    launch("resume=true", seen="seen-resume")
+    again = [r for r in read_metrics(out) if r["step"] == 3]
+    assert len(again) == 2
+    for key in ("score", "kl", "pg_loss", "ptx_loss", "value_loss", "loss"):
+        assert again[0][key] == pytest.approx(again[1][key], rel=1e-6, abs=1e-9), key
+
+
 def test_ppo_helpers():
     from hanlm.stages.ppo import Cycler, prompts_of
 

@@ -16,8 +16,15 @@ own loop, written to be read top to bottom. The math is in `hanlm.losses`; `run(
             6. adaptive β toward `kl_target` (when set), log, evaluate, checkpoint
 
 Checkpoints (`checkpoints/step-N`, written atomically) hold the trainable weights, optimiser
-and scheduler states, β, the score shift and the data positions; `resume=true` continues from
-the newest one.
+and scheduler states, β, the score shift, the data positions and every process's random state;
+`resume=true` continues from the newest one.
+
+Launched with torchrun or `accelerate launch`, the loop is data-parallel through accelerate:
+each of the W processes samples and scores its own `rollout_batch` prompts (a global batch of
+rollout_batch x W, disjoint slices of one shared prompt order); the policy and value models are
+wrapped for DDP, so each optimiser step averages the gradients of all processes once; the score
+shift, advantage whitening, β and the logged metrics use statistics over all processes; only
+the main process evaluates and writes.
 """
 
 from __future__ import annotations
@@ -65,7 +72,9 @@ class PPOConfig(OutputConfig):
     max_prompt_len: int = opt(256, "prompts with more tokens are dropped (counted)")
     max_new_tokens: int = opt(64, "most tokens per sampled answer")
     temperature: float = opt(1.0, "sampling temperature of the rollouts (log-probs use it too)")
-    rollout_batch: int = opt(16, "prompts (answers) per PPO step")
+    rollout_batch: int = opt(
+        16, "prompts (answers) per PPO step, per process (global batch = rollout_batch x processes)"
+    )
     ppo_epochs: int = opt(4, "passes over each rollout batch")
     gamma: float = opt(1.0, "GAE discount γ")
     lam: float = opt(0.95, "GAE λ")
@@ -286,6 +295,23 @@ def token_values(value_model: Any, seq: torch.Tensor, attn: torch.Tensor, ctx: i
     return head(hidden[:, ctx - 1 : -1]).squeeze(-1).float()
 
 
+def token_value_module(value_model: Any) -> torch.nn.Module:
+    """The value model as a module whose forward is `token_values`. DDP averages gradients only
+    through the wrapped module's own forward, and the value model's forward gives one score per
+    sequence, so this is what goes through `accelerator.prepare`."""
+    import torch
+
+    class TokenValues(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, seq: torch.Tensor, attn: torch.Tensor, ctx: int) -> torch.Tensor:
+            return token_values(self.model, seq, attn, ctx)
+
+    return TokenValues(value_model)
+
+
 def lm_loss(model: Any, blocks: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss on full pretraining blocks (the ptx term)."""
     return model(input_ids=blocks, labels=blocks, use_cache=False).loss
@@ -404,6 +430,9 @@ def held_out_scores(
 
 def run(cfg: PPOConfig) -> Path:
     import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import gather_object
     from transformers import get_scheduler, set_seed
 
     from hanlm import losses, training
@@ -414,15 +443,26 @@ def run(cfg: PPOConfig) -> Path:
     from hanlm.stages.reward import load_reward_model
 
     started = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cpu = not torch.cuda.is_available()
     precision = pick_precision(cfg.train.precision)
-    if device.type == "cpu" and precision != "fp32":
+    if on_cpu and precision != "fp32":
         raise ValueError(f"train.precision={cfg.train.precision}: bf16/fp16 needs a GPU here")
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        if precision != "fp32"
-        else contextlib.nullcontext()
+    # One process, or one of W under torchrun / accelerate launch; accelerate picks the device
+    # (the CPU when there is no GPU, as the Trainer stages) and provides the autocast. Its state
+    # is per process: drop what an earlier run in this process set, as the Trainer does (the
+    # process group stays).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        cpu=on_cpu, mixed_precision=precision if precision in ("bf16", "fp16") else "no"
     )
+    sharded = accelerator.distributed_type.name
+    if sharded in ("DEEPSPEED", "FSDP"):
+        raise ValueError(  # generation on sharded weights and two trained models: not handled
+            f"hanlm ppo runs data-parallel (DDP) only, not under {sharded}; launch it with"
+            " torchrun or a plain `accelerate launch` config"
+        )
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
 
     with Run(
         "ppo", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
@@ -436,10 +476,10 @@ def run(cfg: PPOConfig) -> Path:
         data, train_prompts, eval_prompts = load_prompts(
             cfg.data, tok, cfg.max_prompt_len, cfg.eval_prompts, "PPO"
         )
-        if len(train_prompts) < cfg.rollout_batch:
+        if len(train_prompts) < cfg.rollout_batch * world:
             raise ValueError(
                 f"{len(train_prompts)} prompts fit max_prompt_len={cfg.max_prompt_len};"
-                f" need at least rollout_batch={cfg.rollout_batch}"
+                f" need at least rollout_batch={cfg.rollout_batch} x {world} processes"
             )
         pcfg = or_demo(cfg.ptx_data, "zh_corpus")
         ptx_train: list[list[int]] = []
@@ -452,7 +492,7 @@ def run(cfg: PPOConfig) -> Path:
                     raise ValueError("the ptx data gives no full block; lower ptx_block")
             ptx_valid = pack_blocks([r["text"] for r in ptx.valid], tok, cfg.ptx_block)
             ptx_valid = ptx_valid[: cfg.eval_ptx_blocks]
-            if not ptx_valid:  # say so: a missing figure should not pass unnoticed
+            if not ptx_valid and main:  # say so: a missing figure should not pass unnoticed
                 print(
                     "[hanlm] note: no held-out pretraining text, so the held-out ptx loss is not"
                     " measured; set ptx_data.valid_paths or ptx_data.valid_fraction",
@@ -472,6 +512,11 @@ def run(cfg: PPOConfig) -> Path:
         # ---- models: policy, reference, value, reward
         policy = load_model(cfg.model).to(device)
         policy.config.pad_token_id = tok.pad_token_id
+        if precision == "fp16" and policy.dtype != torch.float32:
+            raise ValueError(  # accelerate's fp16 loss scaler cannot unscale half gradients
+                f"train.precision=fp16 trains fp32 weights, these are {policy.dtype}: set"
+                " model.dtype=float32, or train.precision=bf16"
+            )
         ref_model = None
         value_path = cfg.value_model or cfg.reward_model or cfg.model.path
         value = load_reward_model(replace(cfg.model, path=value_path)).to(device)
@@ -504,6 +549,8 @@ def run(cfg: PPOConfig) -> Path:
         summary: dict[str, Any] = {
             "policy": training.describe_trainable(policy),
             "value_init": value_path,
+            "world_size": world,
+            "global_rollout_batch": cfg.rollout_batch * world,
         }
 
         # ---- optimisers (one step per minibatch), schedulers
@@ -526,6 +573,10 @@ def run(cfg: PPOConfig) -> Path:
         prompt_cycle = Cycler(len(train_prompts), cfg.train.seed)
         ptx_cycle = Cycler(max(len(ptx_train), 1), cfg.train.seed + 1)
         beta, score_shift, start = cfg.kl_coef, None, 0
+        # Every process samples its own answers: once the models are built alike, the others than
+        # the first re-seed (seed + rank), so that one process keeps the seed's numbers.
+        if rank:
+            set_seed(cfg.train.seed + rank)
 
         # ---- resume
         ckpt = _last_checkpoint(run.dir) if cfg.resume else None
@@ -534,7 +585,7 @@ def run(cfg: PPOConfig) -> Path:
             for model_, name in ((policy, "policy.pt"), (value, "value.pt")):
                 # Only trainable tensors are saved; any saved key this model lacks is an error.
                 bad = model_.load_state_dict(
-                    torch.load(ckpt / name, map_location=device), strict=False
+                    torch.load(ckpt / name, map_location="cpu"), strict=False
                 ).unexpected_keys
                 if bad:
                     raise ValueError(
@@ -549,17 +600,67 @@ def run(cfg: PPOConfig) -> Path:
             ptx_cycle.load(state["ptx"])
             beta, score_shift, start = state["beta"], state["score_shift"], state["step"]
             summary.update(state["initial"])
-            random.setstate(state["py_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            if state.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            print(f"[hanlm] resuming PPO from {ckpt} (step {start})")
+            if accelerator.scaler is not None and state.get("scaler"):
+                accelerator.scaler.load_state_dict(state["scaler"])
+            # each process's own random state (checkpoints before these had one: the first's)
+            rngs = state.get("rng") or [
+                {"py": state["py_rng"], "torch": state["torch_rng"], "cuda": state.get("cuda_rng")}
+            ]
+            if rank < len(rngs):
+                random.setstate(rngs[rank]["py"])
+                torch.set_rng_state(rngs[rank]["torch"])
+                if rngs[rank]["cuda"] is not None and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(rngs[rank]["cuda"])
+            if main:
+                print(f"[hanlm] resuming PPO from {ckpt} (step {start})")
+                if len(rngs) != world:
+                    print(
+                        f"[hanlm] note: the checkpoint is from {len(rngs)} processes, this run"
+                        f" has {world}: the sampling does not repeat the interrupted run's",
+                        file=sys.stderr,
+                    )
+
+        # ---- processes: DDP wraps what is trained, so that the backward outside `no_sync`
+        # averages the gradients of all processes (one process: the models themselves). The
+        # unwrapped models serve generation, the no-grad passes, evaluation and saving.
+        dp_policy, dp_values, opt_p, opt_v = accelerator.prepare(
+            policy, token_value_module(value), opt_p, opt_v
+        )
+        policy = accelerator.unwrap_model(dp_policy)
+        value = accelerator.unwrap_model(dp_values).model
+        dp_policy.eval()
+        dp_values.eval()
 
         mb, accum = cfg.train.batch_size, max(1, cfg.train.grad_accum)
 
+        def mine(ids: list[int], k: int) -> list[int]:
+            """This process's k of `ids`, drawn alike by every process (k per process)."""
+            return ids[rank * k : (rank + 1) * k]
+
+        def sync_last(model_: Any, k: int, count: int) -> Any:
+            """Only the last micro-batch's backward averages the gradients across processes."""
+            return contextlib.nullcontext() if k == count - 1 else accelerator.no_sync(model_)
+
+        def update(model_: Any, opt_: Any, sched_: Any) -> None:
+            if cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model_.parameters(), cfg.train.max_grad_norm)
+            opt_.step()
+            sched_.step()  # not prepared: one step per update in every process, as in one
+            opt_.zero_grad(set_to_none=True)
+
+        def mean_over_processes(values: dict[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
+            """Each figure's mean over the processes (each holds rollout_batch answers)."""
+            keys = [k for k in values if k not in keep]
+            t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+            return {**values, **dict(zip(keys, accelerator.reduce(t, "mean").tolist()))}
+
         def evaluate() -> dict[str, float]:
-            """Greedy answers to held-out prompts, scored; held-out pretraining loss."""
+            """Greedy answers to held-out prompts, scored; held-out pretraining loss. On the main
+            process only (nothing in it waits for the others; they wait at their next
+            collective)."""
             out: dict[str, float] = {}
+            if not main:
+                return out
             if eval_prompts:
                 out.update(
                     held_out_scores(
@@ -568,7 +669,7 @@ def run(cfg: PPOConfig) -> Path:
                 )
             if ptx_valid:
                 policy.eval()
-                with torch.no_grad(), amp:
+                with torch.no_grad(), accelerator.autocast():
                     vals = [
                         lm_loss(policy, torch.tensor(ptx_valid[i : i + 8], device=device)).item()
                         for i in range(0, len(ptx_valid), 8)
@@ -580,24 +681,28 @@ def run(cfg: PPOConfig) -> Path:
             initial = evaluate()
             summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
             run.log(0, **{f"eval_{k}": v for k, v in initial.items()})
-            print(f"[hanlm] before PPO: {_fmt(initial)}")
+            if main:
+                print(f"[hanlm] before PPO: {_fmt(initial)}")
 
         # ---- the loop
         metrics: dict[str, float] = {}
         for step in range(start + 1, cfg.train.max_steps + 1):
             t0 = time.time()
-            # 1. rollout
-            batch_prompts = [train_prompts[i] for i in prompt_cycle.take(cfg.rollout_batch)]
+            # 1. rollout: this process's rollout_batch prompts of the shared order
+            ids = mine(prompt_cycle.take(cfg.rollout_batch * world), cfg.rollout_batch)
+            batch_prompts = [train_prompts[i] for i in ids]
             r = rollout(policy, tok, batch_prompts, stops, cfg.max_new_tokens, cfg.temperature)
-            # 2. score
+            # 2. score (the shift: the mean over every process's first rollout)
             raw, parts = scorer(r, mb)
             if score_shift is None:
-                score_shift = sum(raw) / len(raw) if cfg.normalize_score else 0.0
+                every = accelerator.gather(torch.tensor(raw, dtype=torch.float64, device=device))
+                every = every.tolist()
+                score_shift = sum(every) / len(every) if cfg.normalize_score else 0.0
             scores = torch.tensor(raw, device=device) - score_shift
             # 3. old log-probs, reference log-probs, values, entropy (no grad)
             n = len(r.texts)
             old_logp, ref_logp, old_values, entropy = [], [], [], []
-            with torch.no_grad(), amp:
+            with torch.no_grad(), accelerator.autocast():
                 for i in range(0, n, mb):
                     seq, attn = r.seq[i : i + mb], r.attn[i : i + mb]
                     labels = seq[:, r.ctx :]
@@ -611,76 +716,83 @@ def run(cfg: PPOConfig) -> Path:
             old_logp, ref_logp = torch.cat(old_logp), torch.cat(ref_logp)
             old_values, entropy = torch.cat(old_values), torch.cat(entropy)
             mask = r.mask
-            # 4. rewards, advantages, returns
+            # 4. rewards, advantages, returns; the advantages are whitened over all processes'
+            # answers (gathered, padded to one answer width), then each takes its own rows back
             kl = losses.kl_k1(old_logp, ref_logp) * mask
             rewards = losses.per_token_rewards(kl, scores, mask, beta)
             advantages, returns = losses.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            advantages = losses.whiten(advantages, mask)
+            every_adv = accelerator.gather(accelerator.pad_across_processes(advantages, dim=1))
+            every_mask = accelerator.gather(accelerator.pad_across_processes(mask, dim=1))
+            advantages = losses.whiten(every_adv, every_mask)[rank * n : (rank + 1) * n]
+            advantages = advantages[:, : mask.size(1)]
             # 5. PPO epochs over minibatches. The models stay in eval mode: dropout would make
             # the new log-probs differ from the old ones by noise alone (ratio != 1 at the start).
+            # Per minibatch, each model sums its micro-batches' gradients, averaged across
+            # processes once (in the last backward), then takes one optimiser step.
             stats: dict[str, list[float]] = {}
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(n).tolist()
                 for i in range(0, n, mb):
                     idx = order[i : i + mb]
                     micro = math.ceil(len(idx) / accum)
-                    for j in range(0, len(idx), micro):
-                        sub = torch.tensor(idx[j : j + micro], device=device)
+                    subs = [
+                        torch.tensor(idx[j : j + micro], device=device)
+                        for j in range(0, len(idx), micro)
+                    ]
+                    # 5a. the policy: clipped surrogate (+ entropy bonus, + ptx)
+                    for k, sub in enumerate(subs):
                         part = len(sub) / len(idx)
                         seq, attn, m = r.seq[sub], r.attn[sub], mask[sub]
-                        with amp:
-                            logits = answer_logits(policy, seq, attn, r.ctx) / cfg.temperature
-                            logp = losses.logprobs_from_logits(logits, seq[:, r.ctx :])
-                            pg_loss, clip_frac, approx_kl = losses.clipped_policy_loss(
-                                logp, old_logp[sub], advantages[sub], m, cfg.clip_eps
-                            )
-                            loss = pg_loss
-                            if cfg.entropy_coef:
-                                ent = losses.masked_mean(losses.entropy_from_logits(logits), m)
-                                loss = loss - cfg.entropy_coef * ent
-                            ptx_loss = None
-                            if cfg.ptx_coef > 0:
-                                blocks = [ptx_train[k] for k in ptx_cycle.take(cfg.ptx_batch)]
-                                ptx_loss = lm_loss(policy, torch.tensor(blocks, device=device))
-                            loss = losses.ptx_mix(loss, ptx_loss, cfg.ptx_coef)
-                        (loss * part).backward()
-                        with amp:
-                            v = token_values(value, seq, attn, r.ctx)
-                            vf_loss, vf_clip = losses.clipped_value_loss(
-                                v, old_values[sub], returns[sub], m, cfg.value_clip
-                            )
-                        (vf_loss * part).backward()
+                        if cfg.ptx_coef > 0:  # this process's ptx_batch pretraining blocks
+                            ptx_ids = mine(ptx_cycle.take(cfg.ptx_batch * world), cfg.ptx_batch)
+                            blocks = torch.tensor([ptx_train[j] for j in ptx_ids], device=device)
+                        with sync_last(dp_policy, k, len(subs)):
+                            with accelerator.autocast():
+                                logits = answer_logits(dp_policy, seq, attn, r.ctx)
+                                logits = logits / cfg.temperature
+                                logp = losses.logprobs_from_logits(logits, seq[:, r.ctx :])
+                                pg_loss, clip_frac, approx_kl = losses.clipped_policy_loss(
+                                    logp, old_logp[sub], advantages[sub], m, cfg.clip_eps
+                                )
+                                loss = pg_loss
+                                if cfg.entropy_coef:
+                                    ent = losses.entropy_from_logits(logits)
+                                    loss = loss - cfg.entropy_coef * losses.masked_mean(ent, m)
+                                ptx_loss = lm_loss(dp_policy, blocks) if cfg.ptx_coef > 0 else None
+                                loss = losses.ptx_mix(loss, ptx_loss, cfg.ptx_coef)
+                            accelerator.backward(loss * part)
                         for key, val in (
                             ("loss", loss),
                             ("pg_loss", pg_loss),
                             ("clip_frac", clip_frac),
                             ("approx_kl", approx_kl),
-                            ("value_loss", vf_loss),
-                            ("value_clip_frac", vf_clip),
                             ("ptx_loss", ptx_loss),
                         ):
                             if val is not None:
                                 stats.setdefault(key, []).append(float(val.detach()))
-                    for model_, opt_, sched_ in ((policy, opt_p, sched_p), (value, opt_v, sched_v)):
-                        if cfg.train.max_grad_norm > 0:
-                            torch.nn.utils.clip_grad_norm_(
-                                [p for p in model_.parameters() if p.requires_grad],
-                                cfg.train.max_grad_norm,
-                            )
-                        opt_.step()
-                        sched_.step()
-                        opt_.zero_grad(set_to_none=True)
-            # 6. adaptive β, metrics
+                    update(dp_policy, opt_p, sched_p)
+                    # 5b. the value model: clipped value loss
+                    for k, sub in enumerate(subs):
+                        part = len(sub) / len(idx)
+                        seq, attn, m = r.seq[sub], r.attn[sub], mask[sub]
+                        with sync_last(dp_values, k, len(subs)):
+                            with accelerator.autocast():
+                                v = dp_values(seq, attn, r.ctx)
+                                vf_loss, vf_clip = losses.clipped_value_loss(
+                                    v, old_values[sub], returns[sub], m, cfg.value_clip
+                                )
+                            accelerator.backward(vf_loss * part)
+                        stats.setdefault("value_loss", []).append(float(vf_loss.detach()))
+                        stats.setdefault("value_clip_frac", []).append(float(vf_clip.detach()))
+                    update(dp_values, opt_v, sched_v)
+            # 6. metrics (means over the processes), adaptive β from the KL of all answers
             kl_per_answer = kl.sum(1)
-            mean_kl = float(kl_per_answer.mean())
-            beta_used = beta
-            beta = losses.adaptive_kl_coef(beta, mean_kl, cfg.kl_target, n, cfg.kl_horizon)
             metrics = {
                 "score": sum(raw) / n,
-                "reward": float((scores - beta_used * kl_per_answer).mean()),
-                "kl": mean_kl,
+                "reward": float((scores - beta * kl_per_answer).mean()),
+                "kl": float(kl_per_answer.mean()),
                 "kl_k3": float((losses.kl_k3(old_logp, ref_logp) * mask).sum(1).mean()),
-                "beta": beta_used,
+                "beta": beta,
                 "entropy": float(losses.masked_mean(entropy, mask)),
                 "explained_variance": float(losses.explained_variance(old_values, returns, mask)),
                 "length": float(mask.sum(1).mean()),
@@ -690,39 +802,59 @@ def run(cfg: PPOConfig) -> Path:
                 "lr": sched_p.get_last_lr()[0],
                 "seconds": time.time() - t0,
             }
+            metrics = mean_over_processes(metrics, keep=("beta", "lr", "seconds"))
+            beta = losses.adaptive_kl_coef(
+                beta, metrics["kl"], cfg.kl_target, n * world, cfg.kl_horizon
+            )
             if _due(step, cfg.train.eval_steps, cfg.train.max_steps):
                 ev = evaluate()
                 metrics.update({f"eval_{k}": v for k, v in ev.items()})
             run.log(step, **metrics)
-            if step % max(cfg.train.logging_steps, 1) == 0 or step == cfg.train.max_steps:
+            if main and (
+                step % max(cfg.train.logging_steps, 1) == 0 or step == cfg.train.max_steps
+            ):
                 print(f"[hanlm] ppo step {step}/{cfg.train.max_steps}: {_fmt(metrics)}")
             if cfg.train.save_steps > 0 and step % cfg.train.save_steps == 0:
-                with atomic_dir(run.dir / CHECKPOINTS / f"step-{step}") as tmp:
-                    torch.save(_trainable(policy), tmp / "policy.pt")
-                    torch.save(_trainable(value), tmp / "value.pt")
-                    torch.save(
+                # every process's random state (each samples its own answers); the main writes
+                rng = gather_object(
+                    [
                         {
-                            "step": step,
-                            "beta": beta,
-                            "score_shift": score_shift,
-                            "initial": {
-                                k: v for k, v in summary.items() if k.startswith("initial")
-                            },
-                            "opt_policy": opt_p.state_dict(),
-                            "opt_value": opt_v.state_dict(),
-                            "sched_policy": sched_p.state_dict(),
-                            "sched_value": sched_v.state_dict(),
-                            "prompts": prompt_cycle.state(),
-                            "ptx": ptx_cycle.state(),
-                            "py_rng": random.getstate(),
-                            "torch_rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state_all()
+                            "py": random.getstate(),
+                            "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all()
                             if torch.cuda.is_available()
                             else None,
-                        },
-                        tmp / "state.pt",
-                    )
-                _prune(run.dir / CHECKPOINTS, cfg.train.save_total_limit)
+                        }
+                    ]
+                )
+                accelerator.wait_for_everyone()
+                if main:
+                    with atomic_dir(run.dir / CHECKPOINTS / f"step-{step}") as tmp:
+                        torch.save(_trainable(policy), tmp / "policy.pt")
+                        torch.save(_trainable(value), tmp / "value.pt")
+                        torch.save(
+                            {
+                                "step": step,
+                                "beta": beta,
+                                "score_shift": score_shift,
+                                "initial": {
+                                    k: v for k, v in summary.items() if k.startswith("initial")
+                                },
+                                "opt_policy": opt_p.state_dict(),
+                                "opt_value": opt_v.state_dict(),
+                                "sched_policy": sched_p.state_dict(),
+                                "sched_value": sched_v.state_dict(),
+                                "scaler": accelerator.scaler.state_dict()
+                                if accelerator.scaler is not None
+                                else None,
+                                "prompts": prompt_cycle.state(),
+                                "ptx": ptx_cycle.state(),
+                                "rng": rng,
+                            },
+                            tmp / "state.pt",
+                        )
+                    _prune(run.dir / CHECKPOINTS, cfg.train.save_total_limit)
+                accelerator.wait_for_everyone()
 
         # ---- final measures and save
         summary.update({k: v for k, v in metrics.items() if k.startswith("eval_")})
@@ -733,17 +865,34 @@ def run(cfg: PPOConfig) -> Path:
             final_kl=metrics.get("kl"),
             final_score=metrics.get("score"),
         )
-        policy = training.finish_lora(policy, cfg.lora, run.dir)
-        policy.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        policy.generation_config.pad_token_id = tok.pad_token_id
-        if training.is_main_process() and (not cfg.lora.enabled or cfg.lora.merge):
-            save_model(policy, tok, run.dir)
-        summary["seconds"] = time.time() - started
-        run.finish(summary)
-        print(
-            f"[hanlm] ppo: held-out score {summary.get('initial_eval_score', math.nan):.4f}"
-            f" -> {summary.get('eval_score', math.nan):.4f}"
-        )
+        if world > 1:
+            # DDP keeps the processes' weights equal; say so, or say loudly that they are not
+            fingerprint = [
+                float(p.detach().double().sum())
+                for model_ in (policy, value)
+                for p in model_.parameters()
+                if p.requires_grad
+            ]
+            summary["weights_equal_across_processes"] = same = all(
+                f == fingerprint for f in gather_object([fingerprint])
+            )
+            if main and not same:
+                print("[hanlm] warning: the processes' weights differ", file=sys.stderr)
+        accelerator.wait_for_everyone()
+        if main:
+            final = accelerator.unwrap_model(dp_policy, keep_fp32_wrapper=False)
+            final = training.finish_lora(final, cfg.lora, run.dir)
+            final.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+            final.generation_config.pad_token_id = tok.pad_token_id
+            if not cfg.lora.enabled or cfg.lora.merge:
+                save_model(final, tok, run.dir)
+            summary["seconds"] = time.time() - started
+            run.finish(summary)
+            print(
+                f"[hanlm] ppo: held-out score {summary.get('initial_eval_score', math.nan):.4f}"
+                f" -> {summary.get('eval_score', math.nan):.4f}"
+            )
+        accelerator.wait_for_everyone()
     return run.dir
 
 
