@@ -285,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if isinstance(result, int):
         return result
-    if isinstance(result, (str, Path)) and os.environ.get("RANK", "0") == "0":  # once per job
-        print(f"hanlm {name}: done -> {result}")
+    if isinstance(result, (str, Path)):
+        from hanlm.runs import is_main_process
+
+        if is_main_process():  # once per job, not once per process
+            print(f"hanlm {name}: done -> {result}")
     return 0
 
 

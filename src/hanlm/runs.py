@@ -141,6 +141,11 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch, or a single process: the one that writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class Run:
     """One command's output directory and its records."""
 
@@ -155,7 +160,7 @@ class Run:
     ) -> None:
         self.command = command
         # Under torchrun only rank 0 touches the directory; the others just know its path.
-        self.main = int(os.environ.get("RANK", "0")) == 0
+        self.main = is_main_process()
         if not self.main:
             self.dir = Path(output_dir)
             self.metrics_path = self.dir / METRICS_FILE

@@ -9,7 +9,6 @@ a marker file in it); resume takes the newest complete one and deletes partial o
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,6 @@ from hanlm.runs import Run
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "hanlm-complete"
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def training_args(

@@ -344,7 +344,7 @@ def run(cfg: DPOConfig) -> Path:
         stops = stop_token_ids(tok, cfg.template)
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         model.generation_config.pad_token_id = tok.pad_token_id
-        if training.is_main_process() and (not cfg.lora.enabled or cfg.lora.merge):
+        if run.main and (not cfg.lora.enabled or cfg.lora.merge):
             save_model(model, tok, run.dir)
         summary["seconds"] = time.time() - started
         run.finish(summary)

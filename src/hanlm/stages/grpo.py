@@ -185,7 +185,7 @@ def run(cfg: GRPOConfig) -> Path:
             initial = summary.get("initial_eval_score", float("nan"))
             print(f"[hanlm] grpo: held-out score {initial:.4f} -> {after['score']:.4f}")
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        if training.is_main_process() and (not cfg.lora.enabled or cfg.lora.merge):
+        if run.main and (not cfg.lora.enabled or cfg.lora.merge):
             save_model(model, tok, run.dir)
         summary["seconds"] = time.time() - started
         run.finish(summary)

@@ -297,7 +297,7 @@ def run(cfg: PretrainConfig) -> Path:
                 summary["tokens_per_char"] = tokens_per_char
 
         # Save an ordinary HF directory (LoRA merged unless asked otherwise).
-        if training.is_main_process():
+        if run.main:
             model = training.finish_lora(trainer.model, cfg.lora, run.dir)
             if not cfg.lora.enabled or cfg.lora.merge:
                 model.generation_config.eos_token_id = tok.eos_token_id

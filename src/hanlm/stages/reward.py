@@ -261,7 +261,7 @@ def run(cfg: RewardConfig) -> Path:
                 f" -> {after['accuracy']:.3f}, reward gap {after['reward_gap']:.4f}"
                 f" (rewards {after['reward_mean']:.3f} ± {after['reward_std']:.3f})"
             )
-        if training.is_main_process() and (not cfg.lora.enabled or cfg.lora.merge):
+        if run.main and (not cfg.lora.enabled or cfg.lora.merge):
             save_model(model, tok, run.dir)
         summary["seconds"] = time.time() - started
         run.finish(summary)
