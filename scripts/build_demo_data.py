@@ -847,8 +847,11 @@ class Maker:
             if bad:
                 wrap = self.rng.choice(A_NEXT)  # the same wording on both sides
                 prompt = self.rng.choice(T_NEXT).format(a=a)
-                rec = self.pref("next_line", prompt, wrap.format(b=b), wrap.format(b=bad), keys)
-                out.append({**rec, "meta": {**rec["meta"], "defect": defect}})
+                out.append(
+                    self.pref(
+                        "next_line", prompt, wrap.format(b=b), wrap.format(b=bad), keys, defect
+                    )
+                )
         picked_idioms = self.rng.sample(self.idioms, min(len(self.idioms), quota["idiom_explain"]))
         for i, r in enumerate(picked_idioms):
             kinds = PREF_DEFECTS["idiom_explain"]
@@ -864,8 +867,7 @@ class Maker:
                 bad = self.defective(e, defect, echo=r["word"])
             if bad:
                 prompt = self.rng.choice(T_IDIOM).format(w=r["word"])
-                rec = self.pref("idiom_explain", prompt, e, bad, keys)
-                out.append({**rec, "meta": {**rec["meta"], "defect": defect}})
+                out.append(self.pref("idiom_explain", prompt, e, bad, keys, defect))
         return out
 
     def defective(self, text: str, defect: str, echo: str) -> str:
@@ -887,8 +889,11 @@ class Maker:
         raise ValueError(f"unknown defect {defect!r}")
 
     @staticmethod
-    def pref(task: str, prompt: str, chosen: str, rejected: str, keys: list[str]) -> dict:
+    def pref(
+        task: str, prompt: str, chosen: str, rejected: str, keys: list[str], defect: str
+    ) -> dict:
         meta = {"derived": True, "task": task, "source_key": keys[0], "source_keys": keys}
+        meta["defect"] = defect  # the kind of flaw the rejected answer has (PREF_DEFECTS)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "meta": meta}
 
 
