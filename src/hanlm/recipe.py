@@ -33,10 +33,10 @@ from typing import Any
 
 import yaml
 
+from hanlm import ASSETS
 from hanlm.config import ConfigError, opt
 from hanlm.runs import atomic_write_json, atomic_write_text, read_run
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 STATE_FILE = "recipe_state.json"
 _REF = re.compile(r"\$\{([^}]+)\}")
 # Stages whose command can continue from a checkpoint after an interruption.

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hanlm import ASSETS
 from hanlm.runs import atomic_write_json, atomic_write_text, read_metrics, read_run
 
 SAMPLES_FILE = "report_samples.json"
@@ -160,7 +161,6 @@ def _prompts(recipe: Any) -> list[dict[str, Any]]:
     if source:
         from hanlm.config import DataConfig
         from hanlm.data import load
-        from hanlm.recipe import ASSETS
 
         source = source.replace("${assets}", str(ASSETS))
         recs = load(

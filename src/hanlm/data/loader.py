@@ -14,19 +14,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hanlm import ASSETS
 from hanlm.config import DataConfig
 from hanlm.data import formats, quality
 from hanlm.data.sources import BadJson, DataError, Location, iter_source, resolve
 
 MAX_BAD_KEPT = 50  # bad-record messages kept for reports; all of them are counted
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 
 def or_demo(cfg: DataConfig, name: str) -> DataConfig:
     """`cfg`, or, when it names no paths, the embedded demo set `name` (its train and valid)."""
     if cfg.paths:
         return cfg
-    train, valid = (str(DEMO_DIR / f"{name}.{split}.jsonl.gz") for split in ("train", "valid"))
+    train, valid = (str(ASSETS / f"{name}.{split}.jsonl.gz") for split in ("train", "valid"))
     return replace(cfg, paths=[train], valid_paths=cfg.valid_paths or [valid])
 
 
