@@ -71,7 +71,8 @@ def test_console_script_runs():
     assert out.stdout.startswith("hanlm ")
 
 
-def test_stage_value_errors_print_cleanly(tmp_path, capsys):
+def test_settings_that_cannot_work_together_fail_before_anything_runs(tmp_path, capsys):
     code = cli.main(["pretrain", "data.paths=[x.jsonl]", f"output_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
-    assert code == 1 and "needs tokenizer=DIR" in err and "Traceback" not in err
+    assert code == 2 and "needs tokenizer=DIR" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # checked before the run directory is made

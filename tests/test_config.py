@@ -136,3 +136,37 @@ def test_partial_section_keeps_the_fields_own_defaults():
 
     cfg = load_config(C, None, ["gen.max_new_tokens=8"])
     assert cfg.gen.temperature == 0.0 and cfg.gen.max_new_tokens == 8
+
+
+def test_renamed_keys_still_work_with_a_message(tmp_path, capsys):
+    from hanlm.stages.grpo import GRPOConfig
+    from hanlm.stages.ppo import PPOConfig
+    from hanlm.stages.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, None, ["cutoff_len=77"])
+    assert cfg.max_length == 77
+    assert "'cutoff_len' is now 'max_length'" in capsys.readouterr().err
+    y = tmp_path / "ppo.yaml"
+    y.write_text("max_prompt_len: 33\n")
+    assert load_config(PPOConfig, y).max_prompt_length == 33
+    assert "ppo.yaml: config key 'max_prompt_len' is now" in capsys.readouterr().err
+    grpo = load_config(GRPOConfig, None, ["max_prompt_len=9", "rules.funcs=[stop]"])
+    assert grpo.max_prompt_length == 9
+    capsys.readouterr()
+    assert load_config(SFTConfig).max_length == 512
+    assert capsys.readouterr().err == ""  # the new names say nothing
+
+
+def test_a_key_the_command_does_not_use_is_an_error():
+    from hanlm.stages.ppo import PPOConfig
+
+    with pytest.raises(ConfigError, match="'train.epochs' is not used by this command"):
+        load_config(PPOConfig, None, ["train.epochs=3"])
+    with pytest.raises(ConfigError, match="batch_size=32 .* exceeds rollout_batch=16"):
+        load_config(PPOConfig, None, ["train.batch_size=32"])
+
+
+def test_stage_defaults_follow_the_papers():
+    from hanlm.stages.sft import SFTConfig
+
+    assert load_config(SFTConfig).train.lr == 2e-5  # trl's SFT default, not pretraining's 1e-3

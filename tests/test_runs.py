@@ -5,10 +5,12 @@ import pytest
 
 from hanlm.config import OutputConfig
 from hanlm.runs import (
+    CHECKPOINTS,
     OutputDirError,
     Run,
     atomic_dir,
     atomic_write_json,
+    last_checkpoint,
     prepare_output_dir,
     read_metrics,
     read_run,
@@ -45,7 +47,7 @@ def test_empty_or_missing_dir_is_fine_and_unset_is_error(tmp_path):
 
 def test_run_writes_config_versions_metrics_and_status(tmp_path):
     cfg = Cfg(output_dir=str(tmp_path / "r"), x=7)
-    with Run("demo", cfg, cfg.output_dir, seed=3) as run:
+    with Run("demo", cfg, seed=3) as run:
         info = read_run(run.dir)
         assert info["status"] == "running"
         run.log(1, loss=2.5, note="中文")
@@ -55,7 +57,7 @@ def test_run_writes_config_versions_metrics_and_status(tmp_path):
     assert info["status"] == "complete" and info["ended"]
     assert info["config"]["x"] == 7 and info["seed"] == 3
     assert info["versions"]["hanlm"] and "torch" in info["versions"]
-    assert info["summary"] == {"final_loss": 2.0}
+    assert info["summary"]["final_loss"] == 2.0 and info["summary"]["seconds"] >= 0
     assert [m["loss"] for m in read_metrics(run.dir)] == [2.5, 2.0]
     assert read_metrics(run.dir)[0]["note"] == "中文"
     assert "x: 7" in (run.dir / "config.yaml").read_text()
@@ -97,3 +99,42 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
         (tmp / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]
+
+
+def test_checkpoints_are_whole_or_absent_and_pruned(tmp_path):
+    cfg = Cfg(output_dir=str(tmp_path / "r"))
+    with Run("demo", cfg) as run:
+        for step in (1, 2, 3):
+            with run.checkpoint(step, keep=2) as d:
+                (d / "state.txt").write_text(str(step))
+        with pytest.raises(RuntimeError), run.checkpoint(4, keep=2) as d:
+            (d / "state.txt").write_text("4")
+            raise RuntimeError("crash mid-save")
+    root = run.dir / CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    # a partial directory (as a Trainer crash leaves one) is removed, never resumed from
+    (root / "checkpoint-9").mkdir()
+    assert last_checkpoint(run.dir) == root / "checkpoint-3"
+    assert not (root / "checkpoint-9").exists()
+    resumed = Run("demo", Cfg(output_dir=str(run.dir), resume=True))
+    assert resumed.resume_from() == str(root / "checkpoint-3")
+    assert Run("demo", Cfg(output_dir=str(tmp_path / "fresh"))).resume_from() is None
+
+
+def test_save_model_merges_lora_and_writes_stop_tokens(tmp_path, tiny_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from hanlm.config import LoraConfig
+    from hanlm.training import apply_lora
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path), LoraConfig(enabled=True, r=2)
+    )
+    lora = LoraConfig(enabled=True, r=2, keep_adapter=True)
+    with Run("demo", Cfg(output_dir=str(tmp_path / "r"))) as run:
+        merged = run.save_model(model, tok, lora, stops=[2, 5])
+    assert not hasattr(merged, "peft_config")  # merged into a plain model
+    assert (run.dir / "adapter" / "adapter_config.json").is_file()
+    assert GenerationConfig.from_pretrained(run.dir).eos_token_id == [2, 5]
+    assert AutoModelForCausalLM.from_pretrained(run.dir).num_parameters() == merged.num_parameters()

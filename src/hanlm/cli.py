@@ -1,8 +1,8 @@
 """The command line: `hanlm <command> [CONFIG.yaml] [key.sub=value ...]`.
 
-One table names every command, its module, its config class and a one-line help. Modules are
-imported only when their command runs (or its --help is asked for), so `hanlm --help` stays fast:
-torch, transformers and trl take seconds to import.
+The commands are the table in `hanlm.commands` (the recipe runner reads the same table). Their
+modules are imported only when the command runs (or its --help is asked for), so `hanlm --help`
+stays fast: torch, transformers and trl take seconds to import.
 """
 
 from __future__ import annotations
@@ -14,112 +14,15 @@ import os
 import re
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hanlm import __version__
-
-
-@dataclass(frozen=True)
-class Command:
-    module: str  # module with `run(cfg)` and the config class
-    config: str  # config class name in that module
-    help: str  # one line for `hanlm --help`
-    positional: str = ""  # config key that bare arguments fill (a list key takes several)
-    usage: str = ""  # what the bare arguments are, for the usage line
-    aliases: tuple[tuple[str, str], ...] = ()  # (--flag name, config key) pairs
-    func: str = "run"  # the module's entry point (commands sharing a module differ here)
-
-
-COMMANDS: dict[str, Command] = {
-    "vocab": Command(
-        "hanlm.stages.vocab",
-        "VocabConfig",
-        "train a Chinese tokenizer, or merge one into a base model's vocabulary and resize it",
-    ),
-    "data check": Command(
-        "hanlm.data.check",
-        "DataCheckConfig",
-        "detect the format of data files, count and list bad records, show lengths and samples",
-        positional="paths",
-        usage="PATH [PATH ...]",
-    ),
-    "data prepare": Command(
-        "hanlm.data.prepare",
-        "DataPrepareConfig",
-        "clean, dedup, mix and split data into train/valid JSONL with counts in hanlm.json",
-        positional="data.paths",
-        usage="PATH [PATH ...]",
-    ),
-    "sft": Command(
-        "hanlm.stages.sft",
-        "SFTConfig",
-        "instruction-tune with a chat template and answer-only loss (full, LoRA, QLoRA)",
-    ),
-    "chat": Command(
-        "hanlm.infer.chat",
-        "ChatConfig",
-        "chat with a model in the terminal, streaming (or answer one --prompt and exit)",
-        positional="model.path",
-        usage="MODEL_DIR",
-    ),
-    "run": Command(
-        "hanlm.recipe",
-        "RunConfig",
-        "run a recipe's stages (skip unchanged, resume interrupted) and write a report",
-        positional="recipe",
-        usage="RECIPE.yaml",
-        aliases=(("from", "from_stage"),),
-    ),
-    "pretrain": Command(
-        "hanlm.stages.pretrain",
-        "PretrainConfig",
-        "pretrain from scratch or continue pretraining (full, or LoRA + embeddings), packed",
-    ),
-    "reward": Command(
-        "hanlm.stages.reward",
-        "RewardConfig",
-        "train a reward model on preference pairs (scalar head, pairwise ranking loss)",
-    ),
-    "reward score": Command(
-        "hanlm.stages.reward",
-        "RewardScoreConfig",
-        "print a reward model's score of an answer (--prompt/--response) or of a JSONL file",
-        positional="model.path",
-        usage="MODEL_DIR",
-        func="score",
-    ),
-    "ppo": Command(
-        "hanlm.stages.ppo",
-        "PPOConfig",
-        "PPO against a reward model or rule rewards, KL penalty to the SFT model, PPO-ptx mix",
-    ),
-    "dpo": Command(
-        "hanlm.stages.dpo",
-        "DPOConfig",
-        "direct preference optimisation (sigmoid, IPO, hinge) with cached reference log-probs",
-    ),
-    "grpo": Command(
-        "hanlm.stages.grpo",
-        "GRPOConfig",
-        "GRPO with rewards from a reward model and/or rule functions (module:function)",
-    ),
-    "eval": Command(
-        "hanlm.stages.evaluate",
-        "EvalConfig",
-        "score a model on C-Eval/CMMLU/MMLU-style benchmarks, perplexity and samples",
-        positional="model.path",
-        usage="MODEL_DIR",
-    ),
-    "eval contamination": Command(
-        "hanlm.stages.contamination",
-        "ContaminationConfig",
-        "audit training data for benchmark items (n-gram overlap) before trusting a score",
-        positional="train",
-        usage="TRAIN_PATH [TRAIN_PATH ...]",
-    ),
-}
+from hanlm.commands import COMMANDS, config_class
+from hanlm.config import ConfigError, describe, load_config, parse_value
+from hanlm.data.sources import DataError
+from hanlm.modeling import ModelError
+from hanlm.runs import OutputDirError, is_main_process
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
@@ -147,14 +50,7 @@ def _print_main_help() -> None:
     print("\n".join(lines))
 
 
-def config_class(name: str) -> type:
-    cmd = COMMANDS[name]
-    return getattr(importlib.import_module(cmd.module), cmd.config)
-
-
 def command_help(name: str) -> str:
-    from hanlm.config import describe
-
     cmd = COMMANDS[name]
     cls = config_class(name)
     rows = describe(cls)
@@ -197,7 +93,7 @@ def parse_args(name: str, args: list[str]) -> tuple[str | None, list[Any]]:
                 k = key.split("=", 1)[0]
                 overrides.append(f"{k}={arg.split('=', 1)[1]}")
             elif i + 1 < len(args) and not _is_option_like(args[i + 1]):
-                overrides.append((key, _yaml_value(args[i + 1])))
+                overrides.append((key, parse_value(args[i + 1])))
                 i += 1
             else:
                 overrides.append((key, True))
@@ -229,15 +125,6 @@ def _is_option_like(arg: str) -> bool:
     return arg.startswith("--") or bool(_OVERRIDE.match(arg)) or arg.endswith((".yaml", ".yml"))
 
 
-def _yaml_value(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -257,11 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(command_help(name))
         return 0
-
-    from hanlm.config import ConfigError, load_config
-    from hanlm.data.sources import DataError
-    from hanlm.modeling import ModelError
-    from hanlm.runs import OutputDirError
 
     try:
         config_path, overrides = parse_args(name, rest)
@@ -285,11 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if isinstance(result, int):
         return result
-    if isinstance(result, (str, Path)):
-        from hanlm.runs import is_main_process
-
-        if is_main_process():  # once per job, not once per process
-            print(f"hanlm {name}: done -> {result}")
+    if isinstance(result, (str, Path)) and is_main_process():  # once per job, not per process
+        print(f"hanlm {name}: done -> {result}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -284,6 +285,14 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value read as YAML (`3`, `[1,2]`, `true`), or the text itself if not YAML."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=value` -> ('a.b', value), the value read as YAML so `x=3`, `x=[1,2]` work."""
     if "=" not in text:
@@ -292,11 +301,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+    return key, parse_value(raw)
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
@@ -314,6 +319,38 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, cls: type) -> None:
     sections = {k.rsplit(".", 1)[0] for k in valid if "." in k}
     if key not in valid and key not in sections:
         raise ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
+
+
+def _rename(cls: type, key: str, where: str = "") -> str:
+    """The current name of a renamed key (`cls.RENAMED`: old -> new), said once on stderr; old
+    names keep working for one release."""
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    new = renamed.get(key)
+    if new is None:
+        return key
+    print(
+        f"[hanlm] deprecated: {where}config key '{key}' is now '{new}'; the old name stops"
+        " working in the next release",
+        file=sys.stderr,
+    )
+    return new
+
+
+def _has_dotted(data: dict[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _check_unused(cls: type, data: dict[str, Any]) -> None:
+    """A key the command accepts in its shared sections but does not use is an error, not
+    silently ignored (`cls.UNUSED`: dotted key -> why)."""
+    for key, why in getattr(cls, "UNUSED", {}).items():
+        if _has_dotted(data, key):
+            raise ConfigError(f"config key '{key}' is not used by this command: {why}")
 
 
 def load_config(
@@ -340,11 +377,12 @@ def load_config(
             raise ConfigError(
                 f"{p}: expected a mapping of config keys, got {type(loaded).__name__}"
             )
-        data = loaded
+        data = {_rename(cls, k, f"{p}: "): v for k, v in loaded.items()}
     for item in overrides or []:
         key, value = parse_override(item) if isinstance(item, str) else item
-        _set_dotted(data, key, value, cls)
+        _set_dotted(data, _rename(cls, key), value, cls)
     try:
+        _check_unused(cls, data)
         return _build(cls, data)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hanlm.config import ModelConfig
+from hanlm.config import LoraConfig, ModelConfig
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
@@ -216,6 +216,26 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+def pad_batch(
+    seqs: list[list[int]], pad_id: int, side: str = "right", device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one [B, W] id tensor and its attention mask, padded on `side`: right for
+    training and scoring, left for generation (new tokens follow every prompt directly)."""
+    import torch
+
+    width = max(len(x) for x in seqs)
+    rows, masks = [], []
+    for x in seqs:
+        fill = width - len(x)
+        if side == "left":
+            rows.append([pad_id] * fill + list(x))
+            masks.append([0] * fill + [1] * len(x))
+        else:
+            rows.append([*x, *[pad_id] * fill])
+            masks.append([1] * len(x) + [0] * fill)
+    return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
+
+
 def save_model(model: Any, tokenizer: Any, out: str | Path, **kw: Any) -> Path:
     """Save model and tokenizer into `out` (often a run directory holding hanlm.json too).
 
@@ -237,6 +257,16 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, **kw: Any) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def finish_lora(model: Any, lora: LoraConfig, run_dir: Path, write: bool = True) -> Any:
+    """Keep the adapter beside the run if asked (or if not merging; written only when `write`,
+    i.e. on rank 0); return the model to save (merged when `lora.merge`)."""
+    if not lora.enabled:
+        return model
+    if write and (lora.keep_adapter or not lora.merge):
+        model.save_pretrained(str(Path(run_dir) / "adapter"))
+    return model.merge_and_unload() if lora.merge else model
 
 
 def model_config(cfg: ModelConfig) -> Any:

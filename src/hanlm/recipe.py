@@ -34,7 +34,9 @@ from typing import Any
 import yaml
 
 from hanlm import ASSETS
-from hanlm.config import ConfigError, opt
+from hanlm.commands import COMMANDS, config_class
+from hanlm.config import ConfigError, load_config, opt, to_dict
+from hanlm.report import write_report
 from hanlm.runs import atomic_write_json, atomic_write_text, read_run
 
 STATE_FILE = "recipe_state.json"
@@ -100,7 +102,6 @@ def default_recipe() -> Path:
 
 def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
     """Parse and check a recipe: commands exist, references point to earlier stages."""
-    from hanlm.cli import COMMANDS
 
     path = Path(path)
     if not path.is_file():
@@ -174,8 +175,6 @@ def stage_dir(recipe: Recipe, name: str) -> Path:
 
 def resolve_config(recipe: Recipe, stage: Stage) -> dict[str, Any]:
     """The stage's config with references replaced and checked against its config class."""
-    from hanlm.cli import config_class
-    from hanlm.config import load_config, to_dict
 
     env = {
         "assets": str(ASSETS),
@@ -372,8 +371,6 @@ def run(cfg: RunConfig) -> int:
             failed = name
             break
     if cfg.report:
-        from hanlm.report import write_report
-
         paths = write_report(recipe, state)
         print(f"report: {paths[0]}")
     if failed:

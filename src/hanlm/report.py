@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from hanlm import ASSETS
+from hanlm.config import DataConfig, ModelConfig
+from hanlm.data import load
+from hanlm.data.formats import split_last_answer
+from hanlm.infer.engine import GenerationOptions, generate
+from hanlm.modeling import load_model, load_tokenizer
 from hanlm.runs import atomic_write_json, atomic_write_text, read_metrics, read_run
 
 SAMPLES_FILE = "report_samples.json"
@@ -159,22 +164,18 @@ def _prompts(recipe: Any) -> list[dict[str, Any]]:
     prompts = [{"prompt": p, "reference": ""} for p in spec.get("prompts", [])]
     source = spec.get("prompts_from")
     if source:
-        from hanlm.config import DataConfig
-        from hanlm.data import load
-
         source = source.replace("${assets}", str(ASSETS))
         recs = load(
             DataConfig(paths=[source], dedup="none", max_records=spec.get("num_prompts", 6)),
             kind="chat",
         ).train
         for rec in recs:
-            msgs = rec["messages"]
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            before, answer = split_last_answer(rec["messages"])
             prompts.append(
                 {
-                    "messages": msgs[:last],
-                    "prompt": msgs[last - 1]["content"],
-                    "reference": msgs[last]["content"],
+                    "messages": before,
+                    "prompt": before[-1]["content"],
+                    "reference": answer,
                 }
             )
     return prompts
@@ -208,9 +209,6 @@ def _samples(recipe: Any, state: dict[str, Any], prompts: list[dict[str, Any]]) 
 
 
 def _generate(model_dir: Path, prompts: list[dict[str, Any]], max_new: int) -> list[str]:
-    from hanlm.config import ModelConfig
-    from hanlm.infer.engine import GenerationOptions, generate
-    from hanlm.modeling import load_model, load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     model = load_model(ModelConfig(path=str(model_dir)))

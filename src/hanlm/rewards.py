@@ -1,4 +1,11 @@
-"""Rule rewards for PPO and GRPO: a few built-ins and any `module:function` the config names.
+"""Rewards for PPO and GRPO, in one place: reward models (load, score) and rule rewards.
+
+Reward models are `hanlm reward` outputs (or any one-output sequence classifier): each scores
+the whole re-rendered conversation with its own tokenizer, at most the `max_length` it was
+trained with (read from its `hanlm.json`). `Scorer` adds the models' scores, the weighted rule
+rewards and a penalty for answers that never stopped.
+
+Rule rewards: a few built-ins and any `module:function` the config names.
 
 A reward function follows trl's GRPO convention, so the same function serves both stages:
 
@@ -14,18 +21,34 @@ ended on one. Built-ins (names in `RuleConfig.funcs`):
 - `token_share`: the share of the answer's tokens that are tokens of `target` (stop token not
   counted) — a dense signal that is handy for checking that an RL loop learns at all.
 
-This module stays free of heavy imports: configs import it for `--help`.
+This module stays free of heavy imports (torch, transformers load inside functions): configs
+import it for `--help`.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from hanlm.config import ConfigError, opt
+from hanlm.config import ConfigError, ModelConfig, opt
+from hanlm.data.templates import render
+from hanlm.modeling import (
+    ModelError,
+    load_tokenizer,
+    pad_batch,
+    pick_precision,
+    resolve_source,
+    torch_dtype,
+)
+
+# Conversations longer than this are cut from the left when a reward model's own training length
+# is unknown (not made by `hanlm reward`).
+DEFAULT_MAX_LENGTH = 1024
 
 RewardFn = Callable[..., list[float]]
 BUILTINS = ("length", "stop", "regex", "token_share")
@@ -183,3 +206,148 @@ def score_rules(
         means[f"rule_{fn.__name__}"] = sum(values) / max(len(values), 1)
         total = [t + w * v for t, v in zip(total, values)]
     return total, means
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
+    """A one-output sequence-classification model (a fresh `score` head on a causal LM dir)."""
+    from transformers import AutoModelForSequenceClassification
+
+    src = resolve_source(cfg.path)
+    dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            src.path,
+            gguf_file=src.gguf_file,
+            num_labels=1,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            **kw,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{cfg.path}: cannot load as a reward model ({e})") from None
+    if model.config.num_labels != 1:
+        raise ModelError(f"{cfg.path}: has {model.config.num_labels} outputs; a reward model has 1")
+    return model
+
+
+def score_ids(
+    model: Any, id_lists: list[list[int]], pad_id: int, batch_size: int = 16
+) -> list[float]:
+    """The scalar reward of each token sequence (right-padded; read at the last real token)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(id_lists), batch_size):
+            batch = id_lists[start : start + batch_size]
+            ids, mask = pad_batch(batch, pad_id, "right", device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            out += logits[:, 0].float().tolist()
+    return out
+
+
+def conversation_ids(tok: Any, messages: list[dict[str, str]], max_length: int) -> list[int]:
+    """Ids of a whole conversation as the reward model saw them in training (last tokens kept)."""
+    ids, _ = render(tok, messages)
+    return ids[-max_length:]
+
+
+def score_conversations(
+    model: Any,
+    tok: Any,
+    conversations: list[list[dict[str, str]]],
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> list[float]:
+    """Rewards of whole conversations (each ending with the assistant answer to judge)."""
+    ids = [conversation_ids(tok, c, max_length) for c in conversations]
+    return score_ids(model, ids, tok.pad_token_id, batch_size)
+
+
+def trained_max_length(path: str) -> int:
+    """The `max_length` a reward model was trained with (its `hanlm.json`), else the default."""
+    info = Path(path) / "hanlm.json"
+    if info.is_file():
+        try:
+            value = json.loads(info.read_text(encoding="utf-8"))["config"]["max_length"]
+        except (ValueError, KeyError, TypeError):
+            value = None
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_LENGTH
+
+
+class Scorer:
+    """Scores answers: reward models (each on the re-rendered conversation, with its own
+    tokenizer and training length) + weighted rule rewards + a penalty for answers that never
+    stopped."""
+
+    def __init__(
+        self,
+        models: list[tuple[Any, Any, float, int]],
+        rules: list[RewardFn],
+        rule_weights: list[float],
+        missing_stop_penalty: float = 0.0,
+    ) -> None:
+        self.models, self.rules, self.weights = models, rules, rule_weights
+        self.missing_stop_penalty = missing_stop_penalty
+        if not self.models and not self.rules:
+            raise ConfigError("no reward: name a reward model and/or rules.funcs=[...]")
+
+    @classmethod
+    def build(
+        cls,
+        reward_models: list[str],
+        rules: RuleConfig,
+        tok: Any,
+        stop_ids: list[int],
+        device: Any = None,
+        base: ModelConfig | None = None,
+        missing_stop_penalty: float = 0.0,
+        model_weight: float = 1.0,
+    ) -> Scorer:
+        """Load the reward models (frozen, on `device`) and build the rule functions."""
+        models = []
+        for path in reward_models:
+            rm_tok = load_tokenizer(path)
+            rm = load_reward_model(replace(base or ModelConfig(), path=path))
+            if device is not None:
+                rm = rm.to(device)
+            rm.config.pad_token_id = rm_tok.pad_token_id
+            rm = rm.requires_grad_(False).eval()
+            models.append((rm, rm_tok, model_weight, trained_max_length(path)))
+        fns = build_rules(rules, tok, stop_ids)
+        return cls(models, fns, rules.weights, missing_stop_penalty)
+
+    def __call__(
+        self,
+        prompts: list[list[dict[str, str]]],
+        texts: list[str],
+        ids: list[list[int]],
+        stopped: list[bool],
+        batch_size: int = 16,
+    ) -> tuple[list[float], dict[str, float]]:
+        """(total score per answer, mean of each part) for answers `texts` to `prompts`; `ids`
+        are the answers' token ids (stop token included when `stopped`)."""
+        n = len(texts)
+        total, parts = [0.0] * n, {}
+        convs = [[*p, {"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+        for i, (rm, rm_tok, weight, max_length) in enumerate(self.models):
+            scores = score_conversations(rm, rm_tok, convs, batch_size, max_length)
+            parts["rm_score" if i == 0 else f"rm{i}_score"] = sum(scores) / n
+            total = [a + weight * b for a, b in zip(total, scores)]
+        if self.rules:
+            completions = [[{"role": "assistant", "content": t}] for t in texts]
+            rule, means = score_rules(self.rules, self.weights, prompts, completions, ids)
+            parts.update(means)
+            total = [a + b for a, b in zip(total, rule)]
+        if self.missing_stop_penalty:
+            total = [
+                s + (0.0 if stop else self.missing_stop_penalty) for s, stop in zip(total, stopped)
+            ]
+        return total, parts

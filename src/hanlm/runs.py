@@ -1,9 +1,16 @@
-"""Run directories: the output-dir rules, `hanlm.json`, `metrics.jsonl` and atomic saves.
+"""Run directories: the output-dir rules, `hanlm.json`, `metrics.jsonl`, checkpoints and saves.
 
-Every command that writes results goes through `Run`: it refuses a non-empty output directory
-unless asked to overwrite or resume, records what produced the results (resolved config, git
-commit, package versions, seed, times), and never leaves a half-written file where a complete
-one is expected (write to a temporary sibling, then `os.replace`).
+Every command that writes results goes through `with Run(command, cfg) as run:`. It refuses a
+non-empty output directory unless asked to overwrite or resume, records what produced the
+results (resolved config, git commit, package versions, seed, times), saves the final model
+(`run.save_model`: LoRA merged or kept, stop tokens in the generation config, rank 0 only), and
+never leaves a half-written file where a complete one is expected (write to a temporary
+sibling, then `os.replace`).
+
+Checkpoints live in `checkpoints/checkpoint-N`, one scheme for every stage: a checkpoint counts
+as complete only once the marker file `hanlm-complete` is in it (the Trainer stages drop it in
+`on_save`, PPO writes the whole directory atomically with it); resume takes the newest complete
+one and removes partial ones.
 """
 
 from __future__ import annotations
@@ -14,17 +21,25 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from hanlm.config import to_dict
+import yaml
+
+from hanlm.config import LoraConfig, to_dict
+from hanlm.modeling import finish_lora
+from hanlm.modeling import save_model as _save_model
 
 RUN_FILE = "hanlm.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+CHECKPOINTS = "checkpoints"
+COMPLETE = "hanlm-complete"
 _VERSIONED = (
     "hanlm",
     "torch",
@@ -153,12 +168,21 @@ class Run:
         self,
         command: str,
         cfg: Any,
-        output_dir: str | Path,
-        overwrite: bool = False,
-        resume: bool = False,
+        output_dir: str | Path | None = None,
+        overwrite: bool | None = None,
+        resume: bool | None = None,
         seed: int | None = None,
     ) -> None:
+        """Output directory, overwrite, resume and seed come from `cfg` (an `OutputConfig` with a
+        `train` section) unless given."""
+        output_dir = cfg.output_dir if output_dir is None else output_dir
+        overwrite = bool(getattr(cfg, "overwrite", False)) if overwrite is None else overwrite
+        resume = bool(getattr(cfg, "resume", False)) if resume is None else resume
+        if seed is None:
+            seed = getattr(getattr(cfg, "train", None), "seed", None)
         self.command = command
+        self.resume = resume
+        self.started = time.time()
         # Under torchrun only rank 0 touches the directory; the others just know its path.
         self.main = is_main_process()
         if not self.main:
@@ -184,8 +208,6 @@ class Run:
         }
         if previous:
             self.info["first_started"] = previous.get("first_started", previous.get("started"))
-        import yaml
-
         atomic_write_text(
             self.dir / CONFIG_FILE,
             yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False),
@@ -215,9 +237,58 @@ class Run:
             return
         if summary:
             self.info["summary"].update(summary)
+        self.info["summary"].setdefault("seconds", time.time() - self.started)
         self.info["status"] = status
         self.info["ended"] = _now()
         self.save()
+
+    # ------------------------------------------------------------------ the model and checkpoints
+
+    def save_model(
+        self,
+        model: Any,
+        tokenizer: Any,
+        lora: LoraConfig | None = None,
+        stops: list[int] | None = None,
+    ) -> Any:
+        """Write the final model: LoRA adapters kept beside it and/or merged (as `lora` says), the
+        stop tokens in its generation config so chat, the API and vLLM stop where the template
+        ends a turn; rank 0 only, atomically. Returns the model to use from here on (merged)."""
+        if lora is not None and lora.enabled and hasattr(model, "merge_and_unload"):
+            model = finish_lora(model, lora, self.dir, write=self.main)
+        gen = getattr(model, "generation_config", None)  # a reward model has none
+        if gen is not None and stops:
+            gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if gen is not None and pad is not None:
+            gen.pad_token_id = pad
+        if self.main and (lora is None or not lora.enabled or lora.merge):
+            _save_model(model, tokenizer, self.dir)
+        return model
+
+    def resume_from(self) -> str | None:
+        """The newest complete checkpoint when resuming (None: start afresh), said aloud."""
+        if not self.resume:
+            return None
+        ckpt = last_checkpoint(self.dir)
+        if self.main:
+            print(
+                f"[hanlm] resuming from {ckpt}"
+                if ckpt
+                else "[hanlm] no checkpoint to resume: starting"
+            )
+        return str(ckpt) if ckpt else None
+
+    @contextlib.contextmanager
+    def checkpoint(self, step: int, keep: int = 0) -> Iterator[Path]:
+        """A directory for `checkpoints/checkpoint-<step>`: it appears whole, with its complete
+        marker, only if the block finishes; then all but the newest `keep` are removed."""
+        with atomic_dir(self.dir / CHECKPOINTS / f"checkpoint-{step}") as tmp:
+            yield tmp
+            (tmp / COMPLETE).write_text(str(step))
+        if keep > 0:
+            for _, old in _checkpoints(self.dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def __enter__(self) -> Run:
         return self
@@ -230,6 +301,35 @@ class Run:
             self.finish(status="interrupted" if exc_type is KeyboardInterrupt else "failed")
         elif self.info["status"] == "running":
             self.finish()
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first; partial ones (a crash mid-save) are removed."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.glob("checkpoint-*"):
+        step = d.name.split("-")[-1]
+        if not d.is_dir() or not step.isdigit():
+            continue
+        if (d / COMPLETE).is_file():
+            found.append((int(step), d))
+        else:
+            print(f"[hanlm] removing incomplete checkpoint {d}", file=sys.stderr)
+            shutil.rmtree(d, ignore_errors=True)
+    return sorted(found)
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    found = _checkpoints(Path(run_dir))
+    return found[-1][1] if found else None
+
+
+def mark_complete(checkpoint: str | Path, step: int) -> None:
+    """Declare a checkpoint directory written in full (the Trainer calls this after its save)."""
+    (Path(checkpoint) / COMPLETE).write_text(str(step))
 
 
 def read_run(path: str | Path) -> dict[str, Any] | None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hanlm.data.templates import apply_template
+from hanlm.modeling import build_model, save_model
+
 SAMPLE_TEXT = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
     "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
@@ -22,8 +25,6 @@ def tiny_tokenizer(
     """A byte-level BPE tokenizer (any text round-trips) with a chat template installed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from hanlm.data.templates import apply_template
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -49,8 +50,6 @@ def tiny_tokenizer(
 def tiny_model_dir(path: str | Path, template: str = "chatml", seed: int = 0, **dims: Any) -> Path:
     """Save a randomly initialised `test`-preset LLaMA and its tokenizer to `path`."""
     import torch
-
-    from hanlm.modeling import build_model, save_model
 
     torch.manual_seed(seed)
     tok = tiny_tokenizer(template=template)

@@ -1,24 +1,21 @@
-"""What every Trainer-based stage shares: arguments from `TrainConfig`, LoRA set-up, metrics into
-`metrics.jsonl`, complete-checkpoint tracking for resume, and the final save.
+"""What every Trainer-based stage shares: arguments from `TrainConfig`, LoRA set-up and metrics
+into `metrics.jsonl`, with complete-checkpoint marking for resume.
 
 transformers writes a checkpoint's files one after another, so a crash can leave a partial
 `checkpoint-N`. A checkpoint counts as complete only once `on_save` has run for it (we then drop
-a marker file in it); resume takes the newest complete one and deletes partial ones.
+the marker `runs.mark_complete` writes); `Run.resume_from` takes the newest complete one.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
+from hanlm.compat import reset_accelerator_state
 from hanlm.config import LoraConfig, TrainConfig
 from hanlm.modeling import count_parameters, pick_precision
-from hanlm.runs import Run
-
-CHECKPOINTS = "checkpoints"
-COMPLETE = "hanlm-complete"
+from hanlm.runs import CHECKPOINTS, Run, mark_complete
 
 
 def training_args(
@@ -33,7 +30,9 @@ def training_args(
     on_cpu = not torch.cuda.is_available()
     if on_cpu and precision != "fp32":
         raise ValueError(f"train.precision={cfg.precision}: bf16/fp16 training needs a GPU here")
-    eval_every = cfg.eval_steps if cfg.eval_steps > 0 else max(cfg.max_steps, 1)
+    # eval_steps=0: no evaluation on the way, only the one the Trainer adds at the last step
+    # (DefaultFlowCallback), in epoch mode too.
+    eval_every = cfg.eval_steps if cfg.eval_steps > 0 else 10**9
     save_every = cfg.save_steps if cfg.save_steps > 0 else None
     return args_cls(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -102,15 +101,6 @@ def apply_lora(
     return get_peft_model(model, peft_cfg)
 
 
-def finish_lora(model: Any, lora: LoraConfig, run_dir: Path) -> Any:
-    """Keep the adapter beside the run if asked (or if not merging); return the model to save."""
-    if not lora.enabled:
-        return model
-    if lora.keep_adapter or not lora.merge:
-        model.save_pretrained(str(run_dir / "adapter"))
-    return model.merge_and_unload() if lora.merge else model
-
-
 def describe_trainable(model: Any) -> dict[str, Any]:
     trainable, total = count_parameters(model)
     return {
@@ -141,31 +131,102 @@ def metrics_callback(run: Run, tokens_per_char: float | None = None) -> Any:
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
-                    (ckpt / COMPLETE).write_text(str(state.global_step))
+                    mark_complete(ckpt, state.global_step)
 
     return _Metrics()
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    """Newest complete checkpoint; partial ones (a crash mid-save) are removed."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    found = []
-    for d in root.glob("checkpoint-*"):
-        if not d.is_dir():
-            continue
-        if (d / COMPLETE).is_file():
-            found.append((int(d.name.split("-")[-1]), d))
-        else:
-            print(f"[hanlm] removing incomplete checkpoint {d}")
-            shutil.rmtree(d, ignore_errors=True)
-    return str(max(found)[1]) if found else None
+# --------------------------------------------------------------------------- hand-written loops
 
 
-def resume_point(run_dir: Path, resume: bool) -> str | None:
-    if not resume:
-        return None
-    ckpt = last_checkpoint(run_dir)
-    print(f"[hanlm] resuming from {ckpt}" if ckpt else "[hanlm] no checkpoint to resume: starting")
-    return ckpt
+def trainable_state(model: Any) -> dict[str, Any]:
+    """The trainable tensors of `model` (on the CPU): what a loop's checkpoint must keep."""
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: Any, path: Path) -> None:
+    """Load a `trainable_state` file; a saved tensor this model lacks is an error."""
+    import torch
+
+    bad = model.load_state_dict(torch.load(path, map_location="cpu"), strict=False)
+    if bad.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit this model (e.g. {bad.unexpected_keys[0]}); was it written"
+            " with other lora settings?"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, torch and CUDA random states."""
+    import random
+
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"py": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import torch
+
+    random.setstate(state["py"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def optimizer(model: Any, cfg: TrainConfig, total_steps: int, lr: float = 0.0) -> tuple[Any, Any]:
+    """AdamW over `model`'s trainable parameters and its `cfg.scheduler` over `total_steps`
+    (`lr` 0 = `cfg.lr`)."""
+    import torch
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_scheduler(
+        cfg.scheduler,
+        opt,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    return opt, sched
+
+
+def weights_equal_across_processes(models: list[Any]) -> bool:
+    """DDP keeps the processes' weights equal; check it (a fingerprint per process)."""
+    from accelerate.utils import gather_object
+
+    fingerprint = [
+        float(p.detach().double().sum())
+        for model in models
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+    return all(f == fingerprint for f in gather_object([fingerprint]))
+
+
+def loop_accelerator(precision: str, command: str) -> Any:
+    """The accelerate `Accelerator` of a hand-written loop: one process, or one of W under
+    torchrun / `accelerate launch` (DDP); the CPU when there is no GPU, as the Trainer stages;
+    autocast for bf16/fp16. accelerate's state is per process: what an earlier run in this
+    process set is dropped first, as the Trainer does."""
+    import torch
+    from accelerate import Accelerator
+
+    chosen = pick_precision(precision)
+    if not torch.cuda.is_available() and chosen != "fp32":
+        raise ValueError(f"train.precision={precision}: bf16/fp16 needs a GPU here")
+    reset_accelerator_state()
+    acc = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=chosen if chosen in ("bf16", "fp16") else "no",
+    )
+    sharded = acc.distributed_type.name
+    if sharded in ("DEEPSPEED", "FSDP"):
+        raise ValueError(  # generation on sharded weights and two trained models: not handled
+            f"{command} runs data-parallel (DDP) only, not under {sharded}; launch it with"
+            " torchrun or a plain `accelerate launch` config"
+        )
+    return acc

@@ -256,7 +256,7 @@ def test_ppo_ptx_term_enters_the_loss_and_resume_repeats_a_step(
     # loss = pg_loss + 1.0 x ptx_loss (entropy_coef is 0), averaged over the micro-batches
     assert step1["loss"] == pytest.approx(step1["pg_loss"] + step1["ptx_loss"], rel=1e-5)
     assert step1["ptx_loss"] > 0 and "rm_score" in step1
-    assert (out / "checkpoints" / "step-2" / "state.pt").is_file()
+    assert (out / "checkpoints" / "checkpoint-2" / "state.pt").is_file()
 
     plain = _ppo(tmp_path / "b", tiny_model_path, pref, *common, "ptx_coef=0", "train.max_steps=1")
     row = next(r for r in read_metrics(plain) if r["step"] == 1)
@@ -372,7 +372,7 @@ def test_ppo_data_parallel_under_torchrun(tmp_path, tiny_model_path, pref):
 
 
 def test_ppo_helpers():
-    from hanlm.stages.ppo import Cycler, prompts_of
+    from hanlm.rollouts import Cycler, prompts_of
 
     c = Cycler(5, seed=1)
     first = c.take(7)

@@ -7,20 +7,11 @@ import math
 import pytest
 
 from hanlm import cli
+from hanlm.bench import STYLES, Item, build_prompt, detect_layout, load_benchmark
 from hanlm.config import load_config
 from hanlm.data.sources import DataError
+from hanlm.infer.scoring import letter_token_ids, perplexity, score_letters, score_options
 from hanlm.stages.contamination import ContaminationConfig, audit, ngrams
-from hanlm.stages.evaluate import (
-    STYLES,
-    Item,
-    build_prompt,
-    detect_layout,
-    letter_token_ids,
-    load_benchmark,
-    perplexity,
-    score_letters,
-    score_options,
-)
 
 Q1 = ("TCP 属于哪一层协议？", "应用层", "传输层", "网络层", "物理层", "B")
 Q2 = ('下列说法正确的是，"带引号"的那一项？', "甲，乙", "丙\n丁", "戊", "己", "A")

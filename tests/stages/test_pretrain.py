@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hanlm import cli
-from hanlm.config import load_config
+from hanlm.config import ConfigError, load_config
 from hanlm.runs import read_metrics, read_run
 from hanlm.stages.pretrain import PretrainConfig, run
 
@@ -236,15 +236,15 @@ def test_streaming_pretraining_runs_and_needs_max_steps(tmp_path, corpus, tok_di
     )
     s = read_run(out)["summary"]
     assert s["steps"] == 6 and s["eval_loss"] < s["initial_eval_loss"]
-    bad = load_config(
-        PretrainConfig,
-        None,
-        [
-            "streaming=true",
-            "train.max_steps=0",
-            f"tokenizer={tok_dir}",
-            f"output_dir={tmp_path / 'x'}",
-        ],
-    )
-    with pytest.raises(ValueError, match="streaming=true needs train.max_steps"):
-        run(bad)
+    # a pure config check: it fails when the config is read, before anything loads
+    with pytest.raises(ConfigError, match="streaming=true needs train.max_steps"):
+        load_config(
+            PretrainConfig,
+            None,
+            [
+                "streaming=true",
+                "train.max_steps=0",
+                f"tokenizer={tok_dir}",
+                f"output_dir={tmp_path / 'x'}",
+            ],
+        )

@@ -181,14 +181,14 @@ def test_truncation_counts_are_reported(tmp_path, tiny_model_path, sft_data):
             f"model.path={tiny_model_path}",
             f"data.paths=[{sft_data / 'train.jsonl'}]",
             "data.dedup=none",
-            "cutoff_len=20",
+            "max_length=20",
             "truncation=drop",
             "train.max_steps=1",
             "eval_prompts=0",
             f"output_dir={tmp_path / 'o'}",
         ],
     )
-    with pytest.raises(ValueError, match="no conversation fits cutoff_len=20"):
+    with pytest.raises(ValueError, match="no conversation fits max_length=20"):
         run(cfg)
 
 

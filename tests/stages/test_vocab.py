@@ -17,15 +17,8 @@ from hanlm import cli
 from hanlm.config import load_config
 from hanlm.data import DataError
 from hanlm.modeling import ModelError
-from hanlm.stages.vocab import (
-    PROBE_TEXTS,
-    VocabConfig,
-    VocabError,
-    expand_bytelevel,
-    has_cjk_bytes,
-    load_base_tokenizer,
-    run,
-)
+from hanlm.stages.vocab import VocabConfig, VocabError, run
+from hanlm.tokenizer import PROBE_TEXTS, expand_bytelevel, has_cjk_bytes, load_base_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[2] / "src" / "hanlm" / "assets" / "demo"
 MIXED = [
@@ -194,7 +187,14 @@ def test_subword_mean_rows_are_means_of_the_spelling(byte_expanded, tiny_model_p
 
     base_tok, _, _ = load_base_tokenizer(str(tiny_model_path))
     texts = [json.loads(line)["text"] for line in corpus["train"].read_text().splitlines()]
-    merged = expand_bytelevel(base_tok, texts, VocabConfig(vocab_size=1200))
+    cfg = VocabConfig(vocab_size=1200)  # as the fixture's run: the stage's defaults
+    merged = expand_bytelevel(
+        base_tok,
+        texts,
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        char_min_count=cfg.char_min_count,
+    )
     saved = AutoTokenizer.from_pretrained(byte_expanded)
     assert merged.tokenizer.get_vocab() == {
         t: i for t, i in saved.get_vocab().items() if i < len(merged.tokenizer)

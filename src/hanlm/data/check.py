@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from hanlm.config import DataConfig, opt
 from hanlm.data import formats
-from hanlm.data.loader import _Reader
+from hanlm.data.loader import RecordReader
 from hanlm.data.sources import DataError, resolve
 
 
@@ -90,7 +90,7 @@ def check(cfg: DataCheckConfig, out: Any = print) -> dict[str, Any]:
                 min_chars=0,
                 dedup="none",
             )
-            reader = _Reader(dcfg, None, cfg.require_answer)
+            reader = RecordReader(dcfg, None, cfg.require_answer)
             chars: list[int] = []
             tokens: list[int] = []
             turns: list[int] = []

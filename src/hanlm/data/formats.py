@@ -276,3 +276,12 @@ def convert(
     if fmt == "preference":
         return from_preference(rec)
     raise RecordError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def split_last_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str | None]:
+    """(the conversation before its last assistant turn, that turn's text); a conversation
+    without an answer is all prompt (None). What a model is asked to continue."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return list(messages), None
+    return messages[:last], messages[last]["content"]

@@ -11,7 +11,6 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from hanlm import ASSETS
@@ -71,7 +70,7 @@ class LoadedData:
     kind: str  # text | chat | preference
 
 
-class _Reader:
+class RecordReader:
     """Shared state of one read: counts and the dedup set, across all sources."""
 
     def __init__(self, cfg: DataConfig, kind: str | None, require_answer: bool) -> None:
@@ -192,7 +191,7 @@ def load(
             f"data.weights has {len(cfg.weights)} values for {len(cfg.paths)} data.paths;"
             " give one weight per path (or none)"
         )
-    reader = _Reader(cfg, kind, require_answer)
+    reader = RecordReader(cfg, kind, require_answer)
     rng = random.Random(cfg.seed)
     train: list[dict[str, Any]] = []
     for i, spec in enumerate(cfg.paths):
@@ -206,7 +205,7 @@ def load(
     valid: list[dict[str, Any]] = []
     if cfg.valid_paths:
         vcfg = DataConfig(**{**asdict(cfg), "paths": cfg.valid_paths, "weights": []})
-        vreader = _Reader(vcfg, resolved_kind, require_answer)
+        vreader = RecordReader(vcfg, resolved_kind, require_answer)
         valid = [rec for spec in cfg.valid_paths for rec, _ in vreader.records(spec)]
     elif split and cfg.valid_fraction > 0:
         if not 0 < cfg.valid_fraction < 1:
@@ -253,7 +252,7 @@ def stream_with_stats(
         )
     if not cfg.paths:
         raise DataError("no data given: set data.paths (files, directories, globs or hub ids)")
-    reader = _Reader(cfg, kind, require_answer)
+    reader = RecordReader(cfg, kind, require_answer)
 
     def gen() -> Iterator[dict[str, Any]]:
         for spec in cfg.paths:

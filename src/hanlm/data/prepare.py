@@ -30,7 +30,7 @@ def _jsonl(records: list[dict]) -> str:
 
 
 def run(cfg: DataPrepareConfig) -> Path:
-    with Run("data prepare", cfg, cfg.output_dir, cfg.overwrite, seed=cfg.data.seed) as run_:
+    with Run("data prepare", cfg, seed=cfg.data.seed) as run_:
         loaded = load(cfg.data, kind=None if cfg.kind == "auto" else cfg.kind)
         atomic_write_text(run_.dir / "train.jsonl", _jsonl(loaded.train))
         if loaded.valid:

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from hanlm.config import ModelConfig, TemplateName, opt
-from hanlm.infer.engine import GenerationOptions
+from hanlm.data.templates import require_template
+from hanlm.infer.engine import GenerationOptions, stream
+from hanlm.modeling import load_model, load_tokenizer
 
 HELP = "commands: /reset (clear history), /system TEXT (set system prompt), /exit"
 
@@ -41,7 +43,6 @@ class ChatSession:
         return [*head, *self.history, {"role": "user", "content": user}]
 
     def ask(self, user: str, out: TextIO) -> str:
-        from hanlm.infer.engine import stream
 
         pieces = []
         for piece in stream(self.model, self.tok, self.messages(user), self.opts):
@@ -76,8 +77,6 @@ class ChatSession:
 
 
 def load_chat_model(cfg: ChatConfig) -> tuple[Any, Any]:
-    from hanlm.data.templates import require_template
-    from hanlm.modeling import load_model, load_tokenizer
 
     tok = load_tokenizer(cfg.model.path)
     require_template(tok, cfg.template, cfg.model.path, "chat")

@@ -39,8 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hanlm.config import ConfigError, OutputConfig, opt
-from hanlm.stages.evaluate import DEMO_DIR, LETTERS, Item, MissingSplit, load_benchmark
+from hanlm import ASSETS
+from hanlm.bench import LETTERS, Item, MissingSplit, load_benchmark
+from hanlm.config import ConfigError, DataConfig, OutputConfig, opt
+from hanlm.data.loader import RecordReader
+from hanlm.runs import Run, atomic_write_json
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f"
 _CJK_RUN = re.compile(f"[{_CJK}]+")
@@ -104,7 +107,7 @@ def _train_files(specs: list[str]) -> list[str]:
     for spec in specs:
         if spec == "demo":
             out += sorted(
-                str(p) for p in DEMO_DIR.glob("*.jsonl.gz") if not p.name.startswith("bench")
+                str(p) for p in ASSETS.glob("*.jsonl.gz") if not p.name.startswith("bench")
             )
         else:
             out.append(spec)
@@ -125,9 +128,6 @@ def _zero_counts() -> dict[str, int]:
 
 def audit(cfg: ContaminationConfig) -> dict[str, Any]:
     """Run the audit; returns the report that `run` writes as contamination.json."""
-    from hanlm.config import DataConfig
-    from hanlm.data.loader import _Reader
-
     t0 = time.perf_counter()
     # 1. Benchmark items and their n-grams, templates removed per benchmark.
     benches: list[tuple[str, list[tuple[str, Item]]]] = []
@@ -170,7 +170,7 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
 
     # 2. One pass over the training data: every n-gram of every record looked up in the index.
     data_cfg = DataConfig(dedup="none", min_chars=1, on_bad_record=cfg.on_bad_record)
-    reader = _Reader(data_cfg, None, require_answer=False)
+    reader = RecordReader(data_cfg, None, require_answer=False)
     matched: dict[tuple[int, int], set[str]] = defaultdict(set)
     where: dict[tuple[int, int], list[dict[str, str]]] = defaultdict(list)
     records = chars = 0
@@ -247,9 +247,7 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
 
 
 def run(cfg: ContaminationConfig) -> Path:
-    from hanlm.runs import Run, atomic_write_json
-
-    with Run("eval contamination", cfg, cfg.output_dir, cfg.overwrite, cfg.resume) as run:
+    with Run("eval contamination", cfg) as run:
         report = audit(cfg)
         atomic_write_json(run.dir / "contamination.json", report)
         run.set("data", report["train"])

@@ -35,7 +35,11 @@ from hanlm.config import (
     TrainConfig,
     opt,
 )
-from hanlm.runs import Run, atomic_write_json
+from hanlm.data import load, or_demo, to_dataset
+from hanlm.data.templates import render, require_template, stop_token_ids
+from hanlm.modeling import load_model, load_tokenizer, pad_batch, resolve_source
+from hanlm.runs import Run, atomic_dir, atomic_write_json
+from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
 
 
 @dataclass
@@ -75,8 +79,6 @@ class DPOConfig(OutputConfig):
 
 def _hash_files(h: Any, path: str) -> None:
     """Feed a model's weights and config into `h` (content, not names or times)."""
-    from hanlm.modeling import resolve_source
-
     src = resolve_source(path)
     root = Path(src.path)
     if not root.exists():  # a hub id: its name is all we have
@@ -129,8 +131,6 @@ def cached_splits(
     """Disk-backed datasets of the pairs under `root` (written once, atomically)."""
     import datasets
 
-    from hanlm.runs import atomic_dir
-
     for name, records in splits.items():
         target = root / name
         if not (target / "dataset_info.json").is_file():
@@ -146,8 +146,6 @@ def fitting_pairs(
     records: list[dict[str, Any]], tok: Any, max_length: int
 ) -> tuple[list[dict[str, Any]], int]:
     """The pairs whose prompt + answer (either side) fit `max_length` tokens; the count dropped."""
-    from hanlm.data.templates import render
-
     kept = []
     for rec in records:
         longest = max(len(render(tok, rec["prompt"] + rec[k])[0]) for k in ("chosen", "rejected"))
@@ -176,11 +174,7 @@ def completion_logps(
                 for side in ("chosen_ids", "rejected_ids"):
                     seqs.append(r["prompt_ids"] + r[side])
                     spans.append((len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r[side])))
-            width = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
-            mask = torch.tensor(
-                [[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device
-            )
+            ids, mask = pad_batch(seqs, 0, "right", device)
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
             token_logp = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             sums = [float(token_logp[i, a - 1 : b - 1].sum()) for i, (a, b) in enumerate(spans)]
@@ -211,15 +205,7 @@ def run(cfg: DPOConfig) -> Path:
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
-    from hanlm import training
-    from hanlm.data import load, or_demo, to_dataset
-    from hanlm.data.templates import require_template, stop_token_ids
-    from hanlm.modeling import load_model, load_tokenizer, save_model
-
-    started = time.time()
-    with Run(
-        "dpo", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
-    ) as run:
+    with Run("dpo", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
         require_template(tok, cfg.template, cfg.model.path, "DPO")
@@ -263,13 +249,13 @@ def run(cfg: DPOConfig) -> Path:
                 raise ConfigError(
                     "with LoRA the reference is the adapter-free model; drop ref_model"
                 )
-            model = training.apply_lora(model, cfg.lora)
+            model = apply_lora(model, cfg.lora)
         elif cfg.ref_model or not cfg.precompute_ref:
             # An explicit frozen copy: trl would otherwise rebuild one from config._name_or_path.
             ref_model = load_model(replace(cfg.model, path=ref_path)).requires_grad_(False).eval()
-        summary.update(training.describe_trainable(model))
+        summary.update(describe_trainable(model))
 
-        args = training.training_args(
+        args = training_args(
             cfg.train,
             run.dir,
             has_eval="valid" in datasets_,
@@ -288,7 +274,7 @@ def run(cfg: DPOConfig) -> Path:
             train_dataset=datasets_["train"],
             eval_dataset=datasets_.get("valid"),
             processing_class=tok,
-            callbacks=[training.metrics_callback(run)],
+            callbacks=[metrics_callback(run)],
         )
         summary["trainer_setup_seconds"] = time.time() - t0
         if cache_root is not None:
@@ -327,10 +313,11 @@ def run(cfg: DPOConfig) -> Path:
             summary["initial_logp_accuracy"] = before["logp_accuracy"]
             print(f"[hanlm] before DPO: held-out log-prob accuracy {before['logp_accuracy']:.3f}")
 
-        result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
+        result = trainer.train(resume_from_checkpoint=run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
-        model = training.finish_lora(trainer.model, cfg.lora, run.dir)
+        stops = stop_token_ids(tok, cfg.template)
+        model = run.save_model(trainer.model, tok, cfg.lora, stops)
         if eval_rows:
             after = preference_metrics(
                 completion_logps(model, eval_rows, cfg.train.batch_size), ref_logps, cfg.beta
@@ -341,11 +328,5 @@ def run(cfg: DPOConfig) -> Path:
                 f" margin {after['reward_margin']:.4f}; log-prob accuracy"
                 f" {summary['initial_logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
             )
-        stops = stop_token_ids(tok, cfg.template)
-        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        model.generation_config.pad_token_id = tok.pad_token_id
-        if run.main and (not cfg.lora.enabled or cfg.lora.merge):
-            save_model(model, tok, run.dir)
-        summary["seconds"] = time.time() - started
         run.finish(summary)
     return run.dir

@@ -12,10 +12,9 @@ divide by `num_generations`; this is checked before anything loads.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from hanlm.config import (
     ConfigError,
@@ -27,12 +26,19 @@ from hanlm.config import (
     TrainConfig,
     opt,
 )
-from hanlm.rewards import RuleConfig
+from hanlm.data import to_dataset
+from hanlm.data.templates import require_template, stop_token_ids
+from hanlm.modeling import load_model, load_tokenizer
+from hanlm.rewards import RuleConfig, Scorer
+from hanlm.rollouts import held_out_scores, load_prompts
 from hanlm.runs import Run
+from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
 
 
 @dataclass
 class GRPOConfig(OutputConfig):
+    RENAMED: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length"}
+
     model: ModelConfig = opt(ModelConfig, "the SFT model to train")
     reward_models: list[str] = opt([], "reward model dirs (hanlm reward); their scores are added")
     reward_model_weight: float = opt(1.0, "weight of each reward model's score")
@@ -41,7 +47,7 @@ class GRPOConfig(OutputConfig):
         DataConfig, "prompts: preference or chat records (no paths: the demo preference prompts)"
     )
     template: TemplateName = opt("auto", "chat template; auto = the model's own")
-    max_prompt_len: int = opt(256, "prompts with more tokens are dropped (counted)")
+    max_prompt_length: int = opt(256, "prompts with more tokens are dropped (counted)")
     num_generations: int = opt(4, "answers sampled per prompt (the group)")
     max_new_tokens: int = opt(64, "most tokens per answer")
     temperature: float = opt(1.0, "sampling temperature")
@@ -85,28 +91,17 @@ def run(cfg: GRPOConfig) -> Path:
     from trl import GRPOConfig as TrlGRPOConfig
     from trl import GRPOTrainer
 
-    from hanlm import training
-    from hanlm.data import to_dataset
-    from hanlm.data.templates import require_template, stop_token_ids
-    from hanlm.modeling import load_model, load_tokenizer, save_model
-    from hanlm.rewards import build_rules
-    from hanlm.stages.ppo import Scorer, held_out_scores, load_prompts
-    from hanlm.stages.reward import load_reward_model
-
-    started = time.time()
-    with Run(
-        "grpo", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
-    ) as run:
+    with Run("grpo", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
         require_template(tok, cfg.template, cfg.model.path, "GRPO")
         stops = stop_token_ids(tok, cfg.template)
 
         data, train_prompts, eval_prompts = load_prompts(
-            cfg.data, tok, cfg.max_prompt_len, cfg.eval_prompts, "GRPO"
+            cfg.data, tok, cfg.max_prompt_length, cfg.eval_prompts, "GRPO"
         )
         if not train_prompts:
-            raise ValueError(f"no prompt fits max_prompt_len={cfg.max_prompt_len}")
+            raise ValueError(f"no prompt fits max_prompt_length={cfg.max_prompt_length}")
         run.set(
             "data",
             {
@@ -122,21 +117,21 @@ def run(cfg: GRPOConfig) -> Path:
         model.generation_config.eos_token_id = stops
         model.generation_config.pad_token_id = tok.pad_token_id
 
-        # Rewards: reward models as loaded modules with their own tokenizers, then rule functions.
-        reward_funcs: list[Any] = []
-        reward_tokenizers: list[Any] = []
-        for path in cfg.reward_models:
-            rm_tok = load_tokenizer(path)
-            rm = load_reward_model(replace(cfg.model, path=path))
-            rm.config.pad_token_id = rm_tok.pad_token_id
-            reward_funcs.append(rm.requires_grad_(False).eval())
-            reward_tokenizers.append(rm_tok)
-        rules = build_rules(cfg.rules, tok, stops)
-        weights = [cfg.reward_model_weight] * len(cfg.reward_models) + (
-            list(cfg.rules.weights) or [1.0] * len(rules)
+        # Rewards: the reward models (trl calls them as modules, each with its own tokenizer) and
+        # the rule functions; the same Scorer judges the held-out answers before and after.
+        scorer = Scorer.build(
+            cfg.reward_models,
+            cfg.rules,
+            tok,
+            stops,
+            base=cfg.model,
+            model_weight=cfg.reward_model_weight,
         )
-        rms = [(m, t, cfg.reward_model_weight) for m, t in zip(reward_funcs, reward_tokenizers)]
-        scorer = Scorer(rms, rules, cfg.rules.weights)
+        reward_funcs = [m for m, _, _, _ in scorer.models] + scorer.rules
+        reward_tokenizers = [t for _, t, _, _ in scorer.models] + [None] * len(scorer.rules)
+        weights = [cfg.reward_model_weight] * len(scorer.models) + (
+            list(cfg.rules.weights) or [1.0] * len(scorer.rules)
+        )
         summary: dict[str, Any] = {}
         if eval_prompts and not cfg.resume:
             before = held_out_scores(model, tok, eval_prompts, stops, scorer, cfg.max_new_tokens)
@@ -144,11 +139,11 @@ def run(cfg: GRPOConfig) -> Path:
             print(f"[hanlm] before GRPO: held-out score {before['score']:.4f}")
 
         if cfg.lora.enabled:
-            model = training.apply_lora(model, cfg.lora)
-        summary.update(training.describe_trainable(model))
+            model = apply_lora(model, cfg.lora)
+        summary.update(describe_trainable(model))
 
         tok.padding_side = "left"  # trl generates from left-padded prompts
-        args = training.training_args(
+        args = training_args(
             cfg.train,
             run.dir,
             has_eval=False,  # held-out answers are scored by hanlm before and after instead
@@ -164,29 +159,25 @@ def run(cfg: GRPOConfig) -> Path:
         )
         trainer = GRPOTrainer(
             model=model,
-            reward_funcs=reward_funcs + rules,
+            reward_funcs=reward_funcs,
             args=args,
             train_dataset=to_dataset([{"prompt": p} for p in train_prompts]),
             processing_class=tok,
-            reward_processing_classes=reward_tokenizers + [None] * len(rules),
-            callbacks=[training.metrics_callback(run)],
+            reward_processing_classes=reward_tokenizers,
+            callbacks=[metrics_callback(run)],
         )
-        result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
+        result = trainer.train(resume_from_checkpoint=run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
         rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
         if rewards:
             summary.update(first_train_reward=rewards[0], last_train_reward=rewards[-1])
 
-        model = training.finish_lora(trainer.model, cfg.lora, run.dir)
         tok.padding_side = "right"
+        model = run.save_model(trainer.model, tok, cfg.lora, stops)
         if eval_prompts:
             after = held_out_scores(model, tok, eval_prompts, stops, scorer, cfg.max_new_tokens)
             summary.update({f"eval_{k}": v for k, v in after.items()})
             initial = summary.get("initial_eval_score", float("nan"))
             print(f"[hanlm] grpo: held-out score {initial:.4f} -> {after['score']:.4f}")
-        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        if run.main and (not cfg.lora.enabled or cfg.lora.merge):
-            save_model(model, tok, run.dir)
-        summary["seconds"] = time.time() - started
         run.finish(summary)
     return run.dir

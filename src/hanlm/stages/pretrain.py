@@ -16,14 +16,24 @@ import json
 import math
 import os
 import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from hanlm import IGNORE_INDEX
-from hanlm.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
+from hanlm.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    OutputConfig,
+    TrainConfig,
+    opt,
+)
+from hanlm.data import load, stream
+from hanlm.modeling import build_model, load_model, load_tokenizer
 from hanlm.runs import Run
+from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
 
 
 @dataclass
@@ -46,6 +56,18 @@ class PretrainConfig(OutputConfig):
         -1, "first new token id for train_embeddings=new_tokens (-1: from vocab_report.json)"
     )
     max_positions: int = opt(2048, "context length of a model built from scratch")
+
+    def validate(self) -> None:
+        if not self.model.path and not self.tokenizer:
+            raise ConfigError(
+                "pretraining from scratch needs tokenizer=DIR (e.g. the output of `hanlm vocab`)"
+            )
+        if self.streaming and self.train.max_steps <= 0:
+            raise ConfigError(
+                "streaming=true needs train.max_steps > 0 (the corpus length is unknown)"
+            )
+        if self.block_size < 2:
+            raise ConfigError("block_size must be at least 2 tokens")
 
 
 # --------------------------------------------------------------------------- data
@@ -126,8 +148,6 @@ def _stream_blocks(cfg: PretrainConfig, tok: Any) -> Any:
     """An IterableDataset of packed blocks for corpora larger than memory."""
     import datasets
 
-    from hanlm.data import stream
-
     eos, block = tok.eos_token_id, cfg.block_size
 
     def gen() -> Any:
@@ -164,8 +184,6 @@ def _new_token_ids(cfg: PretrainConfig, tok: Any) -> list[int]:
 
 
 def _build_or_load(cfg: PretrainConfig, tok: Any) -> Any:
-    from hanlm.modeling import build_model, load_model
-
     if cfg.model.path:
         model = load_model(cfg.model)
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
@@ -194,20 +212,7 @@ def run(cfg: PretrainConfig) -> Path:
     import torch
     from transformers import Trainer, default_data_collator, set_seed
 
-    from hanlm import training
-    from hanlm.data import load
-    from hanlm.modeling import load_tokenizer, save_model
-
-    if not cfg.model.path and not cfg.tokenizer:
-        raise ValueError(
-            "pretraining from scratch needs tokenizer=DIR (e.g. the output of `hanlm vocab`)"
-        )
-    if cfg.streaming and cfg.train.max_steps <= 0:
-        raise ValueError("streaming=true needs train.max_steps > 0 (the corpus length is unknown)")
-    started = time.time()
-    with Run(
-        "pretrain", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
-    ) as run:
+    with Run("pretrain", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.tokenizer or cfg.model.path)
 
@@ -261,14 +266,14 @@ def run(cfg: PretrainConfig) -> Path:
                 )
             elif cfg.train_embeddings == "new_tokens":
                 tokens = _new_token_ids(cfg, tok)
-            model = training.apply_lora(model, lora, trainable_tokens=tokens)
-        params = training.describe_trainable(model)
+            model = apply_lora(model, lora, trainable_tokens=tokens)
+        params = describe_trainable(model)
         print(
             f"[hanlm] parameters: {params['total_params']:,} total,"
             f" {params['trainable_params']:,} trainable ({params['trainable_pct']:.2f}%)"
         )
 
-        args = training.training_args(cfg.train, run.dir, has_eval=valid_ds is not None)
+        args = training_args(cfg.train, run.dir, has_eval=valid_ds is not None)
         trainer = Trainer(
             model=model,
             args=args,
@@ -276,9 +281,9 @@ def run(cfg: PretrainConfig) -> Path:
             eval_dataset=valid_ds,
             data_collator=default_data_collator,
             processing_class=tok,
-            callbacks=[training.metrics_callback(run, tokens_per_char)],
+            callbacks=[metrics_callback(run, tokens_per_char)],
         )
-        checkpoint = training.resume_point(run.dir, cfg.resume)
+        checkpoint = run.resume_from()
         summary: dict[str, Any] = dict(params)
         if valid_ds is not None and checkpoint is None:
             first = trainer.evaluate()  # the starting point the report compares against
@@ -297,18 +302,13 @@ def run(cfg: PretrainConfig) -> Path:
                 summary["tokens_per_char"] = tokens_per_char
 
         # Save an ordinary HF directory (LoRA merged unless asked otherwise).
+        run.save_model(trainer.model, tok, cfg.lora, [tok.eos_token_id])
         if run.main:
-            model = training.finish_lora(trainer.model, cfg.lora, run.dir)
-            if not cfg.lora.enabled or cfg.lora.merge:
-                model.generation_config.eos_token_id = tok.eos_token_id
-                model.generation_config.pad_token_id = tok.pad_token_id
-                save_model(model, tok, run.dir)
             summary["peak_memory_mb"] = _peak_memory_mb()
-            summary["seconds"] = time.time() - started
             if torch.cuda.is_available():
                 summary["device"] = torch.cuda.get_device_name()
             run.finish(summary)
-            _print_summary(summary)
+            _print_summary(run.info["summary"])
     return run.dir
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,14 @@ from hanlm.config import (
     TrainConfig,
     opt,
 )
-from hanlm.runs import Run
+from hanlm.data import load, or_demo, to_dataset
+from hanlm.data.formats import RecordError, from_preference
+from hanlm.data.sources import BadJson, DataError, iter_source, resolve
+from hanlm.data.templates import apply_template, render
+from hanlm.modeling import load_tokenizer
+from hanlm.rewards import load_reward_model, score_conversations, score_ids, trained_max_length
+from hanlm.runs import Run, atomic_write_text
+from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
 
 
 @dataclass
@@ -62,84 +68,15 @@ class RewardScoreConfig:
         "", "pairs: also give the accuracy per value of this record field (dotted: meta.defect)"
     )
     batch_size: int = opt(16, "conversations scored at once")
-    max_length: int = opt(1024, "longer conversations keep their last tokens")
-
-
-# --------------------------------------------------------------------------- model and scoring
-
-
-def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
-    """A one-output sequence-classification model (a fresh `score` head on a causal LM dir)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from hanlm.modeling import ModelError, pick_precision, resolve_source, torch_dtype
-
-    src = resolve_source(cfg.path)
-    dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            src.path,
-            gguf_file=src.gguf_file,
-            num_labels=1,
-            dtype=dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            **kw,
-        )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{cfg.path}: cannot load as a reward model ({e})") from None
-    if model.config.num_labels != 1:
-        raise ModelError(f"{cfg.path}: has {model.config.num_labels} outputs; a reward model has 1")
-    return model
-
-
-def score_ids(
-    model: Any, id_lists: list[list[int]], pad_id: int, batch_size: int = 16
-) -> list[float]:
-    """The scalar reward of each token sequence (right-padded; read at the last real token)."""
-    import torch
-
-    device = next(model.parameters()).device
-    model.eval()
-    out: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(id_lists), batch_size):
-            batch = id_lists[start : start + batch_size]
-            width = max(len(x) for x in batch)
-            ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in batch], device=device)
-            mask = torch.tensor(
-                [[1] * len(x) + [0] * (width - len(x)) for x in batch], device=device
-            )
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            out += logits[:, 0].float().tolist()
-    return out
-
-
-def conversation_ids(tok: Any, messages: list[dict[str, str]], max_length: int) -> list[int]:
-    """Ids of a whole conversation as the reward model saw them in training (last tokens kept)."""
-    from hanlm.data.templates import render
-
-    ids, _ = render(tok, messages)
-    return ids[-max_length:]
-
-
-def score_conversations(
-    model: Any,
-    tok: Any,
-    conversations: list[list[dict[str, str]]],
-    batch_size: int = 16,
-    max_length: int = 1024,
-) -> list[float]:
-    """Rewards of whole conversations (each ending with the assistant answer to judge)."""
-    ids = [conversation_ids(tok, c, max_length) for c in conversations]
-    return score_ids(model, ids, tok.pad_token_id, batch_size)
+    max_length: int = opt(
+        0, "longer conversations keep their last tokens (0 = the length the model was trained at)"
+    )
 
 
 def encode_pairs(
     records: list[dict[str, Any]], tok: Any, max_length: int
 ) -> tuple[list[dict[str, list[int]]], int]:
     """(rows of chosen_ids / rejected_ids, pairs dropped as too long)."""
-    from hanlm.data.templates import render
-
     rows, dropped = [], 0
     for rec in records:
         chosen, _ = render(tok, rec["prompt"] + rec["chosen"])
@@ -177,15 +114,7 @@ def run(cfg: RewardConfig) -> Path:
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
-    from hanlm import training
-    from hanlm.data import load, or_demo, to_dataset
-    from hanlm.data.templates import apply_template
-    from hanlm.modeling import load_tokenizer, save_model
-
-    started = time.time()
-    with Run(
-        "reward", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
-    ) as run:
+    with Run("reward", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
         added = apply_template(tok, cfg.template)
@@ -225,15 +154,15 @@ def run(cfg: RewardConfig) -> Path:
         if cfg.lora.enabled:
             extra = {"score"} | ({"embed_tokens", "lm_head"} if added else set())
             lora = replace(cfg.lora, modules_to_save=sorted(set(cfg.lora.modules_to_save) | extra))
-            model = training.apply_lora(model, lora, task="SEQ_CLS")
-        summary.update(training.describe_trainable(model))
+            model = apply_lora(model, lora, task="SEQ_CLS")
+        summary.update(describe_trainable(model))
 
         def with_margin(rows: list[dict[str, Any]]) -> Any:
             if cfg.margin:
                 rows = [{**r, "margin": cfg.margin} for r in rows]
             return to_dataset(rows)
 
-        args = training.training_args(
+        args = training_args(
             cfg.train,
             run.dir,
             has_eval=bool(valid_rows),
@@ -247,12 +176,12 @@ def run(cfg: RewardConfig) -> Path:
             train_dataset=with_margin(train_rows),
             eval_dataset=with_margin(valid_rows) if valid_rows else None,
             processing_class=tok,
-            callbacks=[training.metrics_callback(run)],
+            callbacks=[metrics_callback(run)],
         )
-        result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
+        result = trainer.train(resume_from_checkpoint=run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
-        model = training.finish_lora(trainer.model, cfg.lora, run.dir)
+        model = run.save_model(trainer.model, tok, cfg.lora)
         if eval_rows:
             after = pair_metrics(model, eval_rows, tok.pad_token_id, cfg.train.batch_size)
             summary.update(after)
@@ -261,9 +190,6 @@ def run(cfg: RewardConfig) -> Path:
                 f" -> {after['accuracy']:.3f}, reward gap {after['reward_gap']:.4f}"
                 f" (rewards {after['reward_mean']:.3f} ± {after['reward_std']:.3f})"
             )
-        if run.main and (not cfg.lora.enabled or cfg.lora.merge):
-            save_model(model, tok, run.dir)
-        summary["seconds"] = time.time() - started
         run.finish(summary)
     return run.dir
 
@@ -272,9 +198,6 @@ def run(cfg: RewardConfig) -> Path:
 
 
 def _score_records(path: str) -> list[dict[str, Any]]:
-    from hanlm.data.formats import RecordError, from_preference
-    from hanlm.data.sources import BadJson, DataError, iter_source, resolve
-
     out = []
     for source in resolve(path):
         for raw, loc in iter_source(source):
@@ -302,8 +225,6 @@ def _score_records(path: str) -> list[dict[str, Any]]:
 
 def score(cfg: RewardScoreConfig) -> int:
     """Print the reward of one answer (a bare number) or of every record in a file (JSONL)."""
-    from hanlm.modeling import load_tokenizer
-
     if bool(cfg.file) == bool(cfg.prompt or cfg.response):
         print("hanlm reward score: give either --prompt and --response, or --file", file=sys.stderr)
         return 2
@@ -314,8 +235,10 @@ def score(cfg: RewardScoreConfig) -> int:
     model = load_reward_model(cfg.model)
     model.config.pad_token_id = tok.pad_token_id
 
+    max_length = cfg.max_length or trained_max_length(cfg.model.path)
+
     def conv_score(convs: list[list[dict[str, str]]]) -> list[float]:
-        return score_conversations(model, tok, convs, cfg.batch_size, cfg.max_length)
+        return score_conversations(model, tok, convs, cfg.batch_size, max_length)
 
     if not cfg.file:
         conv = [
@@ -346,8 +269,6 @@ def score(cfg: RewardScoreConfig) -> int:
         lines.append(json.dumps(row, ensure_ascii=False))
     text = "\n".join(lines) + "\n"
     if cfg.output:
-        from hanlm.runs import atomic_write_text
-
         atomic_write_text(cfg.output, text)
     else:
         sys.stdout.write(text)

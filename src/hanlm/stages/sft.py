@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from hanlm import IGNORE_INDEX
 from hanlm.config import (
+    ConfigError,
     DataConfig,
     LoraConfig,
     ModelConfig,
@@ -26,12 +26,19 @@ from hanlm.config import (
     TrainConfig,
     opt,
 )
-from hanlm.infer.engine import GenerationOptions
+from hanlm.data import load, or_demo, to_dataset
+from hanlm.data.formats import split_last_answer
+from hanlm.data.templates import apply_template, render, stop_token_ids
+from hanlm.infer.engine import GenerationOptions, generate
+from hanlm.modeling import load_model, load_tokenizer, pad_batch
 from hanlm.runs import Run, atomic_write_text
+from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
 
 
 @dataclass
 class SFTConfig(OutputConfig):
+    RENAMED: ClassVar[dict[str, str]] = {"cutoff_len": "max_length"}
+
     model: ModelConfig = opt(ModelConfig, "the model to tune (HF dir, .gguf, hub id)")
     data: DataConfig = opt(
         DataConfig, "alpaca / sharegpt / messages data (no paths: the embedded demo set)"
@@ -39,7 +46,7 @@ class SFTConfig(OutputConfig):
     template: TemplateName = opt(
         "auto", "chat template; auto = the model's own (guessed if it lacks answer markers)"
     )
-    cutoff_len: int = opt(512, "most tokens per conversation")
+    max_length: int = opt(512, "most tokens per conversation")
     truncation: Literal["drop", "truncate_history"] = opt(
         "truncate_history",
         "too long: drop it, or drop the oldest turns (an answer is never cut)",
@@ -47,7 +54,10 @@ class SFTConfig(OutputConfig):
     quantize: Literal["none", "4bit"] = opt("none", "4bit = QLoRA (bitsandbytes, GPU only)")
     neftune_alpha: float = opt(0.0, "NEFTune embedding noise (0 = off; 5 is the paper's)")
     packing: bool = opt(False, "pack several conversations into one sequence")
-    train: TrainConfig = opt(TrainConfig, "optimisation")
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=2e-5),  # trl's default; the papers' are similar
+        metadata={"help": "optimisation"},
+    )
     lora: LoraConfig = opt(LoraConfig, "LoRA adapters")
     eval_prompts: int = opt(32, "held-out prompts answered greedily before and after training")
     generation: GenerationOptions = field(
@@ -55,26 +65,32 @@ class SFTConfig(OutputConfig):
         metadata={"help": "decoding of the held-out answers"},
     )
 
+    def validate(self) -> None:
+        if self.quantize == "4bit" and not self.lora.enabled:
+            raise ConfigError(
+                "quantize=4bit trains LoRA adapters on a frozen 4-bit model: set lora.enabled=true"
+            )
+        if self.max_length < 2:
+            raise ConfigError("max_length must be at least 2 tokens")
+
 
 # --------------------------------------------------------------------------- data
 
 
 def fit_to_length(
-    tok: Any, messages: list[dict[str, str]], cutoff: int, policy: str
+    tok: Any, messages: list[dict[str, str]], max_length: int, policy: str
 ) -> tuple[list[int], list[int], int] | None:
-    """Render a conversation within `cutoff` tokens: (ids, labels, turns dropped) or None.
+    """Render a conversation within `max_length` tokens: (ids, labels, turns dropped) or None.
 
     With truncate_history the oldest user/assistant exchanges after the system prompt are
     dropped until it fits; an answer is never cut, so what cannot fit whole is dropped.
     """
-    from hanlm.data.templates import render
-
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
     dropped = 0
     while True:
         ids, labels = render(tok, system + turns)
-        if len(ids) <= cutoff:
+        if len(ids) <= max_length:
             return ids, labels, dropped
         if policy == "drop":
             return None
@@ -93,7 +109,7 @@ def _encode(
 
     rows, counts = [], {"kept": 0, "dropped_too_long": 0, "history_truncated": 0}
     for rec in tqdm(records, desc="rendering", leave=False, mininterval=1.0):
-        fitted = fit_to_length(tok, rec["messages"], cfg.cutoff_len, cfg.truncation)
+        fitted = fit_to_length(tok, rec["messages"], cfg.max_length, cfg.truncation)
         if fitted is None:
             counts["dropped_too_long"] += 1
             continue
@@ -117,18 +133,10 @@ def answer_loss(model: Any, rows: list[dict[str, list[int]]], batch_size: int = 
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.tensor(
-                [r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch]
-            )
-            labels = torch.tensor(
-                [r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in batch]
-            )
-            mask = torch.tensor(
-                [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch]
-            )
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:].to(device)
+            ids, mask = pad_batch([r["input_ids"] for r in batch], 0, "right", device)
+            labels, _ = pad_batch([r["labels"] for r in batch], IGNORE_INDEX, "right", device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.size(-1)),
                 shift_labels.reshape(-1),
@@ -144,14 +152,11 @@ def held_out_answers(
     model: Any, tok: Any, records: list[dict[str, Any]], opts: GenerationOptions
 ) -> list[dict[str, Any]]:
     """Greedy answers to held-out prompts (the conversation up to its last answer)."""
-    from hanlm.infer.engine import generate
-
     prompts, refs = [], []
     for rec in records:
-        msgs = rec["messages"]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompts.append(msgs[:last])
-        refs.append(msgs[last]["content"])
+        prompt, answer = split_last_answer(rec["messages"])
+        prompts.append(prompt)
+        refs.append(answer)
     answers = generate(model, tok, prompts, opts)
     return [
         {"prompt": p[-1]["content"], "reference": r, **a} for p, r, a in zip(prompts, refs, answers)
@@ -167,24 +172,12 @@ def run(cfg: SFTConfig) -> Path:
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    from hanlm import training
-    from hanlm.data import load, or_demo, to_dataset
-    from hanlm.data.templates import apply_template, stop_token_ids
-    from hanlm.modeling import load_model, load_tokenizer, save_model
-
     if cfg.quantize == "4bit" and not torch.cuda.is_available():
         raise ValueError(
             "quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on this machine use"
             " lora.enabled=true without quantize, or full fine-tuning"
         )
-    if cfg.quantize == "4bit" and not cfg.lora.enabled:
-        raise ValueError(
-            "quantize=4bit trains LoRA adapters on a frozen 4-bit model: set lora.enabled=true"
-        )
-    started = time.time()
-    with Run(
-        "sft", cfg, cfg.output_dir, cfg.overwrite, resume=cfg.resume, seed=cfg.train.seed
-    ) as run:
+    with Run("sft", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
         added = apply_template(tok, cfg.template)
@@ -195,7 +188,7 @@ def run(cfg: SFTConfig) -> Path:
         train_rows, train_counts = _encode(data.train, tok, cfg)
         valid_rows, valid_counts = _encode(data.valid, tok, cfg)
         if not train_rows:
-            raise ValueError(f"no conversation fits cutoff_len={cfg.cutoff_len}; raise it")
+            raise ValueError(f"no conversation fits max_length={cfg.max_length}; raise it")
         print(
             f"[hanlm] rendered {train_counts['kept']} conversations; dropped as too long:"
             f" {train_counts['dropped_too_long']};"
@@ -242,10 +235,10 @@ def run(cfg: SFTConfig) -> Path:
                 # embeddings and head are trained whole.)
                 extra = {"embed_tokens", "lm_head"}
                 lora = replace(lora, modules_to_save=sorted(set(lora.modules_to_save) | extra))
-            model = training.apply_lora(model, lora)
-        summary.update(training.describe_trainable(model))
+            model = apply_lora(model, lora)
+        summary.update(describe_trainable(model))
 
-        args = training.training_args(
+        args = training_args(
             cfg.train,
             run.dir,
             has_eval=bool(valid_rows),
@@ -260,27 +253,21 @@ def run(cfg: SFTConfig) -> Path:
             train_dataset=to_dataset(train_rows),
             eval_dataset=to_dataset(valid_rows) if valid_rows else None,
             processing_class=tok,
-            callbacks=[training.metrics_callback(run)],
+            callbacks=[metrics_callback(run)],
         )
-        result = trainer.train(resume_from_checkpoint=training.resume_point(run.dir, cfg.resume))
+        result = trainer.train(resume_from_checkpoint=run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
-        model = training.finish_lora(trainer.model, cfg.lora, run.dir)
+        # The stop tokens travel with the model: chat, the API, transformers and vLLM read them.
+        stops = stop_token_ids(tok, cfg.template)
+        model.config.eos_token_id = stops[0]
+        model = run.save_model(trainer.model, tok, cfg.lora, stops)
         if valid_rows:
             summary["answer_loss"] = answer_loss(model, valid_rows)
             after = held_out_answers(model, tok, valid_eval, cfg.generation)
             summary["stop_rate"] = sum(a["stopped"] for a in after) / max(len(after), 1)
             lines = [json.dumps(a, ensure_ascii=False) for a in after]
             atomic_write_text(run.dir / "samples.jsonl", "\n".join(lines) + "\n")
-
-        # The stop tokens travel with the model: chat, the API, transformers and vLLM read them.
-        stops = stop_token_ids(tok, cfg.template)
-        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.config.eos_token_id = stops[0]
-        if run.main and (not cfg.lora.enabled or cfg.lora.merge):
-            save_model(model, tok, run.dir)
-        summary["seconds"] = time.time() - started
         run.finish(summary)
         if "answer_loss" in summary:
             print(

@@ -1,0 +1,170 @@
+"""The import structure DESIGN.md asks for, checked on the source: a stage never imports another
+stage, no import cycles, the lower floors never import the upper ones, hanlm-internal imports sit
+at module top (only heavy libraries load lazily), and library internals only in compat.py."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PKG = SRC / "hanlm"
+
+# Floors, bottom to top; a module may import its own floor or lower ones.
+FLOORS = [
+    {"hanlm", "hanlm.config", "hanlm.losses", "hanlm.compat"},
+    None,  # everything not named elsewhere: shared machinery (runs, modeling, data, rollouts...)
+    {"hanlm.stages", "hanlm.infer.chat", "hanlm.serve", "hanlm.rag", "hanlm.report"},
+    {"hanlm.recipe", "hanlm.commands", "hanlm.cli"},
+]
+HEAVY = {"torch", "transformers", "trl", "datasets", "peft", "accelerate", "tokenizers"}
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module(p): p for p in sorted(PKG.rglob("*.py"))}
+TREES = {name: ast.parse(p.read_text(encoding="utf-8")) for name, p in MODULES.items()}
+
+
+def _floor(name: str) -> int:
+    for i, names in enumerate(FLOORS):
+        if names and any(name == n or name.startswith(n + ".") for n in names):
+            return i
+    return 1
+
+
+def _imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
+    """Every hanlm module a module imports (anywhere in it), resolved to a module name."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] != "hanlm":
+                continue
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                out.append((sub if sub in MODULES else node.module, node))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, node) for a in node.names if a.name.split(".")[0] == "hanlm"]
+    return out
+
+
+def test_no_stage_imports_another_stage():
+    bad = [
+        f"{name} imports {target}"
+        for name, tree in TREES.items()
+        if name.startswith("hanlm.stages.")
+        for target, _ in _imports(tree)
+        if target.startswith("hanlm.stages.") and target != name
+    ]
+    assert not bad, bad
+
+
+def test_lower_floors_never_import_upper_ones():
+    bad = [
+        f"{name} (floor {_floor(name)}) imports {target} (floor {_floor(target)})"
+        for name, tree in TREES.items()
+        for target, _ in _imports(tree)
+        if target != "hanlm" and _floor(target) > _floor(name)
+    ]
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    graph = {
+        name: {t for t, _ in _imports(tree) if t in MODULES and t != name}
+        for name, tree in TREES.items()
+    }
+    for pkg in [n for n in graph if (MODULES[n].name == "__init__.py")]:
+        graph[pkg] = {t for t in graph[pkg] if not t.startswith(pkg + ".")}  # re-exports
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*path[path.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles
+
+
+def test_hanlm_imports_sit_at_module_top():
+    """Only heavy libraries are imported inside functions (so `hanlm --help` stays fast)."""
+    bad = []
+    for name, tree in TREES.items():
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                bad += [f"{name}:{node.lineno}" for target, node in _imports(fn)]
+    assert not bad, bad
+
+
+def test_help_imports_no_heavy_library():
+    import subprocess
+
+    code = (
+        "import sys; from hanlm import cli, commands;"
+        "[commands.config_class(n) for n in commands.COMMANDS];"
+        f"print(sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_library_internals_only_in_compat():
+    """No `<third-party module or class>._private` outside compat.py."""
+    bad = []
+    for name, tree in TREES.items():
+        if name == "hanlm.compat":
+            continue
+        third_party = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.split(".")[0] != "hanlm":
+                    third_party |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                third_party |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in third_party
+            ):
+                bad.append(f"{name}:{node.lineno} {node.value.id}.{node.attr}")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize(
+    "name", ["hanlm.stages.ppo", "hanlm.stages.evaluate", "hanlm.stages.vocab"]
+)
+def test_the_long_modules_stay_short(name):
+    assert len(MODULES[name].read_text(encoding="utf-8").splitlines()) < 650
+
+
+def test_compat_shim_resets_accelerate_state():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from hanlm.compat import accelerate_checked, reset_accelerator_state
+
+    assert accelerate_checked(), "accelerate outside the checked range: re-read compat.py"
+    Accelerator(cpu=True)
+    assert AcceleratorState().initialized
+    reset_accelerator_state()
+    assert not AcceleratorState._shared_state  # the state the shim exists to clear
+    Accelerator(cpu=True)  # and a new one can be built
