@@ -76,6 +76,22 @@ PINNED = {
         0.008109884103760123,
     ],
     "ppo_score": [-1.0, -1.0, -0.45, -0.9583333333333334, -0.9583333333333334],
+    # issue 21: the critic is centred on the first rollout's shifted scores (a trainable offset)
+    "ppo_centered_loss": [
+        0.0034509794786572456,
+        0.002700202167034149,
+        0.006200678646564484,
+        0.0012216567993164062,
+        0.0009663701057434082,
+    ],
+    "ppo_centered_value_loss": [
+        0.006913274992257357,
+        0.004879257176071405,
+        0.21445347368717194,
+        0.010834904853254557,
+        0.01381698390468955,
+    ],
+    "ppo_centered_score": [-1.0, -1.0, -0.45, -0.9583333333333334, -0.9583333333333334],
 }
 
 
@@ -208,7 +224,9 @@ def test_dpo_first_losses(tmp_path, tiny_model_path, files):
     _check("dpo", _losses(out))
 
 
-def test_ppo_first_losses(tmp_path, tiny_model_path, files):
+@pytest.mark.parametrize("center", [False, True])
+def test_ppo_first_losses(tmp_path, tiny_model_path, files, center):
+    """Without the critic's centring (issue 21) PPO repeats wave 1's numbers exactly."""
     from hanlm.testing import SAMPLE_TEXT
 
     out = _run(
@@ -227,15 +245,14 @@ def test_ppo_first_losses(tmp_path, tiny_model_path, files):
         "train.lr=1e-3",
         "eval_prompts=0",
         "eval_ptx_blocks=0",
+        f"center_value={str(center).lower()}",
         *COMMON,
     )
     got = {k: _losses(out, k) for k in ("loss", "value_loss", "score")}
-    assert None not in (PINNED["ppo_loss"], PINNED["ppo_value_loss"], PINNED["ppo_score"]), (
-        json.dumps(got)
-    )
-    _check("ppo_loss", got["loss"])
-    _check("ppo_value_loss", got["value_loss"])
-    _check("ppo_score", got["score"])
+    tag = "ppo_centered" if center else "ppo"
+    assert PINNED.get(f"{tag}_loss") is not None, json.dumps(got)
+    for key in ("loss", "value_loss", "score"):
+        _check(f"{tag}_{key}", got[key])
 
 
 def _weights(out) -> dict:

@@ -347,7 +347,7 @@ class Scorer:
             parts.update(means)
             total = [a + b for a, b in zip(total, rule)]
         if self.missing_stop_penalty:
-            total = [
-                s + (0.0 if stop else self.missing_stop_penalty) for s, stop in zip(total, stopped)
-            ]
+            penalty = [0.0 if stop else self.missing_stop_penalty for stop in stopped]
+            parts["stop_penalty"] = sum(penalty) / n  # apart: no judge saw it
+            total = [s + x for s, x in zip(total, penalty)]
         return total, parts

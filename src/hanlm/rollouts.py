@@ -13,18 +13,22 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hanlm.config import DataConfig
 from hanlm.data import load, or_demo
 from hanlm.data.formats import split_last_answer
 from hanlm.data.templates import prompt_ids
+from hanlm.judge import check_answer, judge_answers
 from hanlm.modeling import pad_batch
 from hanlm.rewards import Scorer
+from hanlm.runs import atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -38,25 +42,52 @@ Messages = list[dict[str, str]]
 def prompts_of(records: list[dict[str, Any]]) -> list[Messages]:
     """The conversation before the answer: a preference record's prompt, or a chat record up to
     its last assistant turn."""
-    return [
-        rec["prompt"] if "prompt" in rec else split_last_answer(rec["messages"])[0]
-        for rec in records
-    ]
+    return [p for p, _ in prompts_and_references(records)]
+
+
+def prompts_and_references(records: list[dict[str, Any]]) -> list[tuple[Messages, str | None]]:
+    """(prompt, the known good answer) per record: a preference record's chosen answer, or a
+    chat record's last answer (None when a chat record has none)."""
+    out: list[tuple[Messages, str | None]] = []
+    for rec in records:
+        if "prompt" in rec:
+            chosen = "".join(m["content"] for m in rec["chosen"] if m["role"] == "assistant")
+            out.append((rec["prompt"], chosen or None))
+        else:
+            out.append(split_last_answer(rec["messages"]))
+    return out
+
+
+@dataclass
+class HeldOut:
+    """Held-out prompts and, where the data knows one, the good answer to each."""
+
+    prompts: list[Messages]
+    references: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
 
 def load_prompts(
     data_cfg: DataConfig, tok: Any, max_prompt_length: int, eval_prompts: int, stage: str
-) -> tuple[Any, list[Messages], list[Messages]]:
-    """Prompts for rollouts (PPO, GRPO): (loaded data, train prompts, held-out prompts), keeping
-    those that fit `max_prompt_length` tokens once rendered."""
+) -> tuple[Any, list[Messages], HeldOut]:
+    """Prompts for rollouts (PPO, GRPO): (loaded data, train prompts, held-out prompts with
+    their references), keeping those that fit `max_prompt_length` tokens once rendered."""
     data = load(or_demo(data_cfg, "preference"))
     if data.kind == "text":
         raise ValueError(f"{stage} prompts come from chat or preference data, not plain text")
 
-    def fitting(records: list[dict[str, Any]]) -> list[Messages]:
-        return [p for p in prompts_of(records) if len(prompt_ids(tok, p)) <= max_prompt_length]
+    def fitting(records: list[dict[str, Any]]) -> list[tuple[Messages, str | None]]:
+        return [
+            (p, ref)
+            for p, ref in prompts_and_references(records)
+            if len(prompt_ids(tok, p)) <= max_prompt_length
+        ]
 
-    return data, fitting(data.train), fitting(data.valid)[:eval_prompts]
+    held = fitting(data.valid)[:eval_prompts]
+    held_out = HeldOut([p for p, _ in held], [r for _, r in held])
+    return data, [p for p, _ in fitting(data.train)], held_out
 
 
 class Cycler:
@@ -81,10 +112,10 @@ class Cycler:
             self.pos += 1
         return out
 
-    def state(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
 
-    def load(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._perm()
 
@@ -148,6 +179,28 @@ def position_ids(attn: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attn == 0, 1)
 
 
+@contextlib.contextmanager
+def own_sampling(model: Any) -> Iterator[None]:
+    """Generation that only the arguments given shape: transformers fills every generation
+    setting left unset from `model.generation_config` (a shipped `repetition_penalty`,
+    `no_repeat_ngram_size`, `min_new_tokens`, ...), which would make the sampled tokens follow
+    another distribution than the log-probs PPO computes. The model's config is set aside
+    meanwhile (a fresh one has only neutral defaults) and put back after."""
+    from transformers import GenerationConfig
+
+    targets = [model]
+    if hasattr(model, "get_base_model"):  # a peft model generates through its base
+        targets.append(model.get_base_model())
+    saved = [t.generation_config for t in targets]
+    try:
+        for t in targets:
+            t.generation_config = GenerationConfig()
+        yield
+    finally:
+        for t, cfg in zip(targets, saved):
+            t.generation_config = cfg
+
+
 def rollout(
     model: Any,
     tok: Any,
@@ -176,7 +229,7 @@ def rollout(
         pad_token_id=pad,
     )
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), own_sampling(model):
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
     answer = out[:, width:]
     is_stop = torch.isin(answer, torch.tensor(stop_ids, device=device))
@@ -219,18 +272,21 @@ def token_values(value_model: Any, seq: torch.Tensor, attn: torch.Tensor, ctx: i
 
 
 def token_value_module(value_model: Any) -> torch.nn.Module:
-    """The value model as a module whose forward is `token_values`. DDP averages gradients only
-    through the wrapped module's own forward, and the value model's forward gives one score per
-    sequence, so this is what goes through `accelerator.prepare`."""
+    """The value model as a module whose forward is `token_values` plus a trainable `offset`.
+    DDP averages gradients only through the wrapped module's own forward, and the value model's
+    forward gives one score per sequence, so this is what goes through `accelerator.prepare`.
+    The offset centres a critic started from a reward model (whose head has no bias) on the
+    shifted scores it must predict."""
     import torch
 
     class TokenValues(torch.nn.Module):
         def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
+            self.offset = torch.nn.Parameter(torch.zeros((), device=model.device))
 
         def forward(self, seq: torch.Tensor, attn: torch.Tensor, ctx: int) -> torch.Tensor:
-            return token_values(self.model, seq, attn, ctx)
+            return token_values(self.model, seq, attn, ctx) + self.offset
 
     return TokenValues(value_model)
 
@@ -253,28 +309,65 @@ def lm_loss(model: Any, blocks: torch.Tensor) -> torch.Tensor:
 def held_out_scores(
     model: Any,
     tok: Any,
-    prompts: list[Messages],
+    prompts: list[Messages] | HeldOut,
     stop_ids: list[int],
-    scorer: Scorer,
+    scorer: Scorer | None,
     max_new_tokens: int,
     batch_size: int = 16,
+    gold: Scorer | None = None,
+    samples: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Greedy answers to held-out prompts: mean score, answer length (tokens) and stop rate."""
+    """Greedy answers to held-out prompts, measured: the proxy `score` (the training reward, if
+    a `scorer` is given:
+    `rm_score` + rules + `stop_penalty`, each part also given), the `gold_score` of a judge that
+    was not the target, the rule checks and collapse detectors of `hanlm.judge` (with the
+    references a `HeldOut` carries), answer length in tokens and the stop rate. `samples`, if
+    given, receives one row per answer."""
+    held = prompts if isinstance(prompts, HeldOut) else HeldOut(prompts, [None] * len(prompts))
     scores: list[float] = []
     parts: dict[str, float] = {}
-    lengths = stopped = 0
-    for i in range(0, len(prompts), batch_size):
-        r = rollout(model, tok, prompts[i : i + batch_size], stop_ids, max_new_tokens, 0.0)
-        s, p = r.score(scorer, batch_size)
+    golds: list[float] = []
+    texts: list[str] = []
+    stopped: list[bool] = []
+    lengths = 0
+    for i in range(0, len(held.prompts), batch_size):
+        r = rollout(model, tok, held.prompts[i : i + batch_size], stop_ids, max_new_tokens, 0.0)
+        s, p = r.score(scorer, batch_size) if scorer else ([0.0] * len(r.texts), {})
         scores += s
         for k, v in p.items():
             parts[k] = parts.get(k, 0.0) + v * len(s)
+        if gold is not None:
+            golds += r.score(gold, batch_size)[0]
         lengths += sum(len(x) for x in r.ids)
-        stopped += sum(r.stopped)
+        texts += r.texts
+        stopped += r.stopped
     n = max(len(scores), 1)
-    return {
-        "score": sum(scores) / n,
+    questions = [p[-1]["content"] if p else "" for p in held.prompts]
+    out = {
+        **({"score": sum(scores) / n} if scorer else {}),
         **{k: v / n for k, v in parts.items()},
         "length": lengths / n,
-        "stop_rate": stopped / n,
+        "stop_rate": sum(stopped) / n,
     }
+    if golds:
+        out["gold_score"] = sum(golds) / n
+    judged = judge_answers(questions, texts, held.references, stopped)
+    judged["answer_chars"] = judged.pop("length", 0.0)
+    out.update(judged)
+    if samples is not None:
+        for j, (q, t) in enumerate(zip(questions, texts)):
+            row = {"prompt": q, "answer": t, "reference": held.references[j]}
+            if scorer:
+                row["score"] = scores[j]
+            if golds:
+                row["gold_score"] = golds[j]
+            row.update(check_answer(q, t, held.references[j], stopped[j]))
+            samples.append(row)
+    return out
+
+
+def write_samples(out: Path, before: list[dict], after: list[dict]) -> None:
+    """The held-out answers before and after, side by side: a look at the answers themselves."""
+    rows = [{"before": b, "after": a} for b, a in zip(before, after)] if before else after
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(Path(out) / "samples.jsonl", text)

@@ -9,6 +9,7 @@ the marker `runs.mark_complete` writes); `Run.resume_from` takes the newest comp
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +231,56 @@ def loop_accelerator(precision: str, command: str) -> Any:
             " torchrun or a plain `accelerate launch` config"
         )
     return acc
+
+
+def save_loop(
+    run: Run,
+    step: int,
+    keep: int,
+    acc: Any,
+    modules: dict[str, Any],
+    stateful: dict[str, Any],
+    extra: dict[str, Any],
+) -> None:
+    """A complete checkpoint of a hand-written loop (`checkpoints/checkpoint-<step>`): the
+    trainable tensors of each of `modules` (`<name>.pt`), the `state_dict()` of each of
+    `stateful` (optimisers, schedulers, data orders), `extra`, and every process's random
+    state (each samples its own data). Rank 0 writes; all processes must call it."""
+    import torch
+    from accelerate.utils import gather_object
+
+    rng = gather_object([rng_state()])
+    acc.wait_for_everyone()
+    if run.main:
+        with run.checkpoint(step, keep=keep) as tmp:
+            for name, module in modules.items():
+                torch.save(trainable_state(module), tmp / f"{name}.pt")
+            states = {k: v.state_dict() for k, v in stateful.items() if v is not None}
+            torch.save({"step": step, **extra, "states": states, "rng": rng}, tmp / "state.pt")
+    acc.wait_for_everyone()
+
+
+def load_loop(
+    ckpt: Path, acc: Any, modules: dict[str, Any], stateful: dict[str, Any]
+) -> dict[str, Any]:
+    """Restore what `save_loop` wrote (into unprepared modules); returns the saved dict."""
+    import torch
+
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    for name, module in modules.items():
+        load_trainable(module, ckpt / f"{name}.pt")
+    for name, obj in stateful.items():
+        if obj is not None and name in state["states"]:
+            obj.load_state_dict(state["states"][name])
+    rngs, rank = state["rng"], acc.process_index
+    if rank < len(rngs):
+        set_rng_state(rngs[rank])
+    if acc.is_main_process:
+        print(f"[hanlm] resuming from {ckpt} (step {state['step']})")
+        if len(rngs) != acc.num_processes:
+            print(
+                f"[hanlm] note: the checkpoint is from {len(rngs)} processes, this run has"
+                f" {acc.num_processes}: the sampling does not repeat the interrupted run's",
+                file=sys.stderr,
+            )
+    return state

@@ -376,10 +376,10 @@ def test_ppo_helpers():
 
     c = Cycler(5, seed=1)
     first = c.take(7)
-    state = c.state()
+    state = c.state_dict()
     rest = c.take(6)
     d = Cycler(5, seed=1)
-    d.load(state)
+    d.load_state_dict(state)
     assert d.take(6) == rest and sorted(first[:5]) == list(range(5))
     chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     pref = {"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": []}
@@ -389,7 +389,9 @@ def test_ppo_helpers():
 # --------------------------------------------------------------------------- DPO
 
 
-def test_dpo_margins_rise_and_reference_logprobs_are_cached(tmp_path, tiny_model_path, pref):
+def test_dpo_margins_rise_and_reference_logprobs_are_cached(
+    tmp_path, tiny_model_path, pref, reward_dir
+):
     from hanlm.stages.dpo import DPOConfig, run
 
     cache = tmp_path / "cache"
@@ -412,9 +414,15 @@ def test_dpo_margins_rise_and_reference_logprobs_are_cached(tmp_path, tiny_model
         )
         return read_run(run(cfg))["summary"]
 
-    first = dpo("one")
+    first = dpo("one", f"gold_reward_model={reward_dir}")
     assert first["ref_cache"] == "miss"
     assert first["reward_margin"] > 0.05 and first["reward_accuracy"] >= 0.9
+    # the start through the same path as the end: the policy is the reference, every pair a
+    # tie, so chance (it was 0.0 when the reference was compared with itself)
+    assert first["initial_reward_accuracy"] == 0.5 and first["reward_accuracy_chance"] == 0.5
+    # greedy held-out answers before and after, judged by the gold RM and the rule checks
+    for key in ("gold_score", "distinct_answers", "defect_rate", "correct"):
+        assert f"initial_eval_{key}" in first and f"eval_{key}" in first, key
     # another loss and learning rate: the reference side is the same, so the cache serves it
     second = dpo("two", "loss_type=ipo", "train.lr=5e-4")
     assert second["ref_cache"] == "hit" and second["ref_cache_dir"] == first["ref_cache_dir"]
@@ -443,10 +451,37 @@ def test_dpo_with_lora_and_hinge_needs_no_reference_copy(tmp_path, tiny_model_pa
     assert s["trainable_pct"] < 50 and s["reward_margin"] > 0 and "ref_cache" not in s
 
 
+def test_dpo_drops_pairs_whose_answers_are_identical(tmp_path, tiny_model_path, pref, capsys):
+    from hanlm.stages.dpo import DPOConfig, run
+
+    rows = [json.loads(x) for x in (pref / "train.jsonl").read_text().splitlines()]
+    rows[0]["rejected"] = rows[0]["chosen"]
+    rows[1]["rejected"] = rows[1]["chosen"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    cfg = load_config(
+        DPOConfig,
+        None,
+        [
+            f"model.path={tiny_model_path}",
+            f"data.paths=[{data}]",
+            "data.dedup=none",
+            "train.max_steps=1",
+            "eval_prompts=0",
+            f"output_dir={tmp_path / 'o'}",
+        ],
+    )
+    out = run(cfg)
+    assert read_run(out)["data"]["dropped_identical"] == 2
+    assert (
+        "dropped 2 pairs whose chosen and rejected answers are identical" in capsys.readouterr().err
+    )
+
+
 # --------------------------------------------------------------------------- GRPO
 
 
-def test_grpo_raises_a_builtin_rule_reward(tmp_path, tiny_model_path, pref):
+def test_grpo_raises_a_builtin_rule_reward(tmp_path, tiny_model_path, pref, reward_dir):
     from hanlm.stages.grpo import GRPOConfig, run
 
     cfg = load_config(
@@ -466,12 +501,17 @@ def test_grpo_raises_a_builtin_rule_reward(tmp_path, tiny_model_path, pref):
             "train.warmup_ratio=0",
             "train.logging_steps=3",
             "eval_prompts=8",
+            f"gold_reward_model={reward_dir}",
             f"output_dir={tmp_path / 'g'}",
         ],
     )
-    s = read_run(run(cfg))["summary"]
+    out = run(cfg)
+    s = read_run(out)["summary"]
     assert s["last_train_reward"] > s["first_train_reward"] + 0.2
     assert s["eval_score"] > s["initial_eval_score"]
+    # judged apart from its target: the gold reward model, rule checks, collapse detectors
+    assert {"initial_eval_gold_score", "eval_gold_score", "eval_distinct_answers"} <= set(s)
+    assert isinstance(s["warnings"], list) and (out / "samples.jsonl").is_file()
 
 
 def test_grpo_checks_whole_groups_and_a_reward(tiny_model_path):
@@ -481,3 +521,57 @@ def test_grpo_checks_whole_groups_and_a_reward(tiny_model_path):
         load_config(GRPOConfig, None, ["num_generations=3", "rules.funcs=[stop]"])
     with pytest.raises(ConfigError, match="no reward"):
         load_config(GRPOConfig, None, [f"model.path={tiny_model_path}"])
+
+
+def test_a_planted_hack_is_caught_by_the_judges_that_were_not_its_target(
+    tmp_path, tiny_model_path, pref, reward_dir
+):
+    """The proxy rewards one character; PPO learns to answer every prompt with it. The gold
+    reward model (trained on the preferences, not optimised) and the collapse detectors say so."""
+    out = _ppo(
+        tmp_path / "hack",
+        tiny_model_path,
+        pref,
+        "rules.funcs=[token_share]",
+        "rules.target=霜",
+        f"gold_reward_model={reward_dir}",
+        "missing_stop_penalty=0",
+        "train.max_steps=20",
+        "train.lr=1e-2",
+        "train.eval_steps=0",
+    )
+    s = read_run(out)["summary"]
+    assert s["eval_score"] > s["initial_eval_score"] + 0.3  # the proxy was gamed
+    # a random model already answers every prompt alike; now it is the proxy's string
+    assert s["eval_top_answer_share"] >= 0.5 and s["eval_shared_answer_rate"] >= 0.5
+    assert s["eval_defect_looping"] > s["initial_eval_defect_looping"]
+    assert any("more looping answers" in w for w in s["warnings"]), s["warnings"]
+    assert "eval_gold_score" in s and "initial_eval_gold_score" in s
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"before", "after"} <= set(rows[0])
+    assert "霜" in rows[0]["after"]["answer"] and "gold_score" in rows[0]["after"]
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_the_critic_starts_centred_on_the_shifted_scores(
+    tmp_path, tiny_model_path, pref, reward_dir, center
+):
+    """The value model starts from the reward model, on its raw scale; the rewards are shifted
+    by the SFT policy's mean score. Centred, the first rollout's value error is ~0."""
+    out = _ppo(
+        tmp_path / "c",
+        tiny_model_path,
+        pref,
+        f"reward_model={reward_dir}",
+        "missing_stop_penalty=0",
+        f"center_value={str(center).lower()}",
+        "train.max_steps=1",
+        "eval_prompts=0",
+    )
+    row = next(r for r in read_metrics(out) if r["step"] == 1)
+    shift = read_run(out)["summary"]["score_shift"]
+    assert abs(shift) > 0.5  # the reward model's scores are far from 0
+    if center:
+        assert abs(row["value_error"]) < 0.05 * abs(shift), row["value_error"]
+    else:
+        assert abs(row["value_error"]) > 0.5 * abs(shift), row["value_error"]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +39,10 @@ from hanlm.config import (
 )
 from hanlm.data import load, or_demo, to_dataset
 from hanlm.data.templates import render, require_template, stop_token_ids
+from hanlm.judge import warnings_for
 from hanlm.modeling import load_model, load_tokenizer, pad_batch, resolve_source
+from hanlm.rewards import RuleConfig, Scorer
+from hanlm.rollouts import HeldOut, held_out_scores, prompts_and_references, write_samples
 from hanlm.runs import Run, atomic_dir, atomic_write_json
 from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
 
@@ -51,7 +56,10 @@ class DPOConfig(OutputConfig):
     )
     template: TemplateName = opt("auto", "chat template; auto = the model's own")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
-        "sigmoid", "sigmoid = DPO; ipo = (h - 1/2β)²; hinge = SLiC; robust = noisy-label DPO"
+        "sigmoid",
+        "sigmoid = DPO; ipo = (h̄ - 1/2β)² with h̄ the log-ratio difference averaged per answer"
+        " token (trl's length-normalised IPO, as the IPO authors ran it); hinge = SLiC;"
+        " robust = noisy-label DPO",
     )
     beta: float = opt(0.1, "β: strength of the tie to the reference (IPO: its τ)")
     label_smoothing: float = opt(0.0, "robust: assumed share of flipped preference labels")
@@ -66,6 +74,13 @@ class DPOConfig(OutputConfig):
     )
     lora: LoraConfig = opt(LoraConfig, "LoRA adapters (the reference is the adapter-free model)")
     eval_pairs: int = opt(0, "held-out pairs measured before and after (0 = all)")
+    eval_prompts: int = opt(
+        32, "held-out prompts answered greedily before and after, judged by rules (0 = skip)"
+    )
+    gold_reward_model: str = opt(
+        "", "a judge of those answers that DPO never saw: a reward model on other preferences"
+    )
+    max_new_tokens: int = opt(64, "most tokens per held-out answer")
 
     def validate(self) -> None:
         if self.beta <= 0:
@@ -144,14 +159,19 @@ def cached_splits(
 
 def fitting_pairs(
     records: list[dict[str, Any]], tok: Any, max_length: int
-) -> tuple[list[dict[str, Any]], int]:
-    """The pairs whose prompt + answer (either side) fit `max_length` tokens; the count dropped."""
-    kept = []
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The pairs whose prompt + answer (either side) fit `max_length` tokens, and the counts
+    dropped as too long and as identical (chosen = rejected teaches nothing; DPO's loss on such
+    a pair is a constant)."""
+    kept, identical = [], 0
     for rec in records:
+        if rec["chosen"] == rec["rejected"]:
+            identical += 1
+            continue
         longest = max(len(render(tok, rec["prompt"] + rec[k])[0]) for k in ("chosen", "rejected"))
         if longest <= max_length:
             kept.append(rec)
-    return kept, len(records) - len(kept)
+    return kept, len(records) - len(kept) - identical, identical
 
 
 # --------------------------------------------------------------------------- measures
@@ -185,11 +205,12 @@ def completion_logps(
 def preference_metrics(
     policy: list[list[float]], ref: list[list[float]], beta: float
 ) -> dict[str, float]:
-    """Implicit-reward accuracy and margin, and plain log-prob preference accuracy."""
+    """Implicit-reward accuracy and margin, and plain log-prob preference accuracy. A tie (the
+    start, where the policy is the reference) counts half: chance is 0.5."""
     n = max(len(policy), 1)
     margins = [beta * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(policy, ref)]
     return {
-        "reward_accuracy": sum(m > 0 for m in margins) / n,
+        "reward_accuracy": sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / n,
         "reward_margin": sum(margins) / n,
         "logp_accuracy": sum(c > r for c, r in policy) / n,
         "chosen_logp": sum(c for c, _ in policy) / n,
@@ -215,8 +236,14 @@ def run(cfg: DPOConfig) -> Path:
         print(data.stats.summary())
         # Lengths are enforced here, not by trl: its length filter closes over the whole trainer
         # config, which would tie the reference cache to every training argument.
-        train, dropped = fitting_pairs(data.train, tok, cfg.max_length)
-        valid, dropped_valid = fitting_pairs(data.valid, tok, cfg.max_length)
+        train, dropped, same = fitting_pairs(data.train, tok, cfg.max_length)
+        valid, dropped_valid, same_valid = fitting_pairs(data.valid, tok, cfg.max_length)
+        if same + same_valid:
+            print(
+                f"[hanlm] dropped {same + same_valid} pairs whose chosen and rejected answers are"
+                " identical",
+                file=sys.stderr,
+            )
         if not train:
             raise ValueError(f"no preference pair fits max_length={cfg.max_length}; raise it")
         splits = {"train": train}
@@ -224,7 +251,11 @@ def run(cfg: DPOConfig) -> Path:
             splits["valid"] = valid[: cfg.eval_pairs] if cfg.eval_pairs > 0 else valid
         run.set(
             "data",
-            {**data.stats.as_dict(), "dropped_too_long": dropped + dropped_valid},
+            {
+                **data.stats.as_dict(),
+                "dropped_too_long": dropped + dropped_valid,
+                "dropped_identical": same + same_valid,
+            },
         )
         summary: dict[str, Any] = {}
 
@@ -300,23 +331,40 @@ def run(cfg: DPOConfig) -> Path:
             if eval_ds is not None
             else []
         )
+        # Before and after through the same path: the reference's and the policy's log-probs by
+        # `completion_logps` (at the start the policy is the reference: every pair a tie, 0.5).
         ref_logps: list[list[float]] = []
         if eval_rows:
-            if cfg.precompute_ref:
-                ref_logps = [
-                    [float(c), float(r)]
-                    for c, r in zip(eval_ds["ref_chosen_logps"], eval_ds["ref_rejected_logps"])
-                ]
-            else:
-                ref_logps = completion_logps(ref_model or model, eval_rows, cfg.train.batch_size)
-            before = preference_metrics(ref_logps, ref_logps, cfg.beta)
-            summary["initial_logp_accuracy"] = before["logp_accuracy"]
-            print(f"[hanlm] before DPO: held-out log-prob accuracy {before['logp_accuracy']:.3f}")
+            ref_logps = completion_logps(ref_model or model, eval_rows, cfg.train.batch_size)
+            start = (
+                completion_logps(model, eval_rows, cfg.train.batch_size) if ref_model else ref_logps
+            )
+            before = preference_metrics(start, ref_logps, cfg.beta)
+            summary.update({f"initial_{k}": v for k, v in before.items()})
+            summary["reward_accuracy_chance"] = 0.5
+            print(
+                f"[hanlm] before DPO: held-out reward accuracy {before['reward_accuracy']:.3f}"
+                f" (chance 0.5), log-prob accuracy {before['logp_accuracy']:.3f}"
+            )
+        stops = stop_token_ids(tok, cfg.template)
+        held_out = HeldOut([], [])
+        if cfg.eval_prompts > 0:
+            held = prompts_and_references(data.valid)[: cfg.eval_prompts]
+            held_out = HeldOut([p for p, _ in held], [r for _, r in held])
+        gold = None
+        if cfg.gold_reward_model and held_out:
+            gold = Scorer.build([cfg.gold_reward_model], RuleConfig(), tok, stops, base=cfg.model)
+        answers_before: list[dict[str, Any]] = []
+        initial: dict[str, float] = {}
+        if held_out and not cfg.resume:
+            initial = held_out_scores(
+                model, tok, held_out, stops, None, cfg.max_new_tokens, 16, gold, answers_before
+            )
+            summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
 
         result = trainer.train(resume_from_checkpoint=run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
-        stops = stop_token_ids(tok, cfg.template)
         model = run.save_model(trainer.model, tok, cfg.lora, stops)
         if eval_rows:
             after = preference_metrics(
@@ -324,9 +372,23 @@ def run(cfg: DPOConfig) -> Path:
             )
             summary.update(after)
             print(
-                f"[hanlm] dpo: held-out reward accuracy {after['reward_accuracy']:.3f},"
-                f" margin {after['reward_margin']:.4f}; log-prob accuracy"
+                f"[hanlm] dpo: held-out reward accuracy"
+                f" {summary['initial_reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}"
+                f" (chance 0.5), margin {after['reward_margin']:.4f}; log-prob accuracy"
                 f" {summary['initial_logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
             )
+        if held_out:
+            answers_after: list[dict[str, Any]] = []
+            final = held_out_scores(
+                model, tok, held_out, stops, None, cfg.max_new_tokens, 16, gold, answers_after
+            )
+            summary.update({f"eval_{k}": v for k, v in final.items()})
+            summary["warnings"] = warnings_for(initial, final)
+            write_samples(run.dir, answers_before, answers_after)
+            if "gold_score" in final:
+                print(
+                    f"[hanlm] dpo: held-out gold judge {initial.get('gold_score', math.nan):.4f}"
+                    f" -> {final['gold_score']:.4f}"
+                )
         run.finish(summary)
     return run.dir

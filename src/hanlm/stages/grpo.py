@@ -12,6 +12,7 @@ divide by `num_generations`; this is checked before anything loads.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,9 +29,10 @@ from hanlm.config import (
 )
 from hanlm.data import to_dataset
 from hanlm.data.templates import require_template, stop_token_ids
+from hanlm.judge import warnings_for
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.rewards import RuleConfig, Scorer
-from hanlm.rollouts import held_out_scores, load_prompts
+from hanlm.rollouts import held_out_scores, load_prompts, write_samples
 from hanlm.runs import Run
 from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
 
@@ -42,6 +44,9 @@ class GRPOConfig(OutputConfig):
     model: ModelConfig = opt(ModelConfig, "the SFT model to train")
     reward_models: list[str] = opt([], "reward model dirs (hanlm reward); their scores are added")
     reward_model_weight: float = opt(1.0, "weight of each reward model's score")
+    gold_reward_model: str = opt(
+        "", "a judge that is not the target (a reward model on other preferences): measured only"
+    )
     rules: RuleConfig = opt(RuleConfig, "rule rewards (built-ins, module:function)")
     data: DataConfig = opt(
         DataConfig, "prompts: preference or chat records (no paths: the demo preference prompts)"
@@ -97,7 +102,7 @@ def run(cfg: GRPOConfig) -> Path:
         require_template(tok, cfg.template, cfg.model.path, "GRPO")
         stops = stop_token_ids(tok, cfg.template)
 
-        data, train_prompts, eval_prompts = load_prompts(
+        data, train_prompts, held_out = load_prompts(
             cfg.data, tok, cfg.max_prompt_length, cfg.eval_prompts, "GRPO"
         )
         if not train_prompts:
@@ -107,7 +112,7 @@ def run(cfg: GRPOConfig) -> Path:
             {
                 **data.stats.as_dict(),
                 "train_prompts": len(train_prompts),
-                "eval_prompts": len(eval_prompts),
+                "eval_prompts": len(held_out),
             },
         )
 
@@ -132,11 +137,22 @@ def run(cfg: GRPOConfig) -> Path:
         weights = [cfg.reward_model_weight] * len(scorer.models) + (
             list(cfg.rules.weights) or [1.0] * len(scorer.rules)
         )
+        gold = None
+        if cfg.gold_reward_model:
+            gold = Scorer.build([cfg.gold_reward_model], RuleConfig(), tok, stops, base=cfg.model)
+
+        def measure(samples: list[dict[str, Any]]) -> dict[str, float]:
+            return held_out_scores(
+                model, tok, held_out, stops, scorer, cfg.max_new_tokens, gold=gold, samples=samples
+            )
+
         summary: dict[str, Any] = {}
-        if eval_prompts and not cfg.resume:
-            before = held_out_scores(model, tok, eval_prompts, stops, scorer, cfg.max_new_tokens)
-            summary.update({f"initial_eval_{k}": v for k, v in before.items()})
-            print(f"[hanlm] before GRPO: held-out score {before['score']:.4f}")
+        answers_before: list[dict[str, Any]] = []
+        initial: dict[str, float] = {}
+        if held_out and not cfg.resume:
+            initial = measure(answers_before)
+            summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
+            print(f"[hanlm] before GRPO: held-out score {initial['score']:.4f}")
 
         if cfg.lora.enabled:
             model = apply_lora(model, cfg.lora)
@@ -174,10 +190,15 @@ def run(cfg: GRPOConfig) -> Path:
 
         tok.padding_side = "right"
         model = run.save_model(trainer.model, tok, cfg.lora, stops)
-        if eval_prompts:
-            after = held_out_scores(model, tok, eval_prompts, stops, scorer, cfg.max_new_tokens)
+        if held_out:
+            answers_after: list[dict[str, Any]] = []
+            after = measure(answers_after)
             summary.update({f"eval_{k}": v for k, v in after.items()})
-            initial = summary.get("initial_eval_score", float("nan"))
-            print(f"[hanlm] grpo: held-out score {initial:.4f} -> {after['score']:.4f}")
+            summary["warnings"] = warnings_for(initial, after)
+            write_samples(run.dir, answers_before, answers_after)
+            start = summary.get("initial_eval_score", float("nan"))
+            print(f"[hanlm] grpo: held-out score {start:.4f} -> {after['score']:.4f}")
+            for w in summary["warnings"]:
+                print(f"[hanlm] warning: {w}", file=sys.stderr)
         run.finish(summary)
     return run.dir

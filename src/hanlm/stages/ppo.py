@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from hanlm import losses, rollouts, training
 from hanlm.config import (
@@ -57,9 +57,10 @@ from hanlm.config import (
     opt,
 )
 from hanlm.data.templates import require_template, stop_token_ids
+from hanlm.judge import warnings_for
 from hanlm.modeling import load_model, load_tokenizer, pick_precision
 from hanlm.rewards import RuleConfig, Scorer, load_reward_model
-from hanlm.rollouts import Cycler, Rollout, answer_logits, lm_loss, rollout, token_values
+from hanlm.rollouts import Cycler, Rollout, answer_logits, lm_loss, rollout
 from hanlm.runs import Run
 
 if TYPE_CHECKING:
@@ -78,6 +79,20 @@ class PPOConfig(OutputConfig):
         "", "value model start; empty = the reward model (InstructGPT), else the policy + new head"
     )
     rules: RuleConfig = opt(RuleConfig, "rule rewards, added to the reward model's score")
+    gold_reward_model: str = opt(
+        "",
+        "a judge that is not the target: a reward model trained on other preferences (hanlm"
+        " reward half=second); its held-out score is measured, never optimised",
+    )
+    keep_best: Literal["last", "gold"] = opt(
+        "last", "the policy to save: the last one, or the one with the best held-out gold score"
+    )
+    center_value: bool = opt(
+        True, "shift the critic on the first rollout so its values start on the shifted scores"
+    )
+    pg_coef: float = opt(
+        1.0, "weight of the PPO policy loss; 0 (with ptx_coef > 0) is the ptx-alone control"
+    )
     data: DataConfig = opt(
         DataConfig, "prompts: preference or chat records (no paths: the demo preference prompts)"
     )
@@ -141,6 +156,10 @@ class PPOConfig(OutputConfig):
             raise ConfigError("gamma and lam must be in (0, 1]")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0: PPO needs sampled answers")
+        if self.keep_best == "gold" and not self.gold_reward_model:
+            raise ConfigError("keep_best=gold needs gold_reward_model=DIR")
+        if self.pg_coef == 0 and self.ptx_coef <= 0:
+            raise ConfigError("pg_coef=0 (no RL) trains nothing without ptx_coef > 0")
         if self.train.batch_size > self.rollout_batch:
             raise ConfigError(
                 f"train.batch_size={self.train.batch_size} (answers per update) exceeds"
@@ -231,16 +250,26 @@ class PPO:
             base=cfg.model,
             missing_stop_penalty=cfg.missing_stop_penalty,
         )
+        self.gold = None
+        if cfg.gold_reward_model:
+            self.gold = Scorer.build(
+                [cfg.gold_reward_model], RuleConfig(), tok, stops, self.device, base=cfg.model
+            )
 
         # optimisers (one step per minibatch) and schedulers
         total = cfg.train.max_steps * cfg.ppo_epochs
         total *= math.ceil(cfg.rollout_batch / cfg.train.batch_size)
         self.opt_p, self.sched_p = training.optimizer(policy, cfg.train, total)
-        self.opt_v, self.sched_v = training.optimizer(value, cfg.train, total, lr=cfg.value_lr)
+        self.values = rollouts.token_value_module(value)  # the critic: value model + offset
+        self.values.offset.requires_grad_(cfg.center_value)  # a bias only for a centred critic
+        self.opt_v, self.sched_v = training.optimizer(
+            self.values, cfg.train, total, lr=cfg.value_lr
+        )
         self.prompt_cycle = Cycler(n_prompts, cfg.train.seed)
         self.ptx_cycle = Cycler(max(n_ptx, 1), cfg.train.seed + 1)
         self.beta: float = cfg.kl_coef
         self.score_shift: float | None = None
+        self.center, self.centered = cfg.center_value, False
 
     def prepare(self) -> None:
         """DDP wraps what is trained, so that the backward outside `no_sync` averages the
@@ -248,10 +277,11 @@ class PPO:
         serve generation, the no-grad passes, evaluation and saving."""
         acc = self.acc
         self.dp_policy, self.dp_values, self.opt_p, self.opt_v = acc.prepare(
-            self.policy, rollouts.token_value_module(self.value), self.opt_p, self.opt_v
+            self.policy, self.values, self.opt_p, self.opt_v
         )
         self.policy = acc.unwrap_model(self.dp_policy)
-        self.value = acc.unwrap_model(self.dp_values).model
+        self.values = acc.unwrap_model(self.dp_values)
+        self.value = self.values.model
         self.dp_policy.eval()
         self.dp_values.eval()
 
@@ -288,9 +318,20 @@ class PPO:
                 with rollouts.reference_of(self.policy, self.ref_model) as ref:
                     ref_logits = answer_logits(ref, seq, attn, r.ctx) / cfg.temperature
                 ref_logp.append(losses.logprobs_from_logits(ref_logits, labels))
-                old_values.append(token_values(self.value, seq, attn, r.ctx))
+                old_values.append(self.values(seq, attn, r.ctx))
         old_lp, ref_lp = torch.cat(old_logp), torch.cat(ref_logp)
         values, mask = torch.cat(old_values), r.mask
+        if self.center and not self.centered:
+            # The critic starts from the reward model, on the raw score scale; its targets are the
+            # shifted scores. Move it by the mean gap at the last answer token (over all
+            # processes) so the first advantages are not biased by the shift.
+            last = mask.sum(1).long().clamp(min=1) - 1
+            gap = scores - values.gather(1, last[:, None]).squeeze(1)
+            gap = acc.gather(gap.double()).mean().float()
+            with torch.no_grad():
+                self.values.offset.add_(gap)
+            values = values + gap
+            self.centered = True
         # 4. rewards, advantages, returns; the advantages are whitened over all processes'
         # answers (gathered, padded to one answer width), then each takes its own rows back
         kl = losses.kl_k1(old_lp, ref_lp) * mask
@@ -363,7 +404,7 @@ class PPO:
                             pg_loss, clip_frac, approx_kl = losses.clipped_policy_loss(
                                 logp, exp.old_logp[sub], exp.advantages[sub], m, cfg.clip_eps
                             )
-                            loss = pg_loss
+                            loss = cfg.pg_coef * pg_loss
                             if cfg.entropy_coef:
                                 ent = losses.entropy_from_logits(logits)
                                 loss = loss - cfg.entropy_coef * losses.masked_mean(ent, m)
@@ -414,6 +455,7 @@ class PPO:
             "explained_variance": float(
                 losses.explained_variance(exp.old_values, exp.returns, mask)
             ),
+            "value_error": float(losses.masked_mean(exp.returns - exp.old_values, mask)),
             "length": float(mask.sum(1).mean()),
             "stop_rate": sum(r.stopped) / n,
             **exp.parts,
@@ -431,7 +473,10 @@ class PPO:
         return values
 
     def evaluate(
-        self, prompts: list[list[dict[str, str]]], ptx_valid: list[list[int]]
+        self,
+        prompts: rollouts.HeldOut,
+        ptx_valid: list[list[int]],
+        samples: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
         """Greedy answers to held-out prompts, scored; held-out pretraining loss. On the main
         process only (nothing in it waits for the others; they wait at their next collective)."""
@@ -450,6 +495,8 @@ class PPO:
                     self.scorer,
                     self.cfg.max_new_tokens,
                     self.micro,
+                    gold=self.gold,
+                    samples=samples,
                 )
             )
         if ptx_valid:
@@ -464,65 +511,34 @@ class PPO:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, run: Run, step: int, initial: dict[str, Any]) -> None:
-        """A complete checkpoint: trainable weights, optimisers, schedulers, β, score shift,
-        data positions and every process's random state (each samples its own answers)."""
-        import torch
-        from accelerate.utils import gather_object
+    def _checkpointed(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        modules = {"policy": self.policy, "value": self.values}
+        stateful = {
+            "opt_policy": self.opt_p,
+            "opt_value": self.opt_v,
+            "sched_policy": self.sched_p,
+            "sched_value": self.sched_v,
+            "scaler": self.acc.scaler,
+            "prompts": self.prompt_cycle,
+            "ptx": self.ptx_cycle,
+        }
+        return modules, stateful
 
-        rng = gather_object([training.rng_state()])
-        self.acc.wait_for_everyone()
-        if self.main:
-            with run.checkpoint(step, keep=self.cfg.train.save_total_limit) as tmp:
-                torch.save(training.trainable_state(self.policy), tmp / "policy.pt")
-                torch.save(training.trainable_state(self.value), tmp / "value.pt")
-                scaler = self.acc.scaler
-                torch.save(
-                    {
-                        "step": step,
-                        "beta": self.beta,
-                        "score_shift": self.score_shift,
-                        "initial": initial,
-                        "opt_policy": self.opt_p.state_dict(),
-                        "opt_value": self.opt_v.state_dict(),
-                        "sched_policy": self.sched_p.state_dict(),
-                        "sched_value": self.sched_v.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "prompts": self.prompt_cycle.state(),
-                        "ptx": self.ptx_cycle.state(),
-                        "rng": rng,
-                    },
-                    tmp / "state.pt",
-                )
-        self.acc.wait_for_everyone()
+    def save(self, run: Run, step: int, initial: dict[str, Any]) -> None:
+        """A complete checkpoint: trainable weights (the critic's offset too), optimisers,
+        schedulers, β, score shift, data positions and every process's random state."""
+        modules, stateful = self._checkpointed()
+        extra = {"beta": self.beta, "score_shift": self.score_shift, "centered": self.centered}
+        keep = self.cfg.train.save_total_limit
+        training.save_loop(
+            run, step, keep, self.acc, modules, stateful, {**extra, "initial": initial}
+        )
 
     def load(self, ckpt: Path) -> dict[str, Any]:
         """Restore a checkpoint written by `save` (before `prepare`); returns its state."""
-        import torch
-
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        training.load_trainable(self.policy, ckpt / "policy.pt")
-        training.load_trainable(self.value, ckpt / "value.pt")
-        self.opt_p.load_state_dict(state["opt_policy"])
-        self.opt_v.load_state_dict(state["opt_value"])
-        self.sched_p.load_state_dict(state["sched_policy"])
-        self.sched_v.load_state_dict(state["sched_value"])
-        self.prompt_cycle.load(state["prompts"])
-        self.ptx_cycle.load(state["ptx"])
+        state = training.load_loop(ckpt, self.acc, *self._checkpointed())
         self.beta, self.score_shift = state["beta"], state["score_shift"]
-        if self.acc.scaler is not None and state.get("scaler"):
-            self.acc.scaler.load_state_dict(state["scaler"])
-        rngs = state["rng"]  # each process's own random state
-        if self.rank < len(rngs):
-            training.set_rng_state(rngs[self.rank])
-        if self.main:
-            print(f"[hanlm] resuming PPO from {ckpt} (step {state['step']})")
-            if len(rngs) != self.world:
-                print(
-                    f"[hanlm] note: the checkpoint is from {len(rngs)} processes, this run"
-                    f" has {self.world}: the sampling does not repeat the interrupted run's",
-                    file=sys.stderr,
-                )
+        self.centered = state["centered"]
         return state
 
 
@@ -530,6 +546,7 @@ class PPO:
 
 
 def run(cfg: PPOConfig) -> Path:
+    import torch
     from transformers import set_seed
 
     acc = training.loop_accelerator(cfg.train.precision, "hanlm ppo")
@@ -541,7 +558,7 @@ def run(cfg: PPOConfig) -> Path:
         require_template(tok, cfg.template, cfg.model.path, "PPO")
         stops = stop_token_ids(tok, cfg.template)
 
-        data, train_prompts, eval_prompts = rollouts.load_prompts(
+        data, train_prompts, held_out = rollouts.load_prompts(
             cfg.data, tok, cfg.max_prompt_length, cfg.eval_prompts, "PPO"
         )
         if len(train_prompts) < cfg.rollout_batch * world:
@@ -557,7 +574,7 @@ def run(cfg: PPOConfig) -> Path:
             {
                 **data.stats.as_dict(),
                 "train_prompts": len(train_prompts),
-                "eval_prompts": len(eval_prompts),
+                "eval_prompts": len(held_out),
                 "ptx_train_blocks": len(ptx_train),
                 "ptx_valid_blocks": len(ptx_valid),
             },
@@ -580,14 +597,17 @@ def run(cfg: PPOConfig) -> Path:
             start = state["step"]
             summary.update(state["initial"])
         ppo.prepare()
+        before: list[dict[str, Any]] = []
         if ckpt is None:
-            initial = ppo.evaluate(eval_prompts, ptx_valid)
+            initial = ppo.evaluate(held_out, ptx_valid, samples=before)
             summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
             run.log(0, **{f"eval_{k}": v for k, v in initial.items()})
             if main:
                 print(f"[hanlm] before PPO: {_fmt(initial)}")
 
         metrics: dict[str, Any] = {}
+        after: list[dict[str, Any]] = []  # the last evaluation's answers
+        best_gold, best_step = -math.inf, 0
         for step in range(start + 1, cfg.train.max_steps + 1):
             t0 = time.time()
             ids = ppo.mine(ppo.prompt_cycle.take(cfg.rollout_batch * world), cfg.rollout_batch)
@@ -595,9 +615,12 @@ def run(cfg: PPOConfig) -> Path:
             stats = ppo.ppo_step(exp, ptx_train)
             metrics = ppo.metrics(exp, stats, time.time() - t0)
             if _due(step, cfg.train.eval_steps, cfg.train.max_steps):
-                metrics.update(
-                    {f"eval_{k}": v for k, v in ppo.evaluate(eval_prompts, ptx_valid).items()}
-                )
+                after.clear()
+                ev = ppo.evaluate(held_out, ptx_valid, samples=after)
+                metrics.update({f"eval_{k}": v for k, v in ev.items()})
+                if cfg.keep_best == "gold" and main and ev["gold_score"] > best_gold:
+                    best_gold, best_step = ev["gold_score"], step
+                    torch.save(training.trainable_state(ppo.policy), run.dir / ".best_policy.pt")
             run.log(step, **metrics)
             if main and (
                 step % max(cfg.train.logging_steps, 1) == 0 or step == cfg.train.max_steps
@@ -621,32 +644,50 @@ def run(cfg: PPOConfig) -> Path:
                 print("[hanlm] warning: the processes' weights differ", file=sys.stderr)
         acc.wait_for_everyone()
         if main:
+            if cfg.keep_best == "gold" and best_step and best_step != cfg.train.max_steps:
+                training.load_trainable(ppo.policy, run.dir / ".best_policy.pt")
+                summary.update(kept_step=best_step, kept_gold_score=best_gold)
+                print(f"[hanlm] keeping the step-{best_step} policy (best gold score)")
+                after.clear()
+                ev = ppo.evaluate(held_out, ptx_valid, samples=after)
+                summary.update({f"eval_{k}": v for k, v in ev.items()})
+            (run.dir / ".best_policy.pt").unlink(missing_ok=True)
+            rollouts.write_samples(run.dir, before, after)
+            summary["warnings"] = warnings_for(
+                _figures(summary, "initial_eval_"), _figures(summary)
+            )
+            for w in summary["warnings"]:
+                print(f"[hanlm] warning: {w}", file=sys.stderr)
             final = acc.unwrap_model(ppo.dp_policy, keep_fp32_wrapper=False)
             run.save_model(final, tok, cfg.lora, stops)
             run.finish(summary)
-            print(
-                f"[hanlm] ppo: held-out score {summary.get('initial_eval_score', math.nan):.4f}"
+            line = (
+                f"[hanlm] ppo: held-out score (the training reward: proxy)"
+                f" {summary.get('initial_eval_score', math.nan):.4f}"
                 f" -> {summary.get('eval_score', math.nan):.4f}"
             )
+            if "eval_gold_score" in summary:
+                line += (
+                    f"; gold judge {summary.get('initial_eval_gold_score', math.nan):.4f}"
+                    f" -> {summary['eval_gold_score']:.4f}"
+                )
+            print(line)
         acc.wait_for_everyone()
     return run.dir
+
+
+def _figures(summary: dict[str, Any], prefix: str = "eval_") -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in summary.items() if k.startswith(prefix)}
 
 
 def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
+# what a progress line shows
+_SHOWN = ("score", "eval_score", "eval_gold_score", "eval_distinct_answers", "kl", "reward")
+_SHOWN += ("entropy", "clip_frac", "value_loss", "ptx_loss", "eval_ptx_loss", "length")
+
+
 def _fmt(metrics: dict[str, float]) -> str:
-    keys = (
-        "score",
-        "eval_score",
-        "kl",
-        "reward",
-        "entropy",
-        "clip_frac",
-        "value_loss",
-        "ptx_loss",
-        "eval_ptx_loss",
-        "length",
-    )
-    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if metrics.get(k) is not None)
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in _SHOWN if metrics.get(k) is not None)

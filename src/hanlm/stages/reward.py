@@ -10,11 +10,12 @@ LoRA (the new `score` head trained in full) -> trl's RewardTrainer, loss -log σ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hanlm.config import (
     DataConfig,
@@ -53,6 +54,11 @@ class RewardConfig(OutputConfig):
     )
     lora: LoraConfig = opt(LoraConfig, "LoRA adapters (the score head is always trained in full)")
     eval_pairs: int = opt(0, "held-out pairs scored before and after (0 = all)")
+    half: Literal["all", "first", "second"] = opt(
+        "all",
+        "train on all pairs, or on one of two disjoint halves (split by prompt): a proxy reward"
+        " model on one and a gold judge on the other (Gao et al.'s gold vs proxy)",
+    )
 
 
 @dataclass
@@ -71,6 +77,13 @@ class RewardScoreConfig:
     max_length: int = opt(
         0, "longer conversations keep their last tokens (0 = the length the model was trained at)"
     )
+
+
+def half_of(record: dict[str, Any]) -> str:
+    """ "first" or "second": a stable split of preference records by their prompt text, so that
+    every pair about one prompt lands in the same half."""
+    text = "".join(m["content"] for m in record["prompt"])
+    return "first" if hashlib.sha256(text.encode("utf-8")).digest()[0] < 128 else "second"
 
 
 def encode_pairs(
@@ -122,6 +135,9 @@ def run(cfg: RewardConfig) -> Path:
         dcfg = or_demo(cfg.data, "preference")
         data = load(dcfg, kind="preference")
         print(data.stats.summary())
+        if cfg.half != "all":
+            data.train = [r for r in data.train if half_of(r) == cfg.half]
+            print(f"[hanlm] training on the {cfg.half} half: {len(data.train)} pairs")
         train_rows, train_dropped = encode_pairs(data.train, tok, cfg.max_length)
         valid_rows, valid_dropped = encode_pairs(data.valid, tok, cfg.max_length)
         if not train_rows:
@@ -133,6 +149,7 @@ def run(cfg: RewardConfig) -> Path:
                 "train_pairs": len(train_rows),
                 "valid_pairs": len(valid_rows),
                 "dropped_too_long": train_dropped + valid_dropped,
+                "half": cfg.half,
             },
         )
         eval_rows = valid_rows[: cfg.eval_pairs] if cfg.eval_pairs > 0 else valid_rows
