@@ -162,6 +162,8 @@ def test_a_key_the_command_does_not_use_is_an_error():
 
     with pytest.raises(ConfigError, match="'train.epochs' is not used by this command"):
         load_config(PPOConfig, None, ["train.epochs=3"])
+    # a whole resolved config (as a recipe writes it) carries the default: fine
+    assert load_config(PPOConfig, None, ["train.epochs=1.0"]).train.epochs == 1.0
     with pytest.raises(ConfigError, match="batch_size=32 .* exceeds rollout_batch=16"):
         load_config(PPOConfig, None, ["train.batch_size=32"])
 

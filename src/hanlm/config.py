@@ -47,12 +47,35 @@ def opt(default: Any = _MISSING, help: str = "", **kw: Any) -> Any:
 
 
 @dataclass
+class RopeConfig:
+    """Longer context than the model was trained at, by rescaling its rotary positions (applied
+    at load, saved in the output's config.json so it loads the same way)."""
+
+    type: Literal["none", "linear", "dynamic", "yarn", "llama3"] = opt(
+        "none",
+        "none; linear = position interpolation (Chen et al.); dynamic = NTK-aware, grows with the"
+        " length; yarn (Peng et al.); llama3",
+    )
+    factor: float = opt(1.0, "how many times the trained context the model should handle")
+    original_max_position_embeddings: int = opt(
+        0, "the context the model was trained at (0 = its max_position_embeddings)"
+    )
+    low_freq_factor: float = opt(1.0, "llama3 only")
+    high_freq_factor: float = opt(4.0, "llama3 only")
+
+    def validate(self) -> None:
+        if self.type != "none" and self.factor < 1:
+            raise ConfigError(f"model.rope.factor={self.factor}: must be >= 1 (the context grows)")
+
+
+@dataclass
 class ModelConfig:
     path: str = opt("", "model: a Hugging Face directory, a .gguf file, or a hub id (online)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "weights dtype: auto = bf16 on a GPU that supports it, fp32 on CPU"
     )
     trust_remote_code: bool = opt(False, "allow custom modelling code from the model directory")
+    rope: RopeConfig = opt(RopeConfig, "RoPE scaling for a longer context (none by default)")
 
 
 @dataclass
@@ -346,10 +369,21 @@ def _has_dotted(data: dict[str, Any], key: str) -> bool:
 
 
 def _check_unused(cls: type, data: dict[str, Any]) -> None:
-    """A key the command accepts in its shared sections but does not use is an error, not
-    silently ignored (`cls.UNUSED`: dotted key -> why)."""
-    for key, why in getattr(cls, "UNUSED", {}).items():
-        if _has_dotted(data, key):
+    """A key the command accepts in its shared sections but does not use is an error when set
+    to anything but its default, not silently ignored (`cls.UNUSED`: dotted key -> why). (A
+    resolved config written out whole, as the recipe runner does, carries the default.)"""
+    unused = getattr(cls, "UNUSED", {})
+    if not unused:
+        return
+    defaults = cls()
+    for key, why in unused.items():
+        if not _has_dotted(data, key):
+            continue
+        node: Any = data
+        default: Any = defaults
+        for part in key.split("."):
+            node, default = node[part], getattr(default, part)
+        if node != default:
             raise ConfigError(f"config key '{key}' is not used by this command: {why}")
 
 

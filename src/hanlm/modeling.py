@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hanlm.config import LoraConfig, ModelConfig
+from hanlm.config import LoraConfig, ModelConfig, RopeConfig
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
@@ -151,21 +151,52 @@ def torch_dtype(name: str) -> torch.dtype:
     }[name]
 
 
-def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:
-    """A causal LM from a HF dir, GGUF file or hub id, in the configured dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def apply_rope(config: Any, rope: RopeConfig) -> Any:
+    """Set `config.rope_parameters` (transformers 5) for `rope`; the trained context becomes
+    `original_max_position_embeddings` and, except for dynamic NTK (which scales with the length
+    it sees), `max_position_embeddings` grows by the factor."""
+    if rope.type == "none":
+        return config
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    trained = rope.original_max_position_embeddings or params.get(
+        "original_max_position_embeddings", config.max_position_embeddings
+    )
+    params.update(rope_type=rope.type, factor=float(rope.factor))
+    if rope.type in ("yarn", "llama3", "dynamic"):
+        params["original_max_position_embeddings"] = int(trained)
+    if rope.type == "llama3":
+        params.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    config.rope_parameters = params
+    if rope.type != "dynamic":
+        config.max_position_embeddings = int(trained * rope.factor)
+    return config
 
-    src = resolve_source(cfg.path)
-    dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
+
+def model_config_for(cfg: ModelConfig, src: Source | None = None) -> Any:
+    """The config `cfg` names, with its RoPE scaling applied (errors say what to do)."""
+    from transformers import AutoConfig
+
+    src = src or resolve_source(cfg.path)
     try:
         config = AutoConfig.from_pretrained(
             src.path, gguf_file=src.gguf_file, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError, KeyError) as e:
         raise _offline_hint(src, e) from None
+    return apply_rope(config, cfg.rope)
+
+
+def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:
+    """A causal LM from a HF dir, GGUF file or hub id, in the configured dtype and RoPE scaling."""
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_source(cfg.path)
+    dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
+    config = model_config_for(cfg, src)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path,
+            config=config,
             gguf_file=src.gguf_file,
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,

@@ -40,6 +40,7 @@ from hanlm.data.templates import render
 from hanlm.modeling import (
     ModelError,
     load_tokenizer,
+    model_config_for,
     pad_batch,
     pick_precision,
     resolve_source,
@@ -217,11 +218,17 @@ def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
 
     src = resolve_source(cfg.path)
     dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
+    if cfg.rope.type != "none":  # the scaled config; a causal LM's gets its one-output head
+        config = model_config_for(cfg, src)
+        if not any("SequenceClassification" in a for a in config.architectures or []):
+            config.num_labels = 1
+        kw["config"] = config
+    else:
+        kw["num_labels"] = 1
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             src.path,
             gguf_file=src.gguf_file,
-            num_labels=1,
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
             **kw,

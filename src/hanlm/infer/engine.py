@@ -24,6 +24,14 @@ class GenerationOptions:
     top_k: int = opt(50, "sample among the k most likely tokens (0 = off)")
     repetition_penalty: float = opt(1.1, "penalise tokens already generated (1 = off)")
     seed: int = opt(0, "sampling seed (answers are repeatable)")
+    guidance_scale: float = opt(
+        1.0,
+        "classifier-free guidance s (Sanchez et al.): log p_uncond + s·(log p - log p_uncond);"
+        " 1 = off, 1.5 typical",
+    )
+    negative_prompt: str = opt(
+        "", "with guidance: the unconditional prompt (a user turn); empty = the last prompt token"
+    )
 
 
 def _generate_kwargs(opts: GenerationOptions, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
@@ -37,7 +45,21 @@ def _generate_kwargs(opts: GenerationOptions, stop_ids: list[int], pad_id: int) 
         kw.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if opts.guidance_scale != 1.0:
+        kw["guidance_scale"] = opts.guidance_scale
     return kw
+
+
+def guidance_inputs(tok: Any, opts: GenerationOptions, batch: int, device: Any) -> dict[str, Any]:
+    """transformers' CFG inputs for a batch: the negative prompt rendered as a user turn in the
+    model's template, one copy per row (nothing when guidance is off or has no negative)."""
+    import torch
+
+    if opts.guidance_scale == 1.0 or not opts.negative_prompt:
+        return {}
+    ids = prompt_ids(tok, [{"role": "user", "content": opts.negative_prompt}])
+    neg = torch.tensor([ids] * batch, device=device)
+    return {"negative_prompt_ids": neg, "negative_prompt_attention_mask": torch.ones_like(neg)}
 
 
 def generate(
@@ -67,6 +89,7 @@ def generate(
                 input_ids=input_ids,
                 attention_mask=mask,
                 **_generate_kwargs(opts, stop_ids, pad_id),
+                **guidance_inputs(tok, opts, len(batch), device),
             )
         for row in out[:, width:].tolist():
             stopped = False
@@ -102,6 +125,7 @@ def stream(
         attention_mask=torch.ones_like(ids),
         streamer=streamer,
         **_generate_kwargs(opts, stop_ids, pad_id),
+        **guidance_inputs(tok, opts, 1, device),
     )
     errors: list[BaseException] = []
 

@@ -1,0 +1,54 @@
+"""Shared loading: RoPE scaling applied at load for every command, and kept in what is saved."""
+
+import pytest
+import torch
+
+from hanlm.config import ConfigError, ModelConfig, RopeConfig, load_config
+from hanlm.modeling import load_model, save_model
+
+
+def _logits(model, ids, positions):
+    with torch.no_grad():
+        return model(input_ids=ids, position_ids=positions).logits
+
+
+def test_linear_rope_is_position_interpolation(tiny_model_path, tmp_path):
+    """Linear scaling by s divides positions by s: the scaled model at positions 2p equals the
+    plain one at p. Saved, the directory loads with the same scaling."""
+    plain = load_model(ModelConfig(path=str(tiny_model_path), dtype="float32"))
+    cfg = ModelConfig(path=str(tiny_model_path), dtype="float32", rope=RopeConfig("linear", 2.0))
+    scaled = load_model(cfg)
+    assert scaled.config.rope_parameters["rope_type"] == "linear"
+    assert scaled.config.max_position_embeddings == 2 * plain.config.max_position_embeddings
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300]])
+    pos = torch.arange(6)[None]
+    torch.testing.assert_close(_logits(scaled, ids, 2 * pos), _logits(plain, ids, pos))
+    assert not torch.allclose(_logits(scaled, ids, pos), _logits(plain, ids, pos))
+    out = save_model(scaled, None, tmp_path / "scaled")
+    (tmp_path / "scaled" / "tokenizer.json").write_bytes(
+        (tiny_model_path / "tokenizer.json").read_bytes()
+    )
+    again = load_model(ModelConfig(path=str(out), dtype="float32"))  # no rope option given
+    assert again.config.rope_parameters["factor"] == 2.0
+    torch.testing.assert_close(_logits(again, ids, pos), _logits(scaled, ids, pos))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "yarn", "llama3"])
+def test_other_rope_types_load_and_change_long_positions(tiny_model_path, kind):
+    cfg = ModelConfig(path=str(tiny_model_path), dtype="float32", rope=RopeConfig(kind, 4.0))
+    model = load_model(cfg)
+    params = model.config.rope_parameters
+    assert params["rope_type"] == kind and params["original_max_position_embeddings"] == 512
+    plain = load_model(ModelConfig(path=str(tiny_model_path), dtype="float32"))
+    ids = torch.randint(5, 500, (1, 600))  # past the trained 512: every kind rescales there
+    pos = torch.arange(600)[None]
+    assert not torch.allclose(_logits(model, ids, pos), _logits(plain, ids, pos))
+
+
+def test_rope_is_a_config_key_of_every_model_taking_command():
+    from hanlm.stages.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, None, ["model.rope.type=yarn", "model.rope.factor=4"])
+    assert cfg.model.rope == RopeConfig("yarn", 4.0)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        load_config(SFTConfig, None, ["model.rope.type=linear", "model.rope.factor=0.5"])
