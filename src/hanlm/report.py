@@ -1,8 +1,11 @@
 """The run report: `report.html` (self-contained, opens offline) and `report.md` for a recipe run.
 
-It shows a table of stages (status, time, peak memory), each stage's loss and validation curves,
-the tokenizer report, evaluation tables, every stage's summary metrics, and the answers of each
-model the run produced to the same prompts, side by side.
+It opens with the headline table (`hanlm.headline`): per stage, the figure that matters before ->
+after, a plain-language verdict and warnings (over-optimisation, collapse, contamination) in red.
+Then the gold and proxy score of each PPO/GRPO run over KL, a table of stages (status, time, peak
+memory), each stage's loss and validation curves, the tokenizer report, evaluation tables, every
+stage's summary metrics under readable names (raw keys in a collapsed details section), and the
+answers of each model the run produced to the same prompts, side by side.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from hanlm import ASSETS
 from hanlm.config import DataConfig, ModelConfig
 from hanlm.data import load
 from hanlm.data.formats import split_last_answer
+from hanlm.headline import Headline, display_name, load_reports, stage_headline
 from hanlm.infer.engine import GenerationOptions, generate
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.runs import atomic_write_json, atomic_write_text, read_metrics, read_run
@@ -32,12 +36,16 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#1a7f37}.bad{color:#cf222e} img{max-width:100%} pre{white-space:pre-wrap;margin:0}
 h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h1{margin:.2em 0 .3em} h2.first{margin-top:.5em}
 """
+_RL = ("ppo", "grpo")  # stages whose gold and proxy score are plotted over KL
 # Curves worth a plot, grouped per figure.
 _CURVES = {
     "loss": ["loss", "eval_loss"],
     "bits per character": ["eval_bpc"],
     "reward / KL": ["reward", "mean_reward", "kl", "rewards/margins", "rewards/accuracies"],
+    "held-out score": ["eval_score", "eval_rm_score", "eval_gold_score"],
+    "held-out answers": ["eval_distinct_answers", "eval_top_answer_share", "eval_defect_rate"],
 }
 
 
@@ -64,18 +72,78 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_HEADLINE_CSS = """
+table.headline{font-size:13px;margin-top:.3em;width:100%}
+table.headline td:first-child{width:8%} table.headline td:nth-child(2){width:46%}
+table.headline td{padding:3px 8px} table.headline ul{margin:0;padding-left:1.1em}
+.verdict.good{color:#1a7f37}.verdict.bad{color:#9a6700}
+.warn{color:#cf222e;font-weight:600;margin-top:2px}
+details{margin:.3em 0 1.2em} summary{cursor:pointer;color:#555;font-size:13px}
+"""
+
+
+def _headline_html(rows: list[Headline]) -> str:
+    """The headline table (id `headline`) with its raw keys in a collapsed details section."""
+    esc = html.escape
+    body = []
+    for h in rows:
+        figs = "".join(f"<li>{esc(f.text())}</li>" for f in h.figures)
+        warns = "".join(f"<div class='warn'>⚠ {esc(w)}</div>" for w in h.warnings)
+        body.append(
+            f"<tr><td><b>{esc(h.stage)}</b><br><small>{esc(h.command)}</small></td>"
+            f"<td>{f'<ul>{figs}</ul>' if figs else '—'}</td>"
+            f"<td><span class='verdict {h.tone}'>{esc(h.verdict)}</span>{warns}</td></tr>"
+        )
+    raw = [
+        f"<tr><td>{esc(h.stage)}</td><td>{esc(f.name)}</td><td><code>{esc(k)}</code></td></tr>"
+        for h in rows
+        for f in h.figures
+        for k in f.keys
+    ]
+    out = (
+        "<table id='headline' class='headline'><tr><th>stage</th><th>before → after</th>"
+        f"<th>verdict</th></tr>{''.join(body)}</table>"
+    )
+    if raw:
+        out += (
+            "<details><summary>raw keys behind these figures</summary><table><tr><th>stage</th>"
+            f"<th>measure</th><th>key in hanlm.json</th></tr>{''.join(raw)}</table></details>"
+        )
+    return out
+
+
+def _headline_md(rows: list[Headline]) -> list[str]:
+    """The headline table as Markdown lines (warnings marked ⚠ in bold: Markdown has no red)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| stage | before → after | verdict |", "|---|---|---|"]
+    for h in rows:
+        figs = "<br>".join(cell(f.text()) for f in h.figures) or "—"
+        verdict = cell(h.verdict) + "".join(f"<br>**⚠ {cell(w)}**" for w in h.warnings)
+        lines.append(f"| **{cell(h.stage)}** ({cell(h.command)}) | {figs} | {verdict} |")
+    raw = [f"| {h.stage} | {f.name} | `{k}` |" for h in rows for f in h.figures for k in f.keys]
+    if raw:
+        lines += ["", "<details><summary>raw keys behind these figures</summary>", ""]
+        lines += ["| stage | measure | key in hanlm.json |", "|---|---|---|", *raw]
+        lines += ["", "</details>"]
+    return [*lines, ""]
+
+
 class _Doc:
     """Builds the HTML and Markdown versions side by side."""
 
     def __init__(self, title: str, files_dir: Path) -> None:
         self.html = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"]
-        self.html.append(f"<style>{_CSS}</style><h1>{html.escape(title)}</h1>")
+        self.html.append(f"<style>{_CSS}{_HEADLINE_CSS}</style><h1>{html.escape(title)}</h1>")
         self.md = [f"# {title}", ""]
         self.files_dir = files_dir
         self.n_images = 0
 
-    def h2(self, text: str) -> None:
-        self.html.append(f"<h2>{html.escape(text)}</h2>")
+    def h2(self, text: str, cls: str = "") -> None:
+        attr = f" class='{cls}'" if cls else ""
+        self.html.append(f"<h2{attr}>{html.escape(text)}</h2>")
         self.md += [f"## {text}", ""]
 
     def h3(self, text: str) -> None:
@@ -105,6 +173,16 @@ class _Doc:
         self.md.append("|" + "---|" * len(header))
         self.md += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
         self.md.append("")
+
+    def measures(self, values: dict[str, Any]) -> None:
+        """Measures under readable names; the raw keys in a collapsed details section."""
+        rows = list(values.items())
+        self.table(["measure", "value"], [[display_name(k), v] for k, v in rows])
+        self.html.append("<details><summary>raw keys</summary>")
+        self.md += ["<details><summary>raw keys</summary>", ""]
+        self.table(["key", "value"], [[k, v] for k, v in rows])
+        self.html.append("</details>")
+        self.md += ["</details>", ""]
 
     def image(self, png: bytes, alt: str) -> None:
         self.n_images += 1
@@ -137,9 +215,55 @@ def _plot(stage: str, metrics: list[dict[str, Any]]) -> bytes | None:
     for ax, (title, series) in zip(axes[0], groups):
         for k, pts in series.items():
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=k)
+            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=display_name(k))
         ax.set_title(f"{stage}: {title}")
         ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _kl_points(metrics: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(KL, held-out `key`) at each evaluation; the evaluation before training is at KL 0."""
+    pts = []
+    for m in metrics:
+        kl = m.get("kl", 0.0 if m.get("step") == 0 else None)
+        if isinstance(kl, (int, float)) and isinstance(m.get(key), (int, float)):
+            pts.append((float(kl), float(m[key])))
+    return pts
+
+
+def _kl_plot(runs: dict[str, list[dict[str, Any]]]) -> bytes | None:
+    """Proxy and gold score against KL, a curve per run (Gao et al. 2022's picture)."""
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {"proxy": {}, "gold": {}}
+    for name, metrics in runs.items():
+        gold = _kl_points(metrics, "eval_gold_score")
+        rm = "eval_rm_score" if any("eval_rm_score" in m for m in metrics) else "eval_score"
+        proxy = _kl_points(metrics, rm)
+        if len(gold) >= 2 and len(proxy) >= 2:
+            curves["gold"][name], curves["proxy"][name] = gold, proxy
+    if not curves["gold"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    titles = {
+        "proxy": "proxy RM score (held out; the target)",
+        "gold": "gold RM score (held out; not the target)",
+    }
+    for ax, (which, series) in zip(axes, curves.items()):
+        for name, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.set_title(titles[which], fontsize=10)
+        ax.set_xlabel("KL to the reference (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -222,13 +346,33 @@ def write_report(recipe: Any, state: dict[str, Any]) -> tuple[Path, Path]:
     """Write report.html and report.md into the recipe's run directory."""
     run_dir: Path = recipe.run_dir
     doc = _Doc(f"hanlm run: {recipe.name}", run_dir / "report_files")
+    infos = {s.name: read_run(run_dir / s.name) for s in recipe.stages}
+    metrics = {s.name: read_metrics(run_dir / s.name) for s in recipe.stages}
+    heads = [
+        stage_headline(
+            s.name,
+            s.command,
+            infos[s.name],
+            load_reports(run_dir / s.name),
+            metrics[s.name],
+            state.get(s.name, {}).get("status", ""),
+        )
+        for s in recipe.stages
+    ]
+    doc.h2("What the run achieved", cls="first")
+    doc.html.append(_headline_html(heads))
+    doc.md += _headline_md(heads)
     doc.p(f"Recipe {recipe.path} — run directory {run_dir}")
+    png = _kl_plot({s.name: metrics[s.name] for s in recipe.stages if s.command in _RL})
+    if png:
+        doc.h2("Gold and proxy score over KL")
+        doc.image(png, "gold and proxy score over KL")
 
     doc.h2("Stages")
     rows = []
     for stage in recipe.stages:
         st = state.get(stage.name, {})
-        info = read_run(run_dir / stage.name) or {}
+        info = infos[stage.name] or {}
         status = st.get("status", "not run")
         rows.append(
             [
@@ -244,11 +388,11 @@ def write_report(recipe: Any, state: dict[str, Any]) -> tuple[Path, Path]:
 
     for stage in recipe.stages:
         d = run_dir / stage.name
-        info = read_run(d)
+        info = infos[stage.name]
         if not info:
             continue
         doc.h2(f"{stage.name} ({stage.command})")
-        png = _plot(stage.name, read_metrics(d))
+        png = _plot(stage.name, metrics[stage.name])
         if png:
             doc.image(png, f"{stage.name} curves")
         for name, title in (
@@ -260,11 +404,11 @@ def write_report(recipe: Any, state: dict[str, Any]) -> tuple[Path, Path]:
                 doc.h3(title)
                 flat = _flatten(json.loads(p.read_text(encoding="utf-8")))
                 flat = {k: v for k, v in flat.items() if v is not None}
-                doc.table(["measure", "value"], [[k, v] for k, v in flat.items()][:80])
+                doc.measures(dict(list(flat.items())[:80]))
         summary = {k: v for k, v in _flatten(info.get("summary") or {}).items() if v is not None}
         if summary:
             doc.h3("Summary")
-            doc.table(["measure", "value"], [[k, v] for k, v in summary.items()])
+            doc.measures(summary)
 
     prompts = _prompts(recipe)
     if prompts:
