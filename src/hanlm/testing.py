@@ -58,3 +58,51 @@ def tiny_model_dir(path: str | Path, template: str = "chatml", seed: int = 0, **
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
     return save_model(model, tok, path)
+
+
+def sp_model_dir(path: str | Path, texts: list[str], vocab_size: int = 400) -> Path:
+    """Save a LLaMA-style SentencePiece BPE tokenizer (byte fallback, identity normaliser, the
+    `LlamaTokenizer` class) trained on `texts`, and a random `test`-preset model, to `path`."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoTokenizer
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts * 10),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (d / "tokenizer.model").write_bytes(buf.getvalue())
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "LlamaTokenizer", **special}
+    (d / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(d)
+    torch.manual_seed(0)
+    save_model(build_model("test", vocab_size=len(tok), max_positions=256), None, d)
+    return d
+
+
+def write_csv(path: str | Path, rows: list, header: list | None = None) -> None:
+    """A CSV file as the C-Eval / CMMLU / MMLU layouts have them (parents created)."""
+    import csv
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)

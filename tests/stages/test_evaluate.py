@@ -12,19 +12,11 @@ from hanlm.config import load_config
 from hanlm.data.sources import DataError
 from hanlm.infer.scoring import letter_token_ids, perplexity, score_letters, score_options
 from hanlm.stages.contamination import ContaminationConfig, audit, ngrams
+from hanlm.testing import write_csv
 
 Q1 = ("TCP 属于哪一层协议？", "应用层", "传输层", "网络层", "物理层", "B")
 Q2 = ('下列说法正确的是，"带引号"的那一项？', "甲，乙", "丙\n丁", "戊", "己", "A")
 Q3 = ("「床前明月光」的下一句是？", "疑是地上霜", "低头思故乡", "举头望明月", "黄河入海流", "A")
-
-
-def _write_csv(path, rows, header=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
 
 
 def make_ceval(root):
@@ -32,23 +24,23 @@ def make_ceval(root):
     mapping = {"computer_network": ["Computer Network", "计算机网络", "STEM"]}
     (root / "subject_mapping.json").write_text(json.dumps(mapping, ensure_ascii=False))
     head = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
-    _write_csv(root / "dev/computer_network_dev.csv", [[0, *Q1, "解析"]], head)
-    _write_csv(root / "val/computer_network_val.csv", [[0, *Q2, ""], [1, *Q3, ""]], head)
-    _write_csv(root / "test/computer_network_test.csv", [[0, *Q1[:5]]], head[:6])
+    write_csv(root / "dev/computer_network_dev.csv", [[0, *Q1, "解析"]], head)
+    write_csv(root / "val/computer_network_val.csv", [[0, *Q2, ""], [1, *Q3, ""]], head)
+    write_csv(root / "test/computer_network_test.csv", [[0, *Q1[:5]]], head[:6])
     return root
 
 
 def make_cmmlu(root):
     head = ["", "Question", "A", "B", "C", "D", "Answer"]
-    _write_csv(root / "dev/agronomy.csv", [[0, *Q1]], head)
-    _write_csv(root / "test/agronomy.csv", [[0, *Q2], [1, *Q3]], head)
+    write_csv(root / "dev/agronomy.csv", [[0, *Q1]], head)
+    write_csv(root / "test/agronomy.csv", [[0, *Q2], [1, *Q3]], head)
     return root
 
 
 def make_mmlu(root):
     en = ("What is 2 + 2?", "3", "4", "5", "22", "B")
-    _write_csv(root / "dev/elementary_math_dev.csv", [en])
-    _write_csv(root / "test/elementary_math_test.csv", [Q2, Q3])
+    write_csv(root / "dev/elementary_math_dev.csv", [en])
+    write_csv(root / "test/elementary_math_test.csv", [Q2, Q3])
     return root
 
 
@@ -125,7 +117,7 @@ def test_bad_rows_name_file_and_line(tmp_path):
         f.write("only,three,columns\n")
     with pytest.raises(DataError, match=r"elementary_math_test\.csv:4: 3 columns"):
         load_benchmark(str(root), "test")
-    _write_csv(root / "test/elementary_math_test.csv", [(*Q1[:5], "E")])
+    write_csv(root / "test/elementary_math_test.csv", [(*Q1[:5], "E")])
     with pytest.raises(DataError, match=r"elementary_math_test\.csv:1: answer 'E'"):
         load_benchmark(str(root), "test")
 
@@ -137,21 +129,27 @@ def item(q, a, b, c, d, ans, i="x"):
     return Item(i, "computer_network", q, [a, b, c, d], ans, "computer network", "计算机网络")
 
 
-def test_kshot_prompts_are_built_as_documented():
+def test_hanlm_earlier_wording_stays_available_as_hanlm_styles():
+    """The reference wording is the default (tests/test_bench_prompts.py); hanlm's own, which
+    always has the header and names the subject in Chinese (C-Eval, CMMLU) or English, is
+    `style=hanlm` / `hanlm-<benchmark>`."""
     shots = [item(*Q1, i="s1"), item(*Q3, i="s2")]
     target = item("1+1=？", "1", "2", "3", "4", "B")
-    assert build_prompt(target, STYLES["ceval"], shots) == (
+    assert build_prompt(target, STYLES["hanlm-ceval"], shots) == (
         "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n"
         "TCP 属于哪一层协议？\nA. 应用层\nB. 传输层\nC. 网络层\nD. 物理层\n答案：B\n\n"
         "「床前明月光」的下一句是？\nA. 疑是地上霜\nB. 低头思故乡\nC. 举头望明月\nD. 黄河入海流\n答案：A\n\n"
         "1+1=？\nA. 1\nB. 2\nC. 3\nD. 4\n答案："
     )
-    assert build_prompt(target, STYLES["cmmlu"], shots[:1]) == (
+    assert build_prompt(target, STYLES["hanlm-ceval"], []).startswith(
+        "以下是中国关于计算机网络考试"
+    )
+    assert build_prompt(target, STYLES["hanlm-cmmlu"], shots[:1]) == (
         "以下是关于计算机网络的单项选择题，请直接给出正确答案的选项。\n\n"
         "题目：TCP 属于哪一层协议？\nA. 应用层\nB. 传输层\nC. 网络层\nD. 物理层\n答案是：B\n\n"
         "题目：1+1=？\nA. 1\nB. 2\nC. 3\nD. 4\n答案是："
     )
-    assert build_prompt(target, STYLES["mmlu"], shots[:1]) == (
+    assert build_prompt(target, STYLES["hanlm-mmlu"], shots[:1]) == (
         "The following are multiple choice questions (with answers) about computer network.\n\n"
         "TCP 属于哪一层协议？\nA. 应用层\nB. 传输层\nC. 网络层\nD. 物理层\nAnswer: B\n\n"
         "1+1=？\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
@@ -248,11 +246,13 @@ def test_eval_run_writes_report_predictions_samples_and_is_deterministic(tiny_mo
     second = _run_eval(tiny_model_path, tmp_path / "b", *args)
     b = first["benchmarks"]["bench"]
     assert b["n"] == 3 and b["style"] == "ceval" and b["mean_shots"] == 1
+    assert b["fewer_shots"]["questions"] == 0
     assert set(b["subjects"]) == {"poetry"} and set(b["categories"]) == {"Humanities"}
     preds = (tmp_path / "a" / "predictions-bench.jsonl").read_text(encoding="utf-8")
     assert preds == (tmp_path / "b" / "predictions-bench.jsonl").read_text(encoding="utf-8")
     row = json.loads(preds.splitlines()[0])
-    assert row["prompt"].startswith("以下是中国关于诗词考试") and row["prompt"].endswith("答案：")
+    # C-Eval's reference wording: the subject by its slug (the file name in C-Eval's layout)
+    assert row["prompt"].startswith("以下是中国关于poetry考试") and row["prompt"].endswith("答案：")
     assert set(row["scores"]) == set("ABCD") and row["pred"] in "ABCD" and row["answer"] == "A"
     assert b["accuracy"] == second["benchmarks"]["bench"]["accuracy"]
     assert first["perplexity"][str(tmp_path / "corpus.txt")]["bpc"] > 0
@@ -267,7 +267,9 @@ def test_eval_with_chat_template_and_option_loglik(tiny_model_path, tmp_path):
     report = _run_eval(tiny_model_path, tmp_path / "out", *args)
     assert report["benchmarks"]["bench"]["n"] == 2 and report["scoring"] == "loglik"
     row = json.loads((tmp_path / "out" / "predictions-bench.jsonl").read_text().splitlines()[0])
-    assert row["prompt"].startswith("<|im_start|>user\n以下是中国关于诗词考试")
+    assert row["prompt"].startswith(
+        '<|im_start|>user\n下列说法正确的是，"带引号"'
+    )  # zero-shot: no header
     assert row["prompt"].endswith("答案：<|im_end|>\n<|im_start|>assistant\n")
     assert len(row["loglik"]) == 4 and row["pred"] == max("ABCD", key=lambda c: row["scores"][c])
 
@@ -344,8 +346,8 @@ def test_audit_finds_planted_leak_with_its_training_record(tmp_path):
     assert zh["overlap"] == 1.0 and zh["status"] == "contaminated"
     assert zh["matches"][0]["where"].endswith("sft.jsonl:3")
     en = report["details"]["poetry-test-3"]
-    # "Answer:" sits between question and answer in the leak: the grams across it differ
-    assert en["matches"][0]["where"].endswith("corpus.jsonl:3") and 0.7 <= en["overlap"] < 1
+    # "Answer:" sits between question and answer in the leak: the question is matched apart
+    assert en["matches"][0]["where"].endswith("corpus.jsonl:3") and en["overlap"] == 1.0
     assert report["items"] == 5  # 4 test + 1 dev item, all audited
 
 
@@ -375,3 +377,196 @@ def test_eval_scores_clean_and_contaminated_items_apart(tiny_model_path, tmp_pat
     rows = (tmp_path / "ev" / "predictions-bench.jsonl").read_text(encoding="utf-8").splitlines()
     status = {json.loads(r)["id"]: json.loads(r)["contamination"] for r in rows}
     assert status["poetry-test-1"] == "contaminated" and status["poetry-test-0"] == "clean"
+
+
+# --------------------------------------------------------------------------- shots
+
+
+def test_fewer_shots_than_asked_is_warned_and_tabled(tiny_model_path, tmp_path, capsys):
+    bench = make_jsonl(tmp_path / "bench", [Q2, Q3])  # one dev example
+    report = _run_eval(tiny_model_path, tmp_path / "a", f"bench=[{bench}]", "shots=3")
+    b = report["benchmarks"]["bench"]
+    assert (b["shots"], b["mean_shots"], b["min_shots"]) == (3, 1, 1)
+    assert b["fewer_shots"] == {
+        "questions": 2,
+        "dev_too_small": {"poetry": 1},
+        "dropped_for_length": 0,
+    }
+    out = capsys.readouterr()
+    assert (
+        "warning: bench (test): shots=3, but 1 subject(s) have fewer dev examples: poetry (1)"
+        in out.err
+    )
+    assert "(test, 3-shot asked, 1 on average," in out.out
+    assert "FEWER SHOTS for 2 of 2 questions (min 1): poetry has 1 dev examples" in out.out
+
+
+def test_strict_shots_makes_too_few_shots_an_error(tiny_model_path, tmp_path, capsys):
+    from hanlm.bench import pick_style
+    from hanlm.modeling import load_tokenizer
+
+    bench = make_jsonl(tmp_path / "bench", [Q2, Q3])
+    args = ["eval", str(tiny_model_path), f"bench=[{bench}]", "strict_shots=true"]
+    assert cli.main([*args, f"output_dir={tmp_path / 'a'}", "shots=3"]) == 1
+    err = capsys.readouterr().err
+    assert "poetry (1)" in err and "lower shots=" in err and "strict_shots=false" in err
+    assert not (tmp_path / "a" / "eval_report.json").exists()  # failed before the model loaded
+
+    # Enough dev examples, but the 1-shot prompts do not fit max_length: dropped, or an error.
+    b = load_benchmark(str(bench), "test", shots=1)
+    tok = load_tokenizer(str(tiny_model_path))
+    style = pick_style(b, "auto")
+    zero = max(len(tok.encode(build_prompt(it, style, []))) for it in b.items)
+    fit = f"max_length={zero + 2}"
+    assert cli.main([*args, f"output_dir={tmp_path / 'b'}", "shots=1", fit]) == 1
+    assert "fit fewer than shots=1 examples in max_length=" in capsys.readouterr().err
+    report = _run_eval(tiny_model_path, tmp_path / "c", f"bench=[{bench}]", "shots=1", fit)
+    fewer = report["benchmarks"]["bench"]["fewer_shots"]
+    assert fewer["dropped_for_length"] == 2 and fewer["questions"] == 2
+    assert "2 prompts too long for max_length" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- audit layouts
+
+LEAK_LAYOUTS = {
+    # the options of an exam page between question and answer
+    "exam": {
+        "text": "2019 年语文模拟题\n" + LEAKED[0] + "\nA. " + LEAKED[1] + "\nB. " + LEAKED[2]
+        + "\nC. " + LEAKED[3] + "\nD. " + LEAKED[4] + "\n答案：A"
+    },
+    "chat": {
+        "messages": [
+            {"role": "user", "content": "请回答：" + LEAKED[0]},
+            {"role": "assistant", "content": f"这句出自杜甫《登高》，下一句是「{LEAKED[1]}」。"},
+        ]
+    },
+    "da": {"text": f"问：{LEAKED[0]}答：{LEAKED[1]}"},
+}  # fmt: skip
+SHORT = ("天下第一关是？", "山海关", "嘉峪关", "雁门关", "居庸关", "A")  # 6 + 3 characters
+TINY = ("1+1=？", "1", "2", "3", "4", "B")  # nothing to match
+PARTIAL = (
+    "「白日依山尽，黄河入海流」描写的是哪里的景色？",
+    "鹳雀楼",
+    "岳阳楼",
+    "黄鹤楼",
+    "滕王阁",
+    "A",
+)
+
+
+def _write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _audit_of(bench, train, *overrides):
+    pairs = [("train", [str(train)]), ("bench", [str(bench)]), *overrides]
+    return audit(load_config(ContaminationConfig, None, pairs))
+
+
+@pytest.mark.parametrize("layout", sorted(LEAK_LAYOUTS))
+def test_audit_finds_leaks_with_text_between_question_and_answer(tmp_path, layout):
+    """Joined into one string, question + answer scored 0.42 (partial) in these layouts."""
+    bench = make_jsonl(tmp_path / "bench", [Q3, LEAKED, Q2])
+    noise = {"text": "《登高》风急天高猿啸哀，渚清沙白鸟飞回。"}
+    if "messages" in LEAK_LAYOUTS[layout]:  # one format per file
+        noise = {
+            "messages": [
+                {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": noise["text"]},
+            ]
+        }
+    train = _write_jsonl(tmp_path / "train" / "leak.jsonl", [noise, LEAK_LAYOUTS[layout]])
+    report = _audit_of(bench, train)["benchmarks"]["bench"]
+    assert report["flagged"] == ["poetry-test-1"]
+    d = report["details"]["poetry-test-1"]
+    assert d["status"] == "contaminated" and d["question_overlap"] == 1.0 and d["answer_near"]
+    assert d["matches"][0]["where"].endswith("leak.jsonl:2")
+
+
+def test_audit_finds_a_short_question_with_its_answer(tmp_path):
+    bench = make_jsonl(tmp_path / "bench", [SHORT, TINY, Q3])
+    train = _write_jsonl(
+        tmp_path / "train" / "t.jsonl",
+        [{"text": "天下第一关是哪里？很多人知道。"}, {"text": "天下第一关是？答：山海关。"}],
+    )
+    report = _audit_of(bench, train)["benchmarks"]["bench"]
+    assert report["flagged"] == ["poetry-test-0"]
+    d = report["details"]["poetry-test-0"]
+    assert d["answer_near"] and d["pair_overlap"] == 1.0 and len(d["matches"]) == 1
+    assert d["matches"][0]["where"].endswith("t.jsonl:2")  # the question alone is no evidence
+    # TINY has nothing to match; dev's "TCP 属于哪一层协议？" (7 characters) was not found with
+    # its answer: both unchecked, neither clean
+    assert report["too_short_ids"] == ["poetry-dev-0", "poetry-test-1"] and report["clean"] == 1
+    # matched by its question alone, the short question cannot be checked
+    alone = _audit_of(bench, train, ("fields", "question"))["benchmarks"]["bench"]
+    assert alone["flagged"] == [] and alone["too_short"] == 3
+
+
+def test_audit_of_official_ceval_dir_checks_test_questions_alone(tmp_path):
+    root = make_ceval(tmp_path / "ceval")  # its test split has no answer column
+    train = _write_jsonl(tmp_path / "train" / "t.jsonl", [{"text": "题库：" + Q1[0] + "答案见书"}])
+    report = _audit_of(root, train)["benchmarks"]["ceval"]
+    assert report["items"] == 4 and report["question_only"] == {"test": 1}
+    assert report["by_split"]["test"] == {
+        "items": 1,
+        "contaminated": 0,
+        "partial": 0,
+        "too_short": 1,
+    }
+    # "TCP 属于哪一层协议？" has 7 characters: checkable only with an answer. A longer one is found:
+    long_q = ("在 OSI 参考模型中，TCP 协议属于哪一层协议？", "应用层", "传输层", "网络层", "物理层")
+    head = ["id", "question", "A", "B", "C", "D"]
+    with open(root / "test/computer_network_test.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([head, [0, *long_q]])
+    _write_jsonl(tmp_path / "train" / "t.jsonl", [{"text": "题库：" + long_q[0]}])
+    report = _audit_of(root, train)["benchmarks"]["ceval"]
+    assert report["flagged"] == ["computer_network/test/0"]
+
+
+def test_bad_record_hint_names_a_key_the_audit_accepts(tmp_path):
+    import re
+
+    bench = make_jsonl(tmp_path / "bench", [Q3])
+    train = tmp_path / "train" / "t.jsonl"
+    train.parent.mkdir()
+    train.write_text('{"text": "床前明月光"}\n{not json\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        _audit_of(bench, train)
+    key = re.search(r"pass (\S+)=skip", str(err.value)).group(1)
+    assert key == "data.on_bad_record"
+    report = _audit_of(bench, train, (key, "skip"))
+    assert report["train"]["bad_records"] == 1 and report["train"]["records"] == 1
+
+
+def test_eval_scores_partial_and_too_short_items_apart_from_clean(tiny_model_path, tmp_path):
+    bench = make_jsonl(tmp_path / "bench", [Q3, LEAKED, PARTIAL, TINY])
+    train = _write_jsonl(
+        tmp_path / "train" / "t.jsonl",
+        [LEAK_LAYOUTS["exam"], {"text": "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"}],
+    )
+    out = tmp_path / "audit"
+    assert (
+        cli.main(["eval", "contamination", str(train), f"bench=[{bench}]", f"output_dir={out}"])
+        == 0
+    )
+    audit_report = json.loads((out / "contamination.json").read_text())["benchmarks"]["bench"]
+    assert audit_report["partial_ids"] == ["poetry-test-2"]
+    report = _run_eval(tiny_model_path, tmp_path / "ev", f"bench=[{bench}]", f"contamination={out}")
+    split = report["benchmarks"]["bench"]["contamination"]
+    assert {g: split[g]["n"] for g in ("clean", "contaminated", "partial", "too_short")} == {
+        "clean": 1,
+        "contaminated": 1,
+        "partial": 1,
+        "too_short": 1,
+    }
+    rows = (tmp_path / "ev" / "predictions-bench.jsonl").read_text(encoding="utf-8").splitlines()
+    status = {json.loads(r)["id"]: json.loads(r)["contamination"] for r in rows}
+    assert status == {
+        "poetry-test-0": "clean",
+        "poetry-test-1": "contaminated",
+        "poetry-test-2": "partial",
+        "poetry-test-3": "too_short",
+    }

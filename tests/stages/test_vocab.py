@@ -262,44 +262,9 @@ def test_bytelevel_tokenizer_only_without_held_out_text(tmp_path, corpus, tiny_m
 @pytest.fixture(scope="module")
 def sp_base(tmp_path_factory, corpus) -> Path:
     """A LLaMA-style SentencePiece BPE base (byte fallback, identity normaliser) + tiny model."""
-    import io
+    from hanlm.testing import SAMPLE_TEXT, sp_model_dir
 
-    import sentencepiece as spm
-
-    from hanlm.modeling import build_model, save_model
-    from hanlm.testing import SAMPLE_TEXT
-
-    d = tmp_path_factory.mktemp("spbase") / "base"
-    d.mkdir()
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([*SAMPLE_TEXT, *ENGLISH] * 10),
-        model_writer=buf,
-        vocab_size=420,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    (d / "tokenizer.model").write_bytes(buf.getvalue())
-    (d / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "LlamaTokenizer",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-            }
-        )
-    )
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(d)
-    save_model(build_model("test", vocab_size=len(tok), max_positions=256), None, d)
-    return d
+    return sp_model_dir(tmp_path_factory.mktemp("spbase") / "base", [*SAMPLE_TEXT, *ENGLISH], 420)
 
 
 def test_sentencepiece_base_expansion(tmp_path, corpus, sp_base):

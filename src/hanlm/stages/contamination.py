@@ -13,34 +13,44 @@ overlap), adapted to Chinese:
   Eight characters are only some 4-5 Chinese words, fewer than GPT-3's 13, because Chinese
   exam questions are short (many C-Eval/CMMLU questions have 10-30 characters) and a longer n
   would leave them unchecked; raise it to flag only long verbatim copies.
-- An item's text is its question plus its correct answer (`fields`), the unit a leak teaches:
-  distractors appearing in training say nothing about the item.
-- n-grams found in `ignore_common` or more items of one benchmark are its question templates
-  ("这两句诗的作者是") rather than content, and are not used.
-- An item is *contaminated* when at least `min_overlap` of its n-grams occur in the training
-  data: 0.7, PaLM's definition (70% of an example's 8-grams seen in training). GPT-3's rule, any
-  single shared n-gram, is `min_overlap=0`; it also catches a shared stock phrase of two
-  dictionary definitions, so items with some overlap below the threshold are reported apart as
-  *partial*, with their matches, for a person to judge.
+- The question and its correct answer (`fields`) are matched apart, each by its own n-grams: a
+  leak puts something between them (the options of an exam page, a chat turn, `答：`), and
+  n-grams across the join of the two would never match it. An answer too short for an n-gram
+  (most are) is matched whole; one that is part of its question says nothing and is not used.
+  Distractors appearing in training say nothing about the item either.
+- n-grams (and whole answers) found in `ignore_common` or more items of one benchmark are its
+  templates ("这两句诗的作者是") rather than content, and are not used.
+- An item is *contaminated* when at least `min_overlap` of its question's n-grams occur in the
+  training data (0.7, PaLM's definition: 70% of an example's 8-grams seen in training), or when
+  one training record holds its question and, within `near` characters (words, for Latin
+  text), its answer, together reaching `min_overlap` of the pair's n-grams (an answer matched
+  whole counts as one). A question too short for any n-gram is matched whole, and only this
+  second way, when question and answer together are at least n long.
+- GPT-3's rule, any single shared n-gram, is `min_overlap=0`; it also catches a shared stock
+  phrase of two dictionary definitions, so items with some overlap below the threshold are
+  reported apart as *partial*, with their matches, for a person to judge.
 
-Items with fewer than n units, or whose every gram is a template, cannot be checked; they are
-counted as `unchecked` and treated as clean. The output, `contamination.json`, lists every
-contaminated and partial item with the training records that contain it (file:line), and is
-what `hanlm eval contamination=DIR` reads to score clean and contaminated items apart.
+Items whose question has no usable n-gram (too short, or every gram a template) and that no
+record holds with its answer are `too_short`: not checked, so never counted as clean. A split
+without public answers (C-Eval's test) is audited by its questions alone. The output,
+`contamination.json`, lists every contaminated and partial item with the training records that
+contain it (file:line), and is what `hanlm eval contamination=DIR` reads to score the clean,
+contaminated, partial and too-short items apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from hanlm import ASSETS
-from hanlm.bench import LETTERS, Item, MissingSplit, load_benchmark
+from hanlm.bench import LETTERS, Item, MissingSplit, canonical_split, load_benchmark
 from hanlm.config import ConfigError, DataConfig, OutputConfig, opt
 from hanlm.data.loader import RecordReader
 from hanlm.runs import Run, atomic_write_json
@@ -48,34 +58,58 @@ from hanlm.runs import Run, atomic_write_json
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f"
 _CJK_RUN = re.compile(f"[{_CJK}]+")
 _WORD = re.compile(f"[^\\W_{_CJK}]+")
+_IS_CJK = re.compile(f"[{_CJK}]")
+CHARS, WORDS = 0, 1  # the two streams a text is matched in
 
 
 @dataclass
 class ContaminationConfig(OutputConfig):
+    UNUSED: ClassVar[dict[str, str]] = {
+        **{
+            f"data.{k}": "the audit's training data is `train`"
+            for k in ("paths", "weights", "valid_paths", "valid_fraction", "seed")
+        },
+        "data.dedup": "the audit reads every record",
+        "data.min_chars": "the audit reads every record",
+    }
     train: list[str] = opt(
         ["demo"], "training data (files, dirs, globs); demo = every embedded train/valid file"
     )
     bench: list[str] = opt(["demo"], "benchmarks, as for hanlm eval (demo, a directory, hub:...)")
     splits: list[str] = opt(
-        ["dev", "val", "test"], "benchmark splits to audit (absent ones skipped)"
+        ["dev", "val", "test"],
+        "benchmark splits to audit (absent ones skipped; a split without answers, as C-Eval's"
+        " test, by its questions alone)",
     )
     fields: Literal["question+answer", "question+options", "question"] = opt(
-        "question+answer", "item text matched: the question and its answer (what a leak teaches)"
+        "question+answer",
+        "matched apart: the question, and near it in one record its answer (question+answer),"
+        " its four options (question+options), or nothing (question)",
     )
     char_n: int = opt(8, "n for Chinese (CJK) character n-grams")
     word_n: int = opt(13, "n for word n-grams of Latin-script text (GPT-3 used 13)")
     min_overlap: float = opt(
         0.7, "flag an item when this fraction of its n-grams is in training (PaLM: 0.7; 0 = any)"
     )
+    near: int = opt(
+        200, "an answer counts within this many characters (words for Latin text) of its question"
+    )
     ignore_common: int = opt(10, "skip n-grams shared by this many items (templates); 0 = keep")
     max_matches: int = opt(3, "training records listed per contaminated item")
-    on_bad_record: Literal["error", "skip"] = opt("error", "bad training records: stop or skip")
+    data: DataConfig = opt(
+        DataConfig,
+        "how training records are read, as in the training stages (data.on_bad_record,"
+        " data.format, data.txt_unit, data.text_field, data.max_records)",
+    )
 
     def validate(self) -> None:
-        if self.char_n < 1 or self.word_n < 1:
-            raise ConfigError("char_n and word_n must be >= 1")
+        if self.char_n < 1 or self.word_n < 1 or self.near < 0:
+            raise ConfigError("char_n and word_n must be >= 1 and near >= 0")
         if not 0 <= self.min_overlap <= 1:
             raise ConfigError(f"min_overlap={self.min_overlap} must be between 0 and 1")
+
+
+# --------------------------------------------------------------------------- n-grams
 
 
 def normalize_units(text: str) -> tuple[str, list[str]]:
@@ -84,22 +118,109 @@ def normalize_units(text: str) -> tuple[str, list[str]]:
     return "".join(_CJK_RUN.findall(text)), _WORD.findall(_CJK_RUN.sub(" ", text))
 
 
-def ngrams(text: str, char_n: int, word_n: int) -> set[str]:
-    """Character n-grams of the CJK stream and space-joined word n-grams (they never collide:
-    one holds only CJK characters, the other none)."""
-    chars, words = normalize_units(text)
+def _grams(chars: str, words: list[str], char_n: int, word_n: int) -> set[str]:
     grams = {chars[i : i + char_n] for i in range(len(chars) - char_n + 1)}
     grams.update(" ".join(words[i : i + word_n]) for i in range(len(words) - word_n + 1))
     return grams
 
 
-def item_text(item: Item, fields: str) -> str:
-    parts = [item.question]
-    if fields == "question+answer":
-        parts.append(item.options[LETTERS.index(item.answer)])
-    elif fields == "question+options":
-        parts.extend(item.options)
-    return "\n".join(parts)
+def ngrams(text: str, char_n: int, word_n: int) -> set[str]:
+    """Character n-grams of the CJK stream and space-joined word n-grams (they never collide:
+    one holds only CJK characters, the other none)."""
+    return _grams(*normalize_units(text), char_n, word_n)
+
+
+def _stream(key: str) -> int:
+    return CHARS if _IS_CJK.match(key) else WORDS
+
+
+def _units(key: str) -> int:
+    return len(key) if _stream(key) == CHARS else key.count(" ") + 1
+
+
+@dataclass
+class Part:
+    """A text the audit looks for: by its n-grams, or whole when it has none."""
+
+    grams: set[str]
+    whole: str = ""  # normalised: CJK characters, or words joined by spaces
+    units: int = 0  # its length in characters or words
+
+    def texts(self) -> set[str]:
+        return self.grams or {self.whole}
+
+    @property
+    def size(self) -> int:
+        return len(self.grams) or 1
+
+
+def text_part(text: str, char_n: int, word_n: int) -> Part | None:
+    """A text's n-grams, else (too short) the text whole if it is at least two characters or
+    three letters long; None when even that is too little to mean anything."""
+    chars, words = normalize_units(text)
+    units = max(len(chars), len(words))
+    grams = _grams(chars, words, char_n, word_n)
+    if grams:
+        return Part(grams, units=units)
+    if len(chars) >= 2:
+        return Part(set(), chars, len(chars))
+    if sum(map(len, words)) >= 3:
+        return Part(set(), " ".join(words), len(words))
+    return None
+
+
+@dataclass
+class Probe:
+    """What the audit looks for of one item: its question, and the answer texts to find near it."""
+
+    question: Part | None
+    answers: list[Part]
+    question_only: bool  # its split publishes no answers
+
+
+def _probe(item: Item, cfg: ContaminationConfig) -> Probe:
+    question = text_part(item.question, cfg.char_n, cfg.word_n)
+    texts: list[str] = []
+    if item.answer and cfg.fields == "question+answer":
+        texts = [item.options[LETTERS.index(item.answer)]]
+    elif item.answer and cfg.fields == "question+options":
+        texts = list(item.options)
+    chars, words = normalize_units(item.question)
+    inside = chars + " " + " ".join(words)
+    answers = []
+    for text in texts:
+        part = text_part(text, cfg.char_n, cfg.word_n)
+        if part is not None and question is not None:
+            part.grams -= question.grams  # what the question itself says is no answer
+        if part is not None and part.texts() and (part.grams or part.whole not in inside):
+            answers.append(part)
+    return Probe(question, answers, question_only=not item.answer)
+
+
+def _drop_templates(probes: list[Probe], cfg: ContaminationConfig) -> None:
+    """Remove the keys shared by `ignore_common` or more items; a short question is kept only
+    when question and answer together are at least one n-gram long."""
+    common: set[str] = set()
+    if cfg.ignore_common:  # questions and answers counted apart
+        questions = Counter(k for p in probes if p.question for k in p.question.texts())
+        answers = Counter(k for p in probes for a in p.answers for k in a.texts())
+        for counts in (questions, answers):
+            common |= {k for k, c in counts.items() if c >= cfg.ignore_common}
+    for p in probes:
+        for part in [p.question, *p.answers]:
+            if part is not None and part.grams:
+                part.grams -= common
+        p.answers = [a for a in p.answers if a.grams or (a.whole and a.whole not in common)]
+        q = p.question
+        if q is None or q.grams:
+            continue
+        n = cfg.char_n if _stream(q.whole) == CHARS else cfg.word_n
+        longest = max((a.units for a in p.answers), default=0)
+        if not q.whole or q.whole in common or not p.answers or q.units + longest < n:
+            p.question = None
+
+
+# --------------------------------------------------------------------------- training data
 
 
 def _train_files(specs: list[str]) -> list[str]:
@@ -115,28 +236,71 @@ def _train_files(specs: list[str]) -> list[str]:
 
 
 def _record_text(rec: dict[str, Any]) -> str:
-    """All of a canonical record's text; chat turns joined so a question and its answer stay
-    adjacent, as a leak would have them."""
+    """All of a canonical record's text; chat turns joined in order."""
     if "text" in rec:
         return rec["text"]
     return "\n".join(m["content"] for side in rec.values() for m in side)
 
 
+class Record:
+    """One training record's two streams, with the positions of a key found in them."""
+
+    def __init__(self, text: str) -> None:
+        self.chars, self.words = normalize_units(text)
+
+    def substrings(self, stream: int, length: int) -> set[str]:
+        if stream == CHARS:
+            return {self.chars[i : i + length] for i in range(len(self.chars) - length + 1)}
+        w = self.words
+        return {" ".join(w[i : i + length]) for i in range(len(w) - length + 1)}
+
+    def find(self, key: str) -> list[int]:
+        if _stream(key) == CHARS:
+            return [m.start() for m in re.finditer(f"(?={re.escape(key)})", self.chars)]
+        parts = key.split(" ")
+        n = len(parts)
+        return [i for i in range(len(self.words) - n + 1) if self.words[i : i + n] == parts]
+
+
+def pair_overlap(probe: Probe, rec: Record, found: set[str], near: int) -> tuple[float, bool]:
+    """(the share of the question's and its answers' keys this record holds, with the answers
+    counted only within `near` of the question's matches; whether any answer was there)."""
+    assert probe.question is not None
+    span: dict[int, tuple[int, int]] = {}
+    for key in found:
+        for pos in rec.find(key):
+            st, end = _stream(key), pos + _units(key)
+            lo, hi = span.get(st, (pos, end))
+            span[st] = (min(lo, pos), max(hi, end))
+    got = 0
+    for part in probe.answers:
+        for key in part.texts():
+            st, size = _stream(key), _units(key)
+            lo, hi = span.get(st, (-(10**9), 10**9))  # another stream: anywhere in the record
+            got += any(lo - near < p + size and p < hi + near for p in rec.find(key))
+    total = probe.question.size + sum(a.size for a in probe.answers)
+    return (len(found) + got) / total, got > 0
+
+
+# --------------------------------------------------------------------------- the audit
+
+
 def _zero_counts() -> dict[str, int]:
-    return {"items": 0, "contaminated": 0, "partial": 0}
+    return {"items": 0, "contaminated": 0, "partial": 0, "too_short": 0}
 
 
 def audit(cfg: ContaminationConfig) -> dict[str, Any]:
     """Run the audit; returns the report that `run` writes as contamination.json."""
     t0 = time.perf_counter()
-    # 1. Benchmark items and their n-grams, templates removed per benchmark.
+    # 1. Benchmark items and what to look for of each, templates removed per benchmark.
+    splits = list(dict.fromkeys(canonical_split(s) for s in cfg.splits))
     benches: list[tuple[str, list[tuple[str, Item]]]] = []
     for spec in cfg.bench:
         items: list[tuple[str, Item]] = []
         name, ids = "", set()
-        for split in cfg.splits:
+        for split in splits:
             try:
-                b = load_benchmark(spec, split)
+                b = load_benchmark(spec, split, answers=False)
             except MissingSplit:
                 continue
             name = b.name
@@ -144,50 +308,69 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
             items += [(split, it) for it in b.items if it.id not in ids]
             ids.update(it.id for it in b.items)
         if not items:
-            raise ConfigError(f"{spec}: none of the splits {cfg.splits} has questions")
+            raise ConfigError(f"{spec}: none of the splits {splits} has questions")
         benches.append((name, items))
 
-    index: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    item_grams: list[list[int]] = []  # per benchmark, per item: usable gram count
-    unchecked: list[list[str]] = []
+    probes: dict[tuple[int, int], Probe] = {}
+    index: dict[str, list[tuple[int, int]]] = defaultdict(list)  # question n-gram -> items
+    short: dict[tuple[int, int], dict[str, list[tuple[int, int]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )  # (stream, length) -> short question -> items
     for b, (_, items) in enumerate(benches):
-        grams = [ngrams(item_text(it, cfg.fields), cfg.char_n, cfg.word_n) for _, it in items]
-        counts: dict[str, int] = defaultdict(int)
-        for g in grams:
-            for x in g:
-                counts[x] += 1
-        usable = []
-        skipped = []
-        for i, g in enumerate(grams):
-            kept = {x for x in g if not cfg.ignore_common or counts[x] < cfg.ignore_common}
-            usable.append(len(kept))
-            if not kept:
-                skipped.append(items[i][1].id)
-            for x in kept:
-                index[x].append((b, i))
-        item_grams.append(usable)
-        unchecked.append(skipped)
+        group = [_probe(it, cfg) for _, it in items]
+        _drop_templates(group, cfg)
+        for i, p in enumerate(group):
+            probes[(b, i)] = p
+            if p.question is None:
+                continue
+            for g in p.question.grams:
+                index[g].append((b, i))
+            if not p.question.grams:
+                key = p.question.whole
+                short[(_stream(key), _units(key))][key].append((b, i))
 
-    # 2. One pass over the training data: every n-gram of every record looked up in the index.
-    data_cfg = DataConfig(dedup="none", min_chars=1, on_bad_record=cfg.on_bad_record)
+    # 2. One pass over the training data: every n-gram of every record looked up in the index;
+    # a record holding some of an item's question is then searched for its answers.
+    data_cfg = dataclasses.replace(cfg.data, paths=[], dedup="none", min_chars=1)
     reader = RecordReader(data_cfg, None, require_answer=False)
     matched: dict[tuple[int, int], set[str]] = defaultdict(set)
-    where: dict[tuple[int, int], list[dict[str, str]]] = defaultdict(list)
+    best_pair: dict[tuple[int, int], float] = defaultdict(float)
+    where: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     records = chars = 0
     keys = index.keys()
     files = _train_files(cfg.train)
     for spec in files:
-        for rec, loc in reader.records(spec):
-            text = _record_text(rec)
+        for rec_raw, loc in reader.records(spec):
+            text = _record_text(rec_raw)
             records += 1
             chars += len(text)
-            hits = keys & ngrams(text, cfg.char_n, cfg.word_n)
-            for gram in hits:
+            rec = Record(text)
+            found: dict[tuple[int, int], set[str]] = defaultdict(set)
+            for gram in keys & _grams(rec.chars, rec.words, cfg.char_n, cfg.word_n):
                 for key in index[gram]:
-                    matched[key].add(gram)
-                    seen = where[key]
-                    if len(seen) < cfg.max_matches and all(m["where"] != str(loc) for m in seen):
-                        seen.append({"where": str(loc), "ngram": gram, "text": text[:200]})
+                    found[key].add(gram)
+            for (stream, length), table in short.items():
+                for whole in table.keys() & rec.substrings(stream, length):
+                    for key in table[whole]:
+                        found[key].add(whole)
+            for key, hits in found.items():
+                probe = probes[key]
+                assert probe.question is not None
+                near = False
+                if probe.answers:
+                    share, near = pair_overlap(probe, rec, hits, cfg.near)
+                    if near:
+                        best_pair[key] = max(best_pair[key], share)
+                if probe.question.grams:
+                    matched[key] |= hits
+                elif not near:
+                    continue  # a short question alone is no evidence
+                seen = where[key]
+                if len(seen) < cfg.max_matches and all(m["where"] != str(loc) for m in seen):
+                    gram = min(hits)
+                    seen.append(
+                        {"where": str(loc), "ngram": gram, "answer_near": near, "text": text[:200]}
+                    )
 
     # 3. Per benchmark: flagged items with their matches, counts by split and subject.
     report: dict[str, Any] = {
@@ -195,6 +378,7 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
         "word_n": cfg.word_n,
         "fields": cfg.fields,
         "min_overlap": cfg.min_overlap,
+        "near": cfg.near,
         "ignore_common": cfg.ignore_common,
         "train": {
             "paths": files,
@@ -206,39 +390,61 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
     }
     for b, (name, items) in enumerate(benches):
         details = {}
+        status_of: dict[str, str] = {}
         by_split: dict[str, dict[str, int]] = defaultdict(_zero_counts)
         by_subject: dict[str, dict[str, int]] = defaultdict(_zero_counts)
+        question_only: dict[str, int] = defaultdict(int)
         for i, (split, it) in enumerate(items):
+            key, probe = (b, i), probes[(b, i)]
+            question_only[split] += probe.question_only
+            q_total = len(probe.question.grams) if probe.question else 0
+            q_overlap = len(matched[key]) / q_total if q_total and key in matched else 0.0
+            pair = best_pair.get(key, 0.0)
+            by_question = key in matched and q_overlap >= cfg.min_overlap
+            if by_question or (key in best_pair and pair >= cfg.min_overlap):
+                status = "contaminated"
+            elif key in matched or key in best_pair:
+                status = "partial"
+            else:
+                status = "clean" if q_total else "too_short"
+            status_of[it.id] = status
             by_split[split]["items"] += 1
             by_subject[it.subject]["items"] += 1
-            if (b, i) not in matched:
+            if status == "clean":
                 continue
-            overlap = len(matched[(b, i)]) / item_grams[b][i]
-            status = "contaminated" if overlap >= cfg.min_overlap else "partial"
             by_split[split][status] += 1
             by_subject[it.subject][status] += 1
+            if status == "too_short":
+                continue
             details[it.id] = {
                 "status": status,
                 "split": split,
                 "subject": it.subject,
                 "question": it.question,
-                "overlap": round(overlap, 4),
-                "ngrams_matched": len(matched[(b, i)]),
-                "ngrams": item_grams[b][i],
-                "matches": where[(b, i)],
+                "overlap": round(max(q_overlap, pair), 4),
+                "question_overlap": round(q_overlap, 4),
+                "pair_overlap": round(pair, 4),
+                "answer_near": key in best_pair,
+                "ngrams_matched": len(matched[key]),
+                "ngrams": q_total,
+                "matches": where[key],
             }
-        flagged = sorted(k for k, d in details.items() if d["status"] == "contaminated")
+        flagged = sorted(k for k, s in status_of.items() if s == "contaminated")
+        partial = sorted(k for k, s in status_of.items() if s == "partial")
+        too_short = [k for k, s in status_of.items() if s == "too_short"]
         report["benchmarks"][name] = {
             "items": len(items),
             "contaminated": len(flagged),
             "fraction": len(flagged) / len(items),
-            "partial": len(details) - len(flagged),
-            "unchecked": len(unchecked[b]),
-            "unchecked_ids": unchecked[b],
+            "partial": len(partial),
+            "too_short": len(too_short),
+            "clean": sum(s == "clean" for s in status_of.values()),
+            "question_only": {s: n for s, n in question_only.items() if n},
             "by_split": dict(by_split),
             "by_subject": dict(by_subject),
             "flagged": flagged,
-            "partial_ids": sorted(k for k, d in details.items() if d["status"] == "partial"),
+            "partial_ids": partial,
+            "too_short_ids": too_short,
             "details": details,
             "audited": [it.id for _, it in items],
         }
@@ -263,12 +469,16 @@ def run(cfg: ContaminationConfig) -> Path:
         print(
             f"{name}: {b['contaminated']} of {b['items']} items contaminated"
             f" (>= {cfg.min_overlap:.0%} of their n-grams in training, {b['fraction']:.2%});"
-            f" {b['partial']} partial overlaps; {b['unchecked']} too short to check"
+            f" {b['partial']} partial overlaps; {b['too_short']} too short to check;"
+            f" {b['clean']} clean"
         )
+        for split, n in b["question_only"].items():
+            print(f"  {split}: {n} questions without public answers, audited by question alone")
         for item_id in [*b["flagged"], *b["partial_ids"]][:20]:
             d = b["details"][item_id]
+            near = ", answer near" if d["answer_near"] else ""
             print(
-                f"  {d['status']:<12} {item_id}: {d['ngrams_matched']}/{d['ngrams']} n-grams,"
-                f" e.g. {d['matches'][0]['where']}"
+                f"  {d['status']:<12} {item_id}: {d['ngrams_matched']}/{d['ngrams']} n-grams"
+                f"{near}, e.g. {d['matches'][0]['where']}"
             )
     return run.dir

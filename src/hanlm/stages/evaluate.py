@@ -12,6 +12,12 @@ directory:
   and the correct answer, so any score can be audited and recomputed;
 - `samples.jsonl`  generations for a prompt file.
 
+Prompts. By default each benchmark's prompt is built as its reference script builds it (C-Eval:
+the header only before shots, the subject by its file name; CMMLU: the Chinese subject name;
+MMLU: hendrycks' header with its two spaces); `style=hanlm` gives hanlm's earlier wording. Shots:
+`shots=k` asks for k; a subject with fewer dev examples, or a prompt too long for k, gets fewer,
+which is warned about, counted in the report and the table, and with `strict_shots=true` an error.
+
 Scoring. `letter` (default) is what the C-Eval and CMMLU reference scripts do: after the prompt
 (which ends in `答案：` / `答案是：` / `Answer:`) take the next-token logits of the four letters,
 softmax over those four, answer = argmax. `loglik` scores each option's own text instead: its
@@ -29,6 +35,7 @@ and there is no sampling, so the same model, data and config give the same predi
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,11 +44,11 @@ from typing import Any, Literal
 
 from hanlm.bench import (
     LETTERS,
-    STYLES,
     Benchmark,
     Item,
     Style,
     build_prompt,
+    canonical_split,
     load_benchmark,
     pick_style,
 )
@@ -68,13 +75,22 @@ class EvalConfig(OutputConfig):
         "benchmarks: `demo` (embedded), a directory or file (layout detected; force one with"
         " ceval:PATH, cmmlu:PATH, mmlu:PATH, jsonl:PATH), or hub:ceval / hub:cmmlu / hub:mmlu",
     )
-    split: str = opt("test", "split to score (C-Eval's test answers are not public: use val)")
+    split: str = opt(
+        "test", "split to score: dev, val (= validation), test (C-Eval's test has no answers)"
+    )
     shots: int = opt(0, "k-shot: the first k dev examples of each subject precede the question")
+    strict_shots: bool = opt(
+        False, "fail, rather than warn, when a question gets fewer than `shots` examples"
+    )
     scoring: Literal["letter", "loglik"] = opt(
         "letter", "letter: next-token probability of A-D; loglik: per-character option likelihood"
     )
-    style: Literal["auto", "ceval", "cmmlu", "mmlu"] = opt(
-        "auto", "prompt wording; auto = the benchmark's own (hanlm JSONL: C-Eval's if Chinese)"
+    style: Literal[
+        "auto", "hanlm", "ceval", "cmmlu", "mmlu", "hanlm-ceval", "hanlm-cmmlu", "hanlm-mmlu"
+    ] = opt(
+        "auto",
+        "prompt wording; auto = as the benchmark's reference script builds it (hanlm JSONL:"
+        " C-Eval's if Chinese, else MMLU's); hanlm = hanlm's earlier wording for the same",
     )
     chat_template: bool = opt(False, "wrap each prompt in the model's chat template")
     batch_size: int = opt(8, "sequences per forward pass")
@@ -125,6 +141,35 @@ class Encoder:
         return self.tokenizer.encode(text, add_special_tokens=not self.chat)
 
 
+def _warn(message: str) -> None:
+    print(f"[hanlm] warning: {message}", file=sys.stderr)
+
+
+def check_dev_shots(bench: Benchmark, shots: int, strict: bool) -> dict[str, int]:
+    """{subject: dev examples it has} for the subjects with fewer than `shots` (the question
+    itself, in the dev split, never counts); warned about, or with `strict` an error."""
+    if not shots:
+        return {}
+    if not bench.dev:
+        raise DataError(f"{bench.name}: shots={shots} but the benchmark has no dev examples")
+    short: dict[str, int] = {}
+    for it in bench.items:
+        pool = [s for s in bench.dev.get(it.subject, []) if s.id != it.id]
+        if len(pool) < shots:
+            short[it.subject] = min(short.get(it.subject, shots), len(pool))
+    if short:
+        listed = ", ".join(f"{s} ({n})" for s, n in sorted(short.items()))
+        where = next((d[0].where.rsplit(":", 1)[0] for d in bench.dev.values() if d), "dev")
+        msg = (
+            f"{bench.name} ({bench.split}): shots={shots}, but {len(short)} subject(s) have fewer"
+            f" dev examples: {listed} (dev split, e.g. {where})"
+        )
+        if strict:
+            raise DataError(msg + "; lower shots=, add dev examples, or set strict_shots=false")
+        _warn(msg + "; their questions get fewer shots (strict_shots=true makes this an error)")
+    return short
+
+
 def _fit_prompt(
     item: Item, style: Style, pool: list[Item], shots: int, enc: Encoder, max_len: int, extra: int
 ) -> tuple[str, list[int], int]:
@@ -150,16 +195,15 @@ def evaluate_benchmark(
 ) -> dict[str, Any]:
     """Score every item, write the predictions JSONL, return the summary.
 
-    `audit` maps item ids to their contamination status (contaminated | partial | clean); with
-    it, accuracy is also given on the clean and the contaminated items apart."""
+    `audit` maps item ids to their contamination status (one of AUDIT_GROUPS); with it,
+    accuracy is also given on each group apart."""
     from tqdm.auto import tqdm
 
     style = pick_style(bench, cfg.style)
     enc = Encoder(tokenizer, cfg.chat_template)
     sep = "" if cfg.chat_template else style.answer_sep
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if cfg.shots and not bench.dev:
-        raise DataError(f"{bench.name}: shots={cfg.shots} but the benchmark has no dev examples")
+    short_dev = check_dev_shots(bench, cfg.shots, cfg.strict_shots)
     longest = 1  # tokens the answer needs beyond the prompt
     if cfg.scoring == "loglik":
         options = {sep + o for it in bench.items for o in it.options}
@@ -169,10 +213,21 @@ def evaluate_benchmark(
     # items of one subject with the same number of shots share a prompt prefix.
     prompts: list[tuple[str, list[int], int]] = []
     groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    too_long: list[str] = []  # questions whose shots were dropped to fit max_len
     for i, it in enumerate(bench.items):
         pool = bench.dev.get(it.subject, [])
         prompts.append(_fit_prompt(it, style, pool, cfg.shots, enc, max_len, longest))
         groups[(it.subject, prompts[-1][2])].append(i)
+        if prompts[-1][2] < min(cfg.shots, short_dev.get(it.subject, cfg.shots)):
+            too_long.append(it.id)
+    if too_long:
+        msg = (
+            f"{bench.name}: {len(too_long)} question(s) fit fewer than shots={cfg.shots} examples"
+            f" in max_length={max_len} tokens (e.g. {too_long[0]})"
+        )
+        if cfg.strict_shots:
+            raise DataError(msg + "; raise max_length=, lower shots=, or set strict_shots=false")
+        _warn(msg + "; their last shots were dropped")
 
     per_item: list[dict[str, Any]] = [{} for _ in bench.items]
     total = len(bench.items) * (1 if cfg.scoring == "letter" else len(LETTERS))
@@ -237,21 +292,27 @@ def evaluate_benchmark(
     summary = summarize(rows, bench.items)
     summary.update(
         layout=bench.layout,
-        style=next(k for k, v in STYLES.items() if v == style),
+        style=style.name,
         split=bench.split,
+        shots=cfg.shots,
         mean_shots=round(sum(r["shots"] for r in rows) / max(1, len(rows)), 3),
+        min_shots=min((r["shots"] for r in rows), default=0),
+        fewer_shots={
+            "questions": sum(r["shots"] < cfg.shots for r in rows),
+            "dev_too_small": short_dev,  # subject -> dev examples it has
+            "dropped_for_length": len(too_long),
+        },
         predictions=out_path.name,
     )
     if cfg.scoring == "letter" and rows:
         summary["mean_letter_mass"] = round(sum(r["mass"] for r in rows) / len(rows), 6)
     if audit is not None:
-        status = [r["contamination"] for r in rows]
+        # Only items checked and found nowhere are clean: partial overlaps and items too short
+        # to check are groups of their own.
         summary["contamination"] = {
-            "clean": _acc([r for r, st in zip(rows, status) if st in ("clean", "partial")]),
-            "contaminated": _acc([r for r, st in zip(rows, status) if st == "contaminated"]),
-            "partial": _acc([r for r, st in zip(rows, status) if st == "partial"]),
-            "unaudited": status.count("unaudited"),
+            g: _acc([r for r in rows if r["contamination"] == g]) for g in AUDIT_GROUPS
         }
+        summary["contamination"]["unaudited"] = sum(r["contamination"] == "unaudited" for r in rows)
     return summary
 
 
@@ -270,10 +331,12 @@ def summarize(rows: list[dict[str, Any]], items: list[Item]) -> dict[str, Any]:
     for name, rs in sorted(by_subject.items()):
         it = info[name]
         subjects[name] = {**_acc(rs), "name": it.name_zh or name, "category": it.category}
+    # A subject counts in its category and in its further groups (CMMLU's "China specific").
+    member_of = {n: {info[n].category, *info[n].groups} - {""} for n in subjects}
     categories = {}
-    for cat in sorted({s["category"] for s in subjects.values() if s["category"]}):
-        members = [s for s in subjects.values() if s["category"] == cat]
-        cat_rows = [r for r in rows if r["category"] == cat]
+    for cat in sorted(set().union(*member_of.values())):
+        members = [s for n, s in subjects.items() if cat in member_of[n]]
+        cat_rows = [r for r in rows if cat in member_of[r["subject"]]]
         categories[cat] = {
             **_acc(cat_rows),
             "macro_accuracy": sum(s["accuracy"] for s in members) / len(members),
@@ -380,9 +443,12 @@ def generate_samples(
 # --------------------------------------------------------------------------- contamination
 
 
+AUDIT_GROUPS = ("clean", "contaminated", "partial", "too_short")
+
+
 def read_audit(path: str) -> dict[str, dict[str, str]]:
-    """{bench name: {item id: contaminated | partial | clean}} from `hanlm eval contamination`
-    output (its contamination.json, or the directory holding it)."""
+    """{bench name: {item id: clean | contaminated | partial | too_short}} from `hanlm eval
+    contamination` output (its contamination.json, or the directory holding it)."""
     p = Path(path)
     if p.is_dir():
         p = p / "contamination.json"
@@ -393,6 +459,9 @@ def read_audit(path: str) -> dict[str, dict[str, str]]:
     try:
         for name, b in data["benchmarks"].items():
             status = dict.fromkeys(b["audited"], "clean")
+            # audits before too_short was its own group called those items "unchecked"
+            short = b["too_short_ids"] if "too_short_ids" in b else b["unchecked_ids"]
+            status.update(dict.fromkeys(short, "too_short"))
             status.update(dict.fromkeys(b["partial_ids"], "partial"))
             status.update(dict.fromkeys(b["flagged"], "contaminated"))
             out[name] = status
@@ -411,19 +480,29 @@ def _fmt_acc(d: dict[str, Any]) -> str:
 def _table(report: dict[str, Any]) -> str:
     lines = []
     for name, b in report["benchmarks"].items():
+        fewer = b["fewer_shots"]
+        shots = f"{b['shots']}-shot"
+        if fewer["questions"]:
+            shots += f" asked, {b['mean_shots']:g} on average"
         lines.append(
-            f"{name} ({b['split']}, {report['shots']}-shot, {report['scoring']}): accuracy"
+            f"{name} ({b['split']}, {shots}, {b['style']} prompts, {report['scoring']}): accuracy"
             f" {b['accuracy']:.4f}  macro {b['macro_accuracy']:.4f}  n={b['n']}"
             f"  chance {b['chance']:.2f}  {b['seconds']:.1f}s"
         )
+        if fewer["questions"]:
+            why = [f"{s} has {n} dev examples" for s, n in sorted(fewer["dev_too_small"].items())]
+            if fewer["dropped_for_length"]:
+                why.append(f"{fewer['dropped_for_length']} prompts too long for max_length")
+            lines.append(
+                f"  FEWER SHOTS for {fewer['questions']} of {b['n']} questions"
+                f" (min {b['min_shots']}): {'; '.join(why)}"
+            )
         for s, v in b["subjects"].items():
             lines.append(f"  {s:<24} {v['accuracy']:.4f}  n={v['n']}")
         c = b.get("contamination")
         if c:
-            lines.append(
-                f"  clean {_fmt_acc(c['clean'])}  contaminated {_fmt_acc(c['contaminated'])}"
-                f"  (partial overlap {_fmt_acc(c['partial'])})  unaudited {c['unaudited']}"
-            )
+            groups = "  ".join(f"{g.replace('_', ' ')} {_fmt_acc(c[g])}" for g in AUDIT_GROUPS)
+            lines.append(f"  {groups}  unaudited {c['unaudited']}")
     for path, v in report["perplexity"].items():
         lines.append(
             f"perplexity {path}: ppl {v['ppl']:.3f}, bpc {v['bpc']:.4f}, {v['tokens']} tokens"
@@ -440,6 +519,9 @@ def run(cfg: EvalConfig) -> Path:
     benches = [load_benchmark(s, cfg.split, cfg.shots, cfg.limit) for s in cfg.bench]
     if len({b.name for b in benches}) != len(benches):
         raise ConfigError(f"two benchmarks share a name: {[b.name for b in benches]}")
+    if cfg.strict_shots:  # too few dev examples fails here, before the model loads
+        for b in benches:
+            check_dev_shots(b, cfg.shots, strict=True)
     audit = read_audit(cfg.contamination) if cfg.contamination else None
     texts = {p: _read_texts(p, cfg.ppl_max_chars) for p in cfg.ppl}
     prompts = read_prompts(cfg.prompts) if cfg.prompts else []
@@ -452,7 +534,7 @@ def run(cfg: EvalConfig) -> Path:
         max_len = min(cfg.max_length or model_max, model_max)
         report: dict[str, Any] = {
             "model": cfg.model.path,
-            "split": cfg.split,
+            "split": canonical_split(cfg.split),
             "shots": cfg.shots,
             "scoring": cfg.scoring,
             "chat_template": cfg.chat_template,
