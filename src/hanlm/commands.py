@@ -108,6 +108,13 @@ COMMANDS: dict[str, Command] = {
         positional="train",
         usage="TRAIN_PATH [TRAIN_PATH ...]",
     ),
+    "export": Command(
+        "hanlm.stages.export",
+        "ExportConfig",
+        "merge LoRA, prune the vocabulary, write safetensors or GGUF (llama.cpp), check parity",
+        positional="model.path",
+        usage="MODEL_DIR",
+    ),
 }
 
 

@@ -1,0 +1,482 @@
+"""`hanlm export`: a model directory llama.cpp, Ollama or transformers runs, checked against its
+source.
+
+Reads top to bottom: resolve the source (a model, a base + LoRA adapter, or an adapter alone
+that names its base) -> load it in fp32 and merge the adapter (checked against the PeftModel's
+logits) -> the fp32 model's greedy answers and logits on a prompt set, the reference -> prune the
+vocabulary to a corpus if asked (checked: same ids, same logits on the kept ids, same greedy text
+on the corpus) -> write the GGUF (f32/f16/q8_0) and/or safetensors (fp32/fp16/bf16) -> load each
+back from disk — the GGUF through transformers' own GGUF reader — and compare it with the
+reference -> figures, sizes and times in hanlm.json. The GGUF writing and the pruning live in
+`hanlm.gguf_writer` and `hanlm.vocab_prune`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from hanlm.config import ConfigError, ModelConfig, OutputConfig, TemplateName, opt
+from hanlm.data.templates import TemplateError, stop_token_ids
+from hanlm.gguf_writer import check_architecture, gguf_vocab, source_pre, write_gguf
+from hanlm.modeling import ModelError, load_model, load_tokenizer, resolve_source, torch_dtype
+from hanlm.runs import Run
+from hanlm.tokenizer.base import PROBE_TEXTS
+from hanlm.vocab_prune import corpus_texts, plan_keep, prune_model, prune_tokenizer, size_saved
+
+DEFAULT_PROMPTS = [
+    "用一句话介绍长城。",
+    "What is the capital of France?",
+    "写一首关于春天的短诗，不超过四行。",
+    "Translate into English: 床前明月光，疑是地上霜。",
+    "1 + 1 等于几？Answer briefly 😀",
+]
+# Largest logit error allowed, as a fraction of the largest reference logit. Exact types must
+# also give the same greedy answers; the others are judged on the logits (a flipped near-tie
+# in a greedy answer is recorded, not failed).
+TOLERANCE = {"fp32": 1e-5, "f32": 1e-5, "fp16": 1e-2, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2}
+EXACT = ("fp32", "f32", "prune")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class ExportError(ModelError):
+    """An export that cannot be done, or whose output failed its parity check."""
+
+
+@dataclass
+class ExportConfig(OutputConfig):
+    UNUSED: ClassVar[dict[str, str]] = {
+        "model.dtype": "export always loads fp32; set dtype= (safetensors) or gguf_type=",
+        "resume": "an export is redone whole (pass overwrite=true to replace one)",
+    }
+
+    model: ModelConfig = opt(
+        ModelConfig,
+        "the source: a HF dir, a .gguf, a LoRA adapter dir (its base named in"
+        " adapter_config.json) or a run dir holding adapter/",
+    )
+    adapter: str = opt("", "a LoRA adapter directory to merge into model.path")
+    format: Literal["safetensors", "gguf", "both"] = opt(
+        "safetensors", "safetensors (transformers, vLLM), gguf (llama.cpp, Ollama) or both"
+    )
+    dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "safetensors weight dtype")
+    gguf_type: Literal["f32", "f16", "q8_0"] = opt("f16", "GGUF tensor type (norms stay f32)")
+    gguf_name: str = opt("", "the .gguf file's name in output_dir (default model-<gguf_type>.gguf)")
+    gguf_pre: str = opt(
+        "auto",
+        "llama.cpp pre-tokenizer name (auto: read from tokenizer.json, or the source GGUF's)",
+    )
+    template: TemplateName = opt("auto", "chat template whose end-of-turn token is a stop id")
+    prune_vocab: list[str] = opt(
+        [], "corpus paths: keep only the tokens it uses (plus specials and bytes), remap ids"
+    )
+    prune_min_count: int = opt(1, "a corpus token is kept if used at least this often")
+    prune_max_records: int = opt(0, "read at most this many corpus records per path (0 = all)")
+    prompts: list[str] = opt(
+        [], "parity prompts (default: a mixed zh/en set; with prune_vocab, corpus beginnings)"
+    )
+    max_new_tokens: int = opt(24, "greedy tokens per parity answer")
+    parity: Literal["error", "warn", "off"] = opt(
+        "error", "a failed parity check: error (exit non-zero), warn, or off (measured only)"
+    )
+    tolerance: float = opt(0.0, "largest logit error / largest logit (0 = per-type default)")
+
+    def validate(self) -> None:
+        if self.gguf_name and not self.gguf_name.endswith(".gguf"):
+            raise ConfigError(f"gguf_name={self.gguf_name!r} must end in .gguf")
+        if self.gguf_name and "/" in self.gguf_name:
+            raise ConfigError("gguf_name is a file name inside output_dir, not a path")
+        if self.prune_min_count < 1 or self.max_new_tokens < 1:
+            raise ConfigError("prune_min_count and max_new_tokens must be at least 1")
+        if self.tolerance < 0:
+            raise ConfigError(f"tolerance={self.tolerance} must be >= 0")
+
+
+# --------------------------------------------------------------------------- the source
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return any((d / n).is_file() for n in TOKENIZER_FILES)
+
+
+def resolve_inputs(cfg: ExportConfig) -> tuple[str, str | None, str]:
+    """(base model path, adapter dir or None, tokenizer path) from what the user named."""
+    path = Path(cfg.model.path).expanduser()
+    adapter: Path | None = Path(cfg.adapter).expanduser() if cfg.adapter else None
+    if adapter is None and path.is_dir() and not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            adapter = path
+        elif (path / "adapter" / "adapter_config.json").is_file():
+            adapter = path / "adapter"  # a run saved with lora.merge=false
+    if adapter is None:
+        return cfg.model.path, None, cfg.model.path
+    conf_file = adapter / "adapter_config.json"
+    if not conf_file.is_file():
+        raise ExportError(
+            f"{adapter}: not a LoRA adapter directory (no adapter_config.json); pass the"
+            " directory peft's save_pretrained wrote"
+        )
+    conf = json.loads(conf_file.read_text(encoding="utf-8"))
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise ExportError(f"{conf_file}: a {conf['peft_type']} adapter; export merges LoRA only")
+    if adapter == path or adapter.parent == path:
+        base = conf.get("base_model_name_or_path") or ""
+        if not base:
+            raise ExportError(
+                f"{conf_file} names no base model (base_model_name_or_path); pass"
+                " model.path=BASE adapter=ADAPTER_DIR"
+            )
+        if not Path(base).exists() and (adapter / base).exists():
+            base = str(adapter / base)
+    else:
+        base = cfg.model.path
+    candidates = [adapter, adapter.parent] if adapter.parent != Path(base) else [adapter]
+    tok_dir = next((str(d) for d in candidates if _has_tokenizer(d)), base)
+    return base, str(adapter), tok_dir
+
+
+def _adapter_rows(adapter: str) -> int | None:
+    """Embedding rows the adapter was trained with (saved when embed_tokens was trained whole)."""
+    from safetensors import safe_open
+
+    f = Path(adapter) / "adapter_model.safetensors"
+    if not f.is_file():
+        return None
+    with safe_open(str(f), framework="pt") as st:
+        for key in list(st.keys()):  # safe_open is not iterable
+            if "embed_tokens" in key and len(st.get_slice(key).get_shape()) == 2:
+                return int(st.get_slice(key).get_shape()[0])
+    return None
+
+
+def _merge(model: Any, tok: Any, adapter: str, probe: list[list[int]]) -> tuple[Any, dict]:
+    """The base with the adapter merged in, and how far the merged logits are from peft's."""
+    from peft import PeftModel
+
+    rows = _adapter_rows(adapter)
+    if rows and rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    elif len(tok) > model.get_input_embeddings().weight.shape[0]:
+        raise ExportError(
+            f"{adapter}: the tokenizer has {len(tok)} tokens but the base model fewer rows and"
+            " the adapter carries no embeddings; export the model the adapter was trained on"
+        )
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ExportError(f"{adapter}: does not fit its base model ({e})") from None
+    before = _logits(peft_model, probe)
+    merged = peft_model.merge_and_unload()
+    return merged, _compare(before, _logits(merged, probe))
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _stops(tok: Any, template: str) -> list[int]:
+    try:
+        return stop_token_ids(tok, template)
+    except TemplateError:
+        return [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+
+def _prompt_ids(tok: Any, prompts: list[str], chat: bool) -> list[list[int]]:
+    if chat:
+        return [
+            list(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}],
+                    tokenize=True,
+                    add_generation_prompt=True,
+                    return_dict=True,
+                )["input_ids"]
+            )
+            for p in prompts
+        ]
+    return [tok(p)["input_ids"] for p in prompts]
+
+
+def _logits(model: Any, seqs: list[list[int]]) -> list[Any]:
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(torch.tensor([s], device=device)).logits[0].float().cpu() for s in seqs]
+
+
+def _greedy(model: Any, prompts: list[list[int]], n: int, stops: list[int]) -> list[list[int]]:
+    """Greedy continuations, one prompt at a time (no padding to differ between models)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for ids in tqdm(prompts, desc="greedy answers", leave=False):
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=n,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=stops or None,
+                pad_token_id=stops[0] if stops else 0,
+            )
+        row = gen[0, len(ids) :].tolist()
+        cut = next((i for i, t in enumerate(row) if t in stops), None)
+        out.append(row if cut is None else row[:cut])
+    return out
+
+
+def _compare(
+    ref: list[Any],
+    new: list[Any],
+    ref_answers: list[list[int]] | None = None,
+    answers: list[list[int]] | None = None,
+    cols: Any = None,
+) -> dict[str, Any]:
+    """Max and relative logit error, top-1 agreement, and greedy answer agreement."""
+    worst = scale = 0.0
+    agree = total = 0
+    for r, x in zip(ref, new):
+        r = r[:, cols] if cols is not None else r
+        worst = max(worst, float((r - x).abs().max()))
+        scale = max(scale, float(r.abs().max()))
+        agree += int((r.argmax(-1) == x.argmax(-1)).sum())
+        total += r.shape[0]
+    out: dict[str, Any] = {
+        "max_abs_logit_diff": worst,
+        "rel_logit_diff": worst / max(scale, 1e-12),
+        "top1_agreement": agree / max(total, 1),
+    }
+    if ref_answers is not None and answers is not None:
+        same = sum(a == b for a, b in zip(ref_answers, answers))
+        prefix = []
+        for a, b in zip(ref_answers, answers):
+            k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            prefix.append(k / max(len(a), len(b), 1))
+        out["greedy_identical"] = f"{same}/{len(answers)}"
+        out["greedy_equal"] = same == len(answers)
+        out["greedy_prefix_agreement"] = sum(prefix) / max(len(prefix), 1)
+    return out
+
+
+def _judge(name: str, kind: str, result: dict[str, Any], tol: float) -> list[str]:
+    """Failures of one check (empty when it passes); `kind` picks the tolerance."""
+    limit = tol or TOLERANCE.get(kind, 1e-5)
+    result["tolerance"] = limit
+    bad = []
+    if result["rel_logit_diff"] > limit:
+        bad.append(
+            f"{name}: logits differ by {result['rel_logit_diff']:.2e} of the largest logit"
+            f" (limit {limit:.0e})"
+        )
+    if kind in EXACT and result.get("greedy_equal") is False:
+        bad.append(f"{name}: greedy answers differ ({result['greedy_identical']} identical)")
+    if result.get("token_ids_equal") is False:
+        bad.append(f"{name}: the tokenizer gives different ids")
+    result["passed"] = not bad
+    return bad
+
+
+def _token_ids(src: Any, other: Any, texts: list[str], reader_space: bool = False) -> dict:
+    """Whether `other` tokenizes `texts` as `src` does (and decodes them back)."""
+    same, differ = 0, []
+    for t in texts:
+        a, b = src(t)["input_ids"], other(t)["input_ids"]
+        if a == b or (reader_space and b == src(" " + t)["input_ids"]):
+            same += 1
+        else:
+            differ.append(t[:40])
+    out = {"token_ids_equal": not differ, "texts_checked": len(texts), "differ": differ[:5]}
+    if reader_space:
+        out["note"] = (
+            "transformers' GGUF reader ignores tokenizer.ggml.add_space_prefix=false and"
+            " prepends '▁'; llama.cpp honours the flag. Compared as if the text began with a space"
+        )
+    return out
+
+
+def _dir_bytes(path: str, patterns: tuple[str, ...]) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for pat in patterns for f in p.glob(pat) if f.is_file())
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(cfg: ExportConfig) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    base, adapter, tok_path = resolve_inputs(cfg)
+    src = resolve_source(base)
+    gguf_name = cfg.gguf_name or f"model-{cfg.gguf_type}.gguf"
+    with Run("export", cfg) as run:
+        summary: dict[str, Any] = {"source": base, "adapter": adapter, "format": cfg.format}
+        parity: dict[str, Any] = {}
+        failures: list[str] = []
+        tok = load_tokenizer(tok_path)
+        model = load_model(replace(cfg.model, path=base, dtype="float32"))
+        if cfg.format != "safetensors":
+            check_architecture(model.config)  # before any slow work
+        summary["source_bytes"] = _dir_bytes(
+            str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path,
+            ("*.safetensors", "*.bin"),
+        )
+        stops = _stops(tok, cfg.template)
+        probe = [tok(t)["input_ids"][:128] for t in PROBE_TEXTS]
+
+        # 1. Merge the adapter; the merged model must give the PeftModel's logits.
+        if adapter:
+            model, parity["merge"] = _merge(model, tok, adapter, probe)
+            failures += _judge("merge", "fp32", parity["merge"], cfg.tolerance or 1e-4)
+            print(
+                f"[hanlm] merged {adapter}: max logit diff"
+                f" {parity['merge']['max_abs_logit_diff']:.2e} from the PeftModel's"
+            )
+        summary["seconds_load_merge"] = round(time.time() - t0, 2)
+
+        # 2. Prune the vocabulary to a corpus: same ids, same logits on kept ids, same greedy text.
+        if cfg.prune_vocab:
+            t1 = time.time()
+            texts = corpus_texts(cfg.prune_vocab, tok, cfg.prune_max_records)
+            plan = plan_keep(tok, texts, cfg.prune_min_count)
+            sample = [tok(t)["input_ids"][:128] for t in texts[:16]]
+            starts = [s[:16] for s in sample[:8]]  # greedy prompts: corpus beginnings, as ids
+            ref_logits = _logits(model, sample)
+            ref_answers = _greedy(model, starts, cfg.max_new_tokens, stops)
+            rows = model.get_input_embeddings().weight.shape[0]
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            new_tok = prune_tokenizer(tok, plan)
+            prune_model(model, plan)
+            o2n = plan.old_to_new
+            remapped = [[o2n[i] for i in s] for s in sample]
+            stops = [o2n[s] for s in stops if s in o2n]
+            answers = _greedy(
+                model, [[o2n[i] for i in s] for s in starts], cfg.max_new_tokens, stops
+            )
+            answers = [[plan.keep[i] for i in a] for a in answers]  # back to the old ids
+            roundtrip = [
+                new_tok.decode(new_tok(t)["input_ids"], skip_special_tokens=True) == t
+                for t in PROBE_TEXTS
+            ]
+            parity["prune"] = {
+                **_compare(ref_logits, _logits(model, remapped), ref_answers, answers, plan.keep),
+                "token_ids_equal": [new_tok(t)["input_ids"][:128] for t in texts[:16]] == remapped,
+                "probe_roundtrip": all(roundtrip),
+                **size_saved(plan, rows, model.config.hidden_size, tied, 4),
+                "corpus_texts": len(texts),
+                "seconds": round(time.time() - t1, 2),
+            }
+            failures += _judge("prune", "prune", parity["prune"], cfg.tolerance)
+            tok = new_tok
+            prompts = cfg.prompts or [
+                tok.decode([o2n[i] for i in s], skip_special_tokens=True) for s in starts
+            ]
+            chat = bool(cfg.prompts) and bool(getattr(tok, "chat_template", None))
+            print(
+                f"[hanlm] pruned the vocabulary {plan.old_size} -> {len(plan.keep)}"
+                f" ({parity['prune']['params_removed']:,} parameters removed)"
+            )
+        else:
+            prompts = cfg.prompts or DEFAULT_PROMPTS
+            chat = bool(getattr(tok, "chat_template", None))
+
+        # 3. The reference: the fp32 model about to be written.
+        p_ids = _prompt_ids(tok, prompts, chat)
+        probe = [tok(t)["input_ids"][:128] for t in PROBE_TEXTS] + p_ids
+        ref_logits = _logits(model, probe)
+        ref_answers = _greedy(model, p_ids, cfg.max_new_tokens, stops)
+        check_texts = [*PROBE_TEXTS, *prompts]
+        if chat:
+            check_texts += [tok.decode(p) for p in p_ids]
+        summary["stop_ids"] = stops
+
+        # 4. GGUF, loaded back through transformers' GGUF reader (from a directory holding only it).
+        if cfg.format in ("gguf", "both"):
+            t2 = time.time()
+            pre = cfg.gguf_pre
+            if pre == "auto" and src.gguf_file and not cfg.prune_vocab:
+                pre = source_pre(Path(src.path) / src.gguf_file) or "auto"
+            rows = model.get_input_embeddings().weight.shape[0]
+            vocab = gguf_vocab(tok, rows, pre, stops[0] if stops else None)
+            info = write_gguf(model, vocab, run.dir / gguf_name, cfg.gguf_type, Path(base).stem)
+            written = time.time() - t2
+            with tempfile.TemporaryDirectory(prefix=".reload.", dir=run.dir) as d:
+                (Path(d) / gguf_name).symlink_to((run.dir / gguf_name).resolve())
+                g_model = AutoModelForCausalLM.from_pretrained(
+                    d, gguf_file=gguf_name, dtype=torch.float32
+                )
+                g_tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf_name)
+            reader_space = vocab.model == "llama" and not vocab.add_space_prefix
+            result = _compare(
+                ref_logits,
+                _logits(g_model, probe),
+                ref_answers,
+                _greedy(g_model, p_ids, cfg.max_new_tokens, stops),
+            )
+            result.update(_token_ids(tok, g_tok, check_texts, reader_space))
+            result.update(
+                info,
+                tokenizer_model=vocab.model,
+                pre_tokenizer=vocab.pre,
+                chat_template_equal=g_tok.chat_template == tok.chat_template,
+                seconds_write=round(written, 2),
+            )
+            parity[f"gguf_{cfg.gguf_type}"] = result
+            failures += _judge(f"gguf {cfg.gguf_type}", cfg.gguf_type, result, cfg.tolerance)
+            summary["gguf_file"], summary["gguf_bytes"] = gguf_name, info["bytes"]
+            del g_model
+            print(f"[hanlm] wrote {gguf_name} ({info['bytes'] / 1e6:.1f} MB)")
+
+        # 5. Safetensors in `dtype`, with tokenizer, chat template and stop ids; loaded back.
+        if cfg.format in ("safetensors", "both"):
+            t3 = time.time()
+            model = model.to(torch_dtype(cfg.dtype))
+            run.save_model(model, tok, None, stops)
+            written = time.time() - t3
+            s_model = AutoModelForCausalLM.from_pretrained(run.dir, dtype=torch_dtype(cfg.dtype))
+            s_tok = AutoTokenizer.from_pretrained(run.dir)
+            result = _compare(
+                ref_logits,
+                _logits(s_model, probe),
+                ref_answers,
+                _greedy(s_model, p_ids, cfg.max_new_tokens, stops),
+            )
+            result.update(_token_ids(tok, s_tok, check_texts), seconds_write=round(written, 2))
+            parity[f"safetensors_{cfg.dtype}"] = result
+            failures += _judge(f"safetensors {cfg.dtype}", cfg.dtype, result, cfg.tolerance)
+            summary["safetensors_bytes"] = _dir_bytes(str(run.dir), ("*.safetensors",))
+
+        summary["seconds"] = round(time.time() - t0, 2)
+        summary["parity_failures"] = failures
+        run.set("parity", parity)
+        for name, r in parity.items():
+            print(
+                f"[hanlm] {name}: rel logit diff {r['rel_logit_diff']:.2e}, top-1"
+                f" {r['top1_agreement']:.1%}, greedy identical {r.get('greedy_identical', '-')}"
+                + ("" if r.get("passed", True) else "  FAILED")
+            )
+        if failures and cfg.parity == "error":
+            run.finish(summary, status="failed")
+            raise ExportError(
+                "parity check failed: " + "; ".join(failures) + f". The files are in {run.dir}"
+                " (see hanlm.json 'parity'); pass parity=warn to accept them, or tolerance= to"
+                " change the limit"
+            )
+        if failures and cfg.parity == "warn":
+            print("[hanlm] WARNING: parity check failed: " + "; ".join(failures))
+        run.finish(summary)
+    return run.dir
