@@ -52,3 +52,32 @@ def test_rope_is_a_config_key_of_every_model_taking_command():
     assert cfg.model.rope == RopeConfig("yarn", 4.0)
     with pytest.raises(ConfigError, match="must be >= 1"):
         load_config(SFTConfig, None, ["model.rope.type=linear", "model.rope.factor=0.5"])
+
+
+@pytest.mark.parametrize(("kind", "weight_type"), [("int8", "Int8Tensor"), ("int4", "WeightQBits")])
+def test_quantize_replaces_linear_weights_but_not_the_head(tiny_model_path, kind, weight_type):
+    from hanlm.config import InferenceModelConfig
+
+    plain = load_model(ModelConfig(path=str(tiny_model_path), dtype="float32"))
+    q = load_model(InferenceModelConfig(path=str(tiny_model_path), dtype="float32", quantize=kind))
+    for name, module in q.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            assert weight_type in type(module.weight).__name__, name
+    assert type(q.lm_head.weight) is torch.nn.Parameter
+    ids = torch.randint(5, 500, (1, 32))
+    with torch.no_grad():
+        a, b = plain(ids).logits, q(ids).logits
+    err = float((a - b).abs().max() / a.abs().max())
+    assert 0 < err < (0.02 if kind == "int8" else 0.2)  # changed, and close
+    assert q.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 36)
+
+
+def test_quantize_is_for_inference_commands_only():
+    from hanlm.infer.chat import ChatConfig
+    from hanlm.stages.evaluate import EvalConfig
+    from hanlm.stages.sft import SFTConfig
+
+    assert load_config(ChatConfig, None, ["model.quantize=int4"]).model.quantize == "int4"
+    assert load_config(EvalConfig, None, ["model.quantize=int8"]).model.quantize == "int8"
+    with pytest.raises(ConfigError, match="quantize"):
+        load_config(SFTConfig, None, ["model.quantize=int8"])

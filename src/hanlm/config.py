@@ -79,6 +79,17 @@ class ModelConfig:
 
 
 @dataclass
+class InferenceModelConfig(ModelConfig):
+    """A model loaded to answer, not to train: it may be quantized."""
+
+    quantize: Literal["none", "int8", "int4"] = opt(
+        "none",
+        "weight-only quantization of the linear layers (not lm_head): int8 (torchao), int4"
+        " (optimum-quanto, groups of 128); inference only",
+    )
+
+
+@dataclass
 class DataConfig:
     paths: list[str] = opt([], "data files, directories, globs, saved datasets dirs or hub ids")
     format: Literal["auto", "text", "alpaca", "sharegpt", "messages", "preference"] = opt(

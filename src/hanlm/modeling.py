@@ -213,7 +213,42 @@ def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:
         # Dequantised at load: the weights are dense, so drop the GGUF marker, which would make
         # save_pretrained refuse ("quantized with gguf and is not serializable").
         quantizer.remove_quantization_config(model)
+    quantize = getattr(cfg, "quantize", "none")
+    if quantize != "none":
+        quantize_weights(model, quantize)
     return model
+
+
+def quantize_weights(model: Any, kind: str) -> None:
+    """Weight-only int8/int4 of every linear layer but the LM head, in place, for inference.
+
+    int8 is torchao's Int8WeightOnlyConfig (on CPU as fast as fp32 at half the memory);
+    torchao's int4 needs CUDA kernels, so int4 is optimum-quanto's qint4 (groups of 128), which
+    runs on CPU and GPU alike. The LM head stays in full precision, as bitsandbytes' default
+    (llm_int8_skip_modules) keeps it: it is tied to the embeddings and most sensitive.
+    """
+    import importlib.util
+
+    import torch
+
+    lib = {"int8": "torchao", "int4": "optimum.quanto"}.get(kind)
+    if lib and importlib.util.find_spec(lib.split(".")[0]) is None:
+        raise ModelError(f"quantize={kind} needs {lib}: pip install 'hanlm[quantize]'")
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        def linear(module: Any, fqn: str) -> bool:
+            return isinstance(module, torch.nn.Linear) and not fqn.endswith("lm_head")
+
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=linear)
+    elif kind == "int4":
+        from optimum.quanto import freeze, qint4, quantize
+
+        quantize(model, weights=qint4, exclude=["lm_head"])
+        freeze(model)
+    else:
+        raise ModelError(f"quantize={kind!r}: choose none, int8 or int4")
+    model.config.hanlm_quantize = kind  # said in reports; not a saveable checkpoint
 
 
 def build_model(preset: str, vocab_size: int, max_positions: int = 2048, **overrides: Any):

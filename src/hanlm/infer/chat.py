@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from hanlm.config import ModelConfig, TemplateName, opt
+from hanlm.config import InferenceModelConfig, TemplateName, opt
 from hanlm.data.templates import require_template
 from hanlm.infer.engine import GenerationOptions, stream
 from hanlm.modeling import load_model, load_tokenizer
@@ -21,7 +21,7 @@ HELP = "commands: /reset (clear history), /system TEXT (set system prompt), /exi
 
 @dataclass
 class ChatConfig:
-    model: ModelConfig = opt(ModelConfig, "the model directory to chat with")
+    model: InferenceModelConfig = opt(InferenceModelConfig, "the model directory to chat with")
     prompt: str = opt("", "answer this one prompt and exit (for scripts)")
     system: str = opt("", "system prompt")
     template: TemplateName = opt("auto", "chat template if the model has none")

@@ -52,7 +52,13 @@ from hanlm.bench import (
     load_benchmark,
     pick_style,
 )
-from hanlm.config import ConfigError, DataConfig, ModelConfig, OutputConfig, opt
+from hanlm.config import (
+    ConfigError,
+    DataConfig,
+    InferenceModelConfig,
+    OutputConfig,
+    opt,
+)
 from hanlm.data import load
 from hanlm.data.sources import DataError
 from hanlm.data.templates import stop_token_ids
@@ -69,7 +75,7 @@ from hanlm.runs import Run, atomic_write_json
 
 @dataclass
 class EvalConfig(OutputConfig):
-    model: ModelConfig = opt(ModelConfig, "the model to evaluate")
+    model: InferenceModelConfig = opt(InferenceModelConfig, "the model to evaluate")
     bench: list[str] = opt(
         ["demo"],
         "benchmarks: `demo` (embedded), a directory or file (layout detected; force one with"
