@@ -81,3 +81,18 @@ def test_quantize_is_for_inference_commands_only():
     assert load_config(EvalConfig, None, ["model.quantize=int8"]).model.quantize == "int8"
     with pytest.raises(ConfigError, match="quantize"):
         load_config(SFTConfig, None, ["model.quantize=int8"])
+
+
+def test_dynamic_ntk_scales_past_the_trained_length_even_when_the_config_says_more(
+    tiny_model_path,
+):
+    # The tiny model's config allows 512 positions; say it was trained at 128.
+    rope = RopeConfig("dynamic", 4.0, 128)
+    model = load_model(ModelConfig(path=str(tiny_model_path), dtype="float32", rope=rope))
+    plain = load_model(ModelConfig(path=str(tiny_model_path), dtype="float32"))
+    assert model.config.max_position_embeddings == 128
+    ids = torch.randint(5, 500, (1, 300))
+    pos = torch.arange(300)[None]
+    assert not torch.allclose(_logits(model, ids, pos), _logits(plain, ids, pos))
+    short = ids[:, :100]
+    assert torch.allclose(_logits(model, short, pos[:, :100]), _logits(plain, short, pos[:, :100]))

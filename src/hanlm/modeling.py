@@ -153,8 +153,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def apply_rope(config: Any, rope: RopeConfig) -> Any:
     """Set `config.rope_parameters` (transformers 5) for `rope`; the trained context becomes
-    `original_max_position_embeddings` and, except for dynamic NTK (which scales with the length
-    it sees), `max_position_embeddings` grows by the factor."""
+    `original_max_position_embeddings`; `max_position_embeddings` grows by the factor, except for
+    dynamic NTK, which scales with the length it sees past it."""
     if rope.type == "none":
         return config
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -167,8 +167,11 @@ def apply_rope(config: Any, rope: RopeConfig) -> Any:
     if rope.type == "llama3":
         params.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
     config.rope_parameters = params
-    if rope.type != "dynamic":
-        config.max_position_embeddings = int(trained * rope.factor)
+    # Dynamic NTK in transformers starts scaling past `max_position_embeddings`, so that must be
+    # the trained length (a config that says more, as the demo's 2,048 for 256 trained, would
+    # never scale); the others get the extended length.
+    factor = 1 if rope.type == "dynamic" else rope.factor
+    config.max_position_embeddings = int(trained * factor)
     return config
 
 
