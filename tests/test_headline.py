@@ -209,3 +209,39 @@ def test_not_run_and_failed_stages():
     assert stage_headline("s", "ppo", None).verdict == "not run"
     h = head("sft", {"answer_loss": 1.0}, status="failed")
     assert h.warnings[0].startswith("the stage is failed") and h.tone == "bad"
+
+
+def test_a_gold_change_within_two_standard_errors_is_no_clear_change():
+    s = {
+        "initial_eval_rm_score": 2.04,
+        "eval_rm_score": 2.50,
+        "initial_eval_gold_score": 1.83,
+        "eval_gold_score": 1.70,
+        "initial_eval_gold_score_sem": 0.08,
+        "eval_gold_score_sem": 0.06,
+        "final_kl": 1.5,
+    }
+    h = head("ppo", s)
+    assert h.verdict.startswith("no clear change on the gold judge (−0.13, within ±0.2")
+    assert not any("over-optimisation" in w for w in h.warnings)
+    # the same change with tight errors is over-optimisation
+    h = head("ppo", {**s, "initial_eval_gold_score_sem": 0.01, "eval_gold_score_sem": 0.01})
+    assert h.tone == "bad" and any("over-optimisation" in w for w in h.warnings)
+
+
+def test_held_out_scores_give_the_gold_standard_error(tiny_model_path):
+    from hanlm.config import ModelConfig
+    from hanlm.data.templates import stop_token_ids
+    from hanlm.modeling import load_model, load_tokenizer
+    from hanlm.rollouts import held_out_scores
+
+    def gold(prompts, texts, ids, stopped, batch_size):  # a judge with known scores
+        return [float(i + 1) for i in range(len(texts))], {}
+
+    tok = load_tokenizer(str(tiny_model_path))
+    model = load_model(ModelConfig(path=str(tiny_model_path), dtype="float32"))
+    prompts = [[{"role": "user", "content": q}] for q in ("一", "二", "三", "四")]
+    out = held_out_scores(model, tok, prompts, stop_token_ids(tok), None, 2, gold=gold)
+    assert out["gold_score"] == 2.5
+    # sample std of 1..4 is sqrt(5/3); over sqrt(4) prompts
+    assert abs(out["gold_score_sem"] - (5 / 3) ** 0.5 / 2) < 1e-9

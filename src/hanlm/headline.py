@@ -418,8 +418,12 @@ def _judged(
     dp = proxy.after - proxy.before if proxy and proxy.before is not None else None
     dg = gold.after - gold.before if gold and gold.before is not None else None
     at_kl = f" at KL {_num(kl)}" if _is_num(kl) else ""
+    # Two standard errors of the difference of the two means over the held-out prompts.
+    sems = [s.get(f"{p}eval_gold_score_sem") for p in ("initial_", "")]
+    noise = 2 * sum(x**2 for x in sems) ** 0.5 if all(_is_num(x) for x in sems) else 0.0
+    fell = dg is not None and dg < -max(SCORE_TOL, noise)
     over = _has(h.warnings, "over-optim")
-    if dp is not None and dg is not None and dp > SCORE_TOL and dg < -SCORE_TOL and not over:
+    if dp is not None and dp > SCORE_TOL and fell and not over:
         h.warnings.append(
             f"over-optimisation: the {what} rose by {_num(dp)} while the gold judge fell by"
             f" {_num(-dg)}"
@@ -432,7 +436,12 @@ def _judged(
         h.tone = "bad"
     elif dg is not None:
         also = f"; {what} (the target) {_signed(dp)}" if dp is not None else ""
-        if dg > SCORE_TOL:
+        if abs(dg) <= noise:
+            h.verdict = (
+                f"no clear change on the gold judge ({_signed(dg)}, within ±{_num(noise)}, two"
+                f" standard errors){at_kl}{also}"
+            )
+        elif dg > SCORE_TOL:
             h.verdict = f"better on the gold judge ({_signed(dg)}; not the target){at_kl}{also}"
             h.tone = "good"
         elif dg < -SCORE_TOL:

@@ -350,7 +350,10 @@ def held_out_scores(
         "stop_rate": sum(stopped) / n,
     }
     if golds:
-        out["gold_score"] = sum(golds) / n
+        out["gold_score"] = mean = sum(golds) / n
+        # Its standard error, so a change can be told from noise (report's verdict).
+        var = sum((g - mean) ** 2 for g in golds) / max(len(golds) - 1, 1)
+        out["gold_score_sem"] = (var / len(golds)) ** 0.5
     judged = judge_answers(questions, texts, held.references, stopped)
     judged["answer_chars"] = judged.pop("length", 0.0)
     out.update(judged)
