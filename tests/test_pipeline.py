@@ -36,11 +36,13 @@ def shortened_demo(tmp_path: Path, name: str) -> Path:
     sft["train"].update(max_steps=4, batch_size=4, eval_steps=4, save_steps=4)
     sft.update(eval_prompts=4, generation={"max_new_tokens": 8, "temperature": 0.0})
     st["eval"]["config"].update(limit=2, ppl_max_chars=2000)
-    st["reward"]["config"]["train"].update(max_steps=4, batch_size=4, eval_steps=4)
-    st["reward"]["config"]["data"] = {"max_records": 64}
-    ppo = st["ppo"]["config"]
-    ppo.update(max_new_tokens=8, rollout_batch=4, eval_prompts=2, ppo_epochs=1)
-    ppo["train"].update(max_steps=2, batch_size=4, eval_steps=2, save_steps=2)
+    for name in ("reward", "gold_reward"):
+        st[name]["config"]["train"].update(max_steps=4, batch_size=4, eval_steps=4)
+        st[name]["config"]["data"] = {"max_records": 64}
+    for name in ("ppo", "ppo_ptx_only"):
+        ppo = st[name]["config"]
+        ppo.update(max_new_tokens=8, rollout_batch=4, eval_prompts=2, ppo_epochs=1)
+        ppo["train"].update(max_steps=2, batch_size=4, eval_steps=2, save_steps=2)
     st["dpo"]["config"].update(eval_pairs=8, ref_cache_dir=str(tmp_path / "refcache"))
     st["dpo"]["config"]["data"] = {"max_records": 32}
     st["dpo"]["config"]["train"].update(max_steps=2, batch_size=4, eval_steps=2)
