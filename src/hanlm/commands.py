@@ -53,6 +53,13 @@ COMMANDS: dict[str, Command] = {
         positional="model.path",
         usage="MODEL_DIR",
     ),
+    "serve": Command(
+        "hanlm.serve.server",
+        "ServeConfig",
+        "serve an OpenAI-compatible API (continuous batching) and a web chat page",
+        positional="model.path",
+        usage="MODEL_DIR",
+    ),
     "run": Command(
         "hanlm.recipe",
         "RunConfig",

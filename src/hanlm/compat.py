@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib import metadata
 
 # accelerate versions whose AcceleratorState._reset_state() was read and tested.
-ACCELERATE_CHECKED = ("1.10", "1.15")
+ACCELERATE_CHECKED = ("1.10", "1.16")
 
 
 def _major_minor(version: str) -> tuple[int, int]:

@@ -34,20 +34,44 @@ class GenerationOptions:
     )
 
 
-def _generate_kwargs(opts: GenerationOptions, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
+def decoding_kwargs(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    guidance_scale: float,
+    stop_ids: list[int],
+    pad_id: int,
+) -> dict[str, Any]:
+    """`generate` keyword arguments for one set of decoding settings (chat, eval and serve)."""
     kw: dict[str, Any] = {
-        "max_new_tokens": opts.max_new_tokens,
+        "max_new_tokens": max_new_tokens,
         "eos_token_id": stop_ids,
         "pad_token_id": pad_id,
-        "repetition_penalty": opts.repetition_penalty,
+        "repetition_penalty": repetition_penalty,
     }
-    if opts.temperature > 0:
-        kw.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if opts.guidance_scale != 1.0:
-        kw["guidance_scale"] = opts.guidance_scale
+    if guidance_scale != 1.0:
+        kw["guidance_scale"] = guidance_scale
     return kw
+
+
+def _generate_kwargs(opts: GenerationOptions, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
+    return decoding_kwargs(
+        max_new_tokens=opts.max_new_tokens,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        top_k=opts.top_k,
+        repetition_penalty=opts.repetition_penalty,
+        guidance_scale=opts.guidance_scale,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+    )
 
 
 def guidance_inputs(tok: Any, opts: GenerationOptions, batch: int, device: Any) -> dict[str, Any]:

@@ -1,0 +1,92 @@
+"""`hanlm serve MODEL_DIR`: load a model (plus an optional LoRA adapter) and serve the
+OpenAI-compatible API and the chat page with uvicorn."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hanlm.config import ConfigError, InferenceModelConfig, TemplateName, opt
+from hanlm.data.templates import require_template
+from hanlm.modeling import load_model, load_tokenizer, quantize_weights
+from hanlm.serve.api import Limits, create_app
+from hanlm.serve.engine import Engine
+
+
+@dataclass
+class ServeConfig:
+    model: InferenceModelConfig = opt(InferenceModelConfig, "the model directory to serve")
+    adapter: str = opt("", "a LoRA adapter directory to apply to the model (merged at load)")
+    template: TemplateName = opt("auto", "chat template if the model has none")
+    name: str = opt("", "model id shown in /v1/models (default: the directory's name)")
+    host: str = opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = opt(8000, "TCP port")
+    api_key: str = opt(
+        "",
+        "require 'Authorization: Bearer KEY' on every route but / and /health"
+        " (default: the HANLM_API_KEY environment variable; empty = open)",
+    )
+    continuous_batching: bool = opt(
+        True, "batch requests with transformers' continuous batching (false: one at a time)"
+    )
+    max_queue: int = opt(64, "requests in progress at once; more are answered 429")
+    max_tokens: int = opt(2048, "cap on a request's max_tokens (also the default)")
+    max_n: int = opt(8, "most answers per request (n)")
+    max_body_bytes: int = opt(1_000_000, "largest request body accepted (413 above)")
+    log_level: str = opt("info", "uvicorn log level: critical, error, warning, info, debug")
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port}: must be between 0 and 65535")
+        for key in ("max_queue", "max_tokens", "max_n", "max_body_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
+
+
+def load(cfg: ServeConfig) -> tuple[Any, Any]:
+    """The model (adapter merged: continuous batching needs plain weights) and tokenizer."""
+    tok = load_tokenizer(cfg.model.path)
+    require_template(tok, cfg.template, cfg.model.path, "serve")
+    # sdpa runs both under continuous batching and in `generate` (eager would be switched to
+    # paged attention by the batching manager, which `generate` cannot use).
+    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter={cfg.adapter}: no adapter_config.json there")
+    # An adapter is merged into full-precision weights first, and only then quantized.
+    plain = replace(cfg.model, quantize="none") if cfg.adapter else cfg.model
+    model = load_model(plain, attn_implementation="sdpa")
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter).merge_and_unload()
+        if cfg.model.quantize != "none":
+            quantize_weights(model, cfg.model.quantize)
+    return model.eval(), tok
+
+
+def run(cfg: ServeConfig) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("hanlm serve needs the serve extra: pip install 'hanlm[serve]'") from None
+    api_key = cfg.api_key or os.environ.get("HANLM_API_KEY", "")
+    model, tok = load(cfg)
+    name = cfg.name or Path(cfg.model.path.rstrip("/")).name or "hanlm"
+    engine = Engine(model, tok, cfg.continuous_batching, cfg.max_queue)
+    limits = Limits(max_tokens=cfg.max_tokens, max_body_bytes=cfg.max_body_bytes, max_n=cfg.max_n)
+    app = create_app(engine, model_name=name, api_key=api_key, limits=limits)
+    open_to = (
+        "" if cfg.host in ("127.0.0.1", "localhost", "::1") else " (reachable from the network)"
+    )
+    print(
+        f"[hanlm] serving {name} at http://{cfg.host}:{cfg.port}/{open_to};"
+        f" API key {'required' if api_key else 'off'}",
+        file=sys.stderr,
+    )
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        engine.close()
+    return 0

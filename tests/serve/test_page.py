@@ -1,0 +1,115 @@
+"""The chat page at `/` in headless Chromium (the Debian package, driven by playwright): a
+Chinese question streams back the taught answer, a second turn carries the history, the stop
+button ends an answer, and a screenshot is kept beside the test's tmp files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+ANSWER = "你好！我是小龙，喜欢写诗。"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (dev extra)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium: scripts/setup.sh installs it (apt-get install chromium)"
+)
+
+
+def _set_range(page, selector: str, value: float) -> None:
+    page.eval_on_selector(
+        selector,
+        "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+        value,
+    )
+
+
+def _answers(page):
+    return page.locator(".msg.assistant")
+
+
+def test_chat_page_streams_answers_in_chromium(live, tmp_path):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            bodies = []
+            page.on(
+                "request",
+                lambda r: (
+                    bodies.append(json.loads(r.post_data))
+                    if r.url.endswith("/v1/chat/completions")
+                    else None
+                ),
+            )
+            page.goto(live.url + "/")
+            assert "tiny" in page.title()
+            page.fill("#api-key", live.key)
+            page.dispatch_event("#api-key", "change")
+            _set_range(page, "#temperature", 0)
+
+            page.fill("#input", "你好")
+            page.press("#input", "Enter")
+            first = _answers(page).nth(0)
+            page.wait_for_selector(".msg.assistant[data-done]", timeout=30_000)
+            assert first.locator(".content").inner_text() == ANSWER
+            assert int(first.get_attribute("data-chunks")) > 1  # arrived as several events
+            assert page.locator(".msg.error").count() == 0
+
+            page.fill("#system", "你是助手")
+            page.fill("#input", "第二个问题")
+            page.click("#send")
+            page.wait_for_function(
+                "document.querySelectorAll('.msg.assistant[data-done]').length == 2",
+                timeout=30_000,
+            )
+            second = _answers(page).nth(1).locator(".content").inner_text()
+            assert second and "\ufffd" not in second
+            assert [m["role"] for m in bodies[1]["messages"]] == [
+                "system",
+                "user",
+                "assistant",
+                "user",
+            ]
+            assert bodies[1]["messages"][2]["content"] == ANSWER
+            assert bodies[1]["temperature"] == 0 and bodies[1]["stream"] is True
+            page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+            assert (tmp_path / "chat.png").stat().st_size > 5000
+
+            # the stop button ends a long answer, and the page is ready for the next question
+            _set_range(page, "#temperature", 1)
+            page.fill("#max-tokens", "400")
+            page.fill("#input", "写一首很长的诗")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant[data-streaming]", timeout=10_000)
+            page.click("#stop")
+            page.wait_for_function(
+                "document.querySelectorAll('.msg.assistant[data-done]').length == 3",
+                timeout=10_000,
+            )
+            assert page.locator(".msg.error").count() == 0
+            assert page.is_enabled("#send")
+        finally:
+            browser.close()
+
+
+def test_page_without_a_key_shows_the_error(live):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
+        )
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.evaluate("localStorage.clear()")
+            page.fill("#api-key", "")
+            page.fill("#input", "你好")
+            page.click("#send")
+            page.wait_for_selector(".msg.error", timeout=10_000)
+            assert "API key" in page.locator(".msg.error .content").inner_text()
+        finally:
+            browser.close()

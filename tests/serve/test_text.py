@@ -1,0 +1,133 @@
+"""Pure parts of the server: incremental detokenising, stop strings, request parsing, routing."""
+
+from __future__ import annotations
+
+import pytest
+
+from hanlm.serve.protocol import APIError, Sampling, parse_chat, parse_completion, parse_embedding
+from hanlm.serve.text import REPLACEMENT, Detokenizer, token_bytes
+
+TEXT = "你好！我是小龙，喜欢写诗。Hello 😀 世界"
+
+
+def _stream(tok, ids, stop=None):
+    det = Detokenizer(tok, stop)
+    pieces = [det.push(t) for t in ids]
+    pieces.append(det.finish())
+    return pieces, det
+
+
+def test_streamed_pieces_never_split_a_character(tiny_tokenizer):
+    ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
+    assert len(ids) > len(TEXT)  # byte tokens: some characters take several
+    pieces, _ = _stream(tiny_tokenizer, ids)
+    assert all(REPLACEMENT not in p for p in pieces)
+    assert "".join(pieces) == tiny_tokenizer.decode(ids) == TEXT
+    assert pieces.count("") > 0  # tokens that ended inside a character were held back
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        (["喜欢"], "你好！我是小龙，"),
+        (["！", "小"], "你好"),
+        (["Hello 😀"], "你好！我是小龙，喜欢写诗。"),
+        (["不在"], TEXT),
+    ],
+)
+def test_stop_strings_cut_the_text_and_never_leak(tiny_tokenizer, stop, expected):
+    ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
+    pieces, det = _stream(tiny_tokenizer, ids, stop)
+    assert "".join(pieces) == expected
+    assert det.stopped == (expected != TEXT)
+
+
+def test_token_bytes_of_a_byte_token(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("龙", add_special_tokens=False)
+    assert b"".join(bytes(token_bytes(tiny_tokenizer, t)) for t in ids) == "龙".encode()
+
+
+def test_routes():
+    assert Sampling(max_tokens=5, temperature=0.7, top_p=0.9, top_k=20).route() == "batch"
+    assert Sampling(max_tokens=5, temperature=0).route() == "batch"
+    for extra in (
+        {"seed": 1},
+        {"n": 2},
+        {"logprobs": 0},
+        {"guidance_scale": 1.5},
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": 0.5},
+        {"repetition_penalty": 1.2},
+    ):
+        assert Sampling(max_tokens=5, **extra).route() == "generate", extra
+
+
+def test_parse_chat_reads_openai_fields_and_extensions():
+    req = parse_chat(
+        {
+            "messages": [
+                {"role": "developer", "content": [{"type": "text", "text": "系统"}]},
+                {"role": "user", "content": "问"},
+            ],
+            "max_completion_tokens": 7,
+            "temperature": 0,
+            "stop": "。",
+            "logprobs": True,
+            "top_logprobs": 3,
+            "top_k": -1,
+            "guidance_scale": 1.5,
+            "negative_prompt": "坏",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "user": "ignored",
+            "some_future_field": {"x": 1},
+        },
+        max_tokens=100,
+        max_n=4,
+    )
+    assert req.messages[0] == {"role": "system", "content": "系统"}
+    s = req.sampling
+    assert (s.max_tokens, s.temperature, s.stop, s.logprobs, s.top_k) == (7, 0.0, ["。"], 3, 0)
+    assert req.stream and req.include_usage and req.negative_prompt == "坏"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+    ],
+)
+def test_parse_chat_errors_name_the_field(body, param):
+    with pytest.raises(APIError) as e:
+        parse_chat(body, max_tokens=100, max_n=8)
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_parse_completion_and_embedding_inputs():
+    assert parse_completion({"prompt": "a"}, 100, 1).prompts == ["a"]
+    assert parse_completion({"prompt": [1, 2]}, 100, 1).prompts == [[1, 2]]
+    assert parse_completion(
+        {"prompt": [[1], [2, 3]], "max_tokens": 0, "echo": True}, 100, 1
+    ).prompts == [[1], [2, 3]]
+    assert parse_embedding({"input": ["a", "b"]}).inputs == ["a", "b"]
+    assert (
+        parse_embedding({"input": [[5, 6]], "encoding_format": "base64"}).encoding_format
+        == "base64"
+    )
+    for bad in ({"prompt": []}, {"prompt": [[]]}, {"prompt": [1, "a"]}, {"prompt": 3}):
+        with pytest.raises(APIError):
+            parse_completion(bad, 100, 1)
+    with pytest.raises(APIError):
+        parse_completion({"prompt": "a", "max_tokens": 0}, 100, 1)
+
+
+def test_a_vanishing_temperature_is_greedy():
+    body = {"messages": [{"role": "user", "content": "x"}], "temperature": 5e-275}
+    assert parse_chat(body, max_tokens=10, max_n=1).sampling.temperature == 0
