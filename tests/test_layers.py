@@ -15,7 +15,7 @@ PKG = SRC / "hanlm"
 FLOORS = [
     {"hanlm", "hanlm.config", "hanlm.losses", "hanlm.compat"},
     None,  # everything not named elsewhere: shared machinery (runs, modeling, data, rollouts...)
-    {"hanlm.stages", "hanlm.infer.chat", "hanlm.serve", "hanlm.rag", "hanlm.report"},
+    {"hanlm.stages", "hanlm.infer.chat", "hanlm.serve", "hanlm.rag", "hanlm.label", "hanlm.report"},
     {"hanlm.recipe", "hanlm.commands", "hanlm.cli"},
 ]
 HEAVY = {"torch", "transformers", "trl", "datasets", "peft", "accelerate", "tokenizers"}

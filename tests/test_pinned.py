@@ -282,5 +282,7 @@ def test_batch_4x1_equals_1x4_accumulation(tmp_path, tiny_model_path, files, sta
     start = _weights(tiny_model_path)
     moved = max(float((wa[k] - start[k]).abs().max()) for k in wa if k in start)
     assert moved > 1e-4  # the step did something
+    # Each weight moved by about lr = 1e-3; embedding rows whose gradient is near Adam's eps
+    # differ by float noise (measured up to 2.6e-6 here), 400x below the step.
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-5, msg=k)

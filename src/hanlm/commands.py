@@ -41,6 +41,21 @@ COMMANDS: dict[str, Command] = {
         positional="data.paths",
         usage="PATH [PATH ...]",
     ),
+    "data self-instruct": Command(
+        "hanlm.datagen.selfinstruct",
+        "SelfInstructConfig",
+        "write instruction data (self-instruct) or dialogues (mode=self-chat) with a model"
+        " behind an OpenAI-compatible endpoint, ROUGE-L deduplicated, resumable",
+        positional="seeds",
+        usage="SEEDS.jsonl",
+    ),
+    "label": Command(
+        "hanlm.label.server",
+        "LabelConfig",
+        "sample K answers per prompt and serve a page where people rank them (rankings.jsonl)",
+        positional="inputs",
+        usage="PROMPTS MODEL[,MODEL2...]",
+    ),
     "sft": Command(
         "hanlm.stages.sft",
         "SFTConfig",
@@ -76,7 +91,7 @@ COMMANDS: dict[str, Command] = {
     "reward": Command(
         "hanlm.stages.reward",
         "RewardConfig",
-        "train a reward model on preference pairs (scalar head, pairwise ranking loss)",
+        "train a reward model on preference pairs or ranked answers (InstructGPT's C(K,2) loss)",
     ),
     "reward score": Command(
         "hanlm.stages.reward",
@@ -101,6 +116,11 @@ COMMANDS: dict[str, Command] = {
         "GRPOConfig",
         "GRPO with rewards from a reward model and/or rule functions (module:function)",
     ),
+    "distill": Command(
+        "hanlm.stages.distill",
+        "DistillConfig",
+        "context distillation: match the model prompted with a context, without it (KL, LoRA)",
+    ),
     "eval": Command(
         "hanlm.stages.evaluate",
         "EvalConfig",
@@ -114,6 +134,49 @@ COMMANDS: dict[str, Command] = {
         "audit training data for benchmark items (n-gram overlap) before trusting a score",
         positional="train",
         usage="TRAIN_PATH [TRAIN_PATH ...]",
+    ),
+    "embed": Command(
+        "hanlm.embedding",
+        "EmbedConfig",
+        "sentence embeddings from a decoder (SGPT weighted-mean, mean or last-token pooling)",
+        positional="model.path",
+        usage="MODEL_DIR",
+    ),
+    "embed train": Command(
+        "hanlm.stages.embed",
+        "EmbedTrainConfig",
+        "contrastive fine-tuning of the embeddings (SGPT-BE: in-batch InfoNCE; bias, LoRA, full)",
+    ),
+    "rag index": Command(
+        "hanlm.rag.index",
+        "RagIndexConfig",
+        "chunk documents and index them with a model's embeddings (faiss) and BM25",
+        positional="docs",
+        usage="DOC [DOC ...]",
+        func="run_index",
+    ),
+    "rag add": Command(
+        "hanlm.rag.index",
+        "RagAddConfig",
+        "add documents to a rag index with the model and settings it records",
+        positional="docs",
+        usage="DOC [DOC ...]",
+        func="run_add",
+    ),
+    "rag search": Command(
+        "hanlm.rag.index",
+        "RagSearchConfig",
+        "print the passages a rag index ranks highest for a query, with their sources",
+        positional="args",
+        usage="IDX QUERY [QUERY ...]",
+        func="run_search",
+    ),
+    "rag ask": Command(
+        "hanlm.rag.answer",
+        "RagAskConfig",
+        "answer from retrieved passages, citing them as [1], [2]; sources listed",
+        positional="args",
+        usage="IDX MODEL_DIR QUESTION [QUESTION ...]",
     ),
     "export": Command(
         "hanlm.stages.export",

@@ -36,6 +36,54 @@ def pairwise_ranking_loss(r_chosen: Tensor, r_rejected: Tensor, margin: float = 
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
+def ranked_ranking_loss(
+    rewards: Tensor, winners: Tensor, losers: Tensor, prompt_of_pair: Tensor, margin: float = 0.0
+) -> Tensor:
+    """InstructGPT's loss on K ranked answers per prompt, all C(K, 2) pairs of a prompt at once:
+    mean over prompts of [ -1/P_x · Σ_(w,l) log σ(r_w - r_l - margin) ], P_x the prompt's pairs.
+
+    Averaging within a prompt first keeps a prompt with many answers (K=9: 36 pairs) from
+    outweighing one with few (K=2: 1 pair); with one pair per prompt it is the pairwise loss.
+    `rewards` [N] holds every answer of the batch; `winners`/`losers` [P] index into it;
+    `prompt_of_pair` [P] says which prompt (0..B-1) each pair belongs to.
+    """
+    import torch.nn.functional as F
+
+    torch = _torch()
+    per_pair = -F.logsigmoid(rewards[winners] - rewards[losers] - margin)
+    n_prompts = int(prompt_of_pair.max().item()) + 1
+    sums = torch.zeros(n_prompts, dtype=per_pair.dtype, device=per_pair.device)
+    counts = torch.zeros_like(sums)
+    sums = sums.index_add(0, prompt_of_pair, per_pair)
+    counts = counts.index_add(0, prompt_of_pair, torch.ones_like(per_pair))
+    has_pairs = counts > 0
+    return (sums[has_pairs] / counts[has_pairs]).mean()
+
+
+def kendall_tau(scores: list[float], ranking: list[list[int]]) -> float | None:
+    """Kendall's τ-b between model scores and a human ranking given as tie groups (best first);
+    None when either side has no order to compare (everything tied)."""
+    rank = {i: -g for g, group in enumerate(ranking) for i in group}  # higher = better
+    idx = sorted(rank)
+    concordant = discordant = ties_x = ties_y = 0
+    for a in range(len(idx)):
+        for b in range(a + 1, len(idx)):
+            i, j = idx[a], idx[b]
+            dx, dy = rank[i] - rank[j], scores[i] - scores[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denom = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
+    return (concordant - discordant) / denom if denom else None
+
+
 # --------------------------------------------------------------------------- masked statistics
 
 
@@ -215,3 +263,57 @@ def adaptive_kl_coef(
         return beta
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return beta * (1.0 + error * n_steps / horizon)
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def distill_kl(teacher_logits: Tensor, student_logits: Tensor, mask: Tensor) -> Tensor:
+    """Context distillation (Askell et al. 2021): per-token KL(p_teacher ‖ p_student) over the
+    full next-token distributions, [B, T, V] each -> [B, T], 0 where `mask` is 0.
+
+    Forward KL, teacher first: the student is pushed to cover every token the prompted teacher
+    would give mass to. The teacher takes no gradient.
+    """
+    torch = _torch()
+    logp = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return kl * mask.to(kl.dtype)
+
+
+def distill_kl_topk(
+    teacher_logp: Tensor, teacher_ids: Tensor, student_logits: Tensor, mask: Tensor
+) -> Tensor:
+    """KL over the teacher's top-k tokens plus one bucket for everything else, [B, T] (masked).
+
+    `teacher_logp`/`teacher_ids` [B, T, k]: the teacher's k most likely tokens and their
+    log-probs under its full softmax, so only k numbers per position need keeping. The k+1
+    buckets are a coarsening of the vocabulary, so this is a lower bound of the full KL
+    (data-processing inequality) and equals it when k = V; it is 0 only when the student gives
+    each top-k token the teacher's probability.
+    """
+    torch = _torch()
+    logits = student_logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)  # [B, T]
+    logq_k = logits.gather(-1, teacher_ids) - log_z.unsqueeze(-1)  # [B, T, k]
+    logp_k = teacher_logp.detach().float()
+    head = (logp_k.exp() * (logp_k - logq_k)).sum(-1)
+    # The rest bucket: the teacher's leftover mass, and the student's from its other logits.
+    p_rest = (1.0 - logp_k.exp().sum(-1)).clamp(min=0.0)
+    others = logits.scatter(-1, teacher_ids, float("-inf"))
+    logq_rest = torch.logsumexp(others, dim=-1) - log_z
+    has_rest = (p_rest > 1e-7) & torch.isfinite(logq_rest)
+    safe_p = torch.where(has_rest, p_rest, torch.ones_like(p_rest))
+    safe_q = torch.where(has_rest, logq_rest, torch.zeros_like(logq_rest))
+    tail = torch.where(has_rest, safe_p * (safe_p.log() - safe_q), torch.zeros_like(p_rest))
+    kl = head + tail
+    return kl * mask.to(kl.dtype)
+
+
+def teacher_topk(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens of each teacher distribution: (log-probs, ids), [..., k] each."""
+    torch = _torch()
+    logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    values, ids = logp.topk(min(k, logp.size(-1)), dim=-1)
+    return values, ids

@@ -46,12 +46,14 @@ def prompts_of(records: list[dict[str, Any]]) -> list[Messages]:
 
 
 def prompts_and_references(records: list[dict[str, Any]]) -> list[tuple[Messages, str | None]]:
-    """(prompt, the known good answer) per record: a preference record's chosen answer, or a
-    chat record's last answer (None when a chat record has none)."""
+    """(prompt, the known good answer) per record: a preference record's chosen answer (a ranked
+    one's best), or a chat record's last answer (None when a chat record has none)."""
     out: list[tuple[Messages, str | None]] = []
     for rec in records:
         if "prompt" in rec:
-            chosen = "".join(m["content"] for m in rec["chosen"] if m["role"] == "assistant")
+            # a ranked record's reference is its best answer (the first of the top tie group)
+            best = rec["responses"][rec["ranking"][0][0]] if "ranking" in rec else rec["chosen"]
+            chosen = "".join(m["content"] for m in best if m["role"] == "assistant")
             out.append((rec["prompt"], chosen or None))
         else:
             out.append(split_last_answer(rec["messages"]))

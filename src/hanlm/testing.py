@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hanlm.data.templates import apply_template
-from hanlm.modeling import build_model, save_model
+from hanlm.config import ModelConfig
+from hanlm.data.templates import apply_template, render
+from hanlm.modeling import build_model, load_model, load_tokenizer, save_model
 
 SAMPLE_TEXT = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -106,3 +107,63 @@ def write_csv(path: str | Path, rows: list, header: list | None = None) -> None:
         if header:
             w.writerow(header)
         w.writerows(rows)
+
+
+def teach(model_dir: str | Path, chats: list[list[dict[str, str]]], steps: int = 120) -> Path:
+    """Fit a tiny model dir to answer these conversations (answer-only loss, full batch, seconds
+    on CPU) and save it in place: tests then know what a served model will say."""
+    import torch
+
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(ModelConfig(path=str(model_dir)))
+    batch = [render(tok, c) for c in chats]
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
+    labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.01:
+            break
+    return save_model(model.eval(), tok, model_dir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServedApp:
+    """An ASGI app served by uvicorn in a daemon thread on a free local port (tests, demos)."""
+
+    def __init__(self, app: Any, timeout: float = 30.0) -> None:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -81,16 +82,25 @@ def test_chat_page_streams_answers_in_chromium(live, tmp_path):
             assert (tmp_path / "chat.png").stat().st_size > 5000
 
             # the stop button ends a long answer, and the page is ready for the next question
-            _set_range(page, "#temperature", 1)
-            page.fill("#max-tokens", "400")
-            page.fill("#input", "写一首很长的诗")
-            page.click("#send")
-            page.wait_for_selector(".msg.assistant[data-streaming]", timeout=10_000)
-            page.click("#stop")
-            page.wait_for_function(
-                "document.querySelectorAll('.msg.assistant[data-done]').length == 3",
-                timeout=10_000,
-            )
+            # (each forward pass slowed to 20 ms, so the answer is still streaming when clicked)
+            slow = live.model.register_forward_hook(lambda *_: time.sleep(0.02))
+            try:
+                _set_range(page, "#temperature", 1)
+                page.fill("#max-tokens", "400")
+                page.fill("#input", "写一首很长的诗")
+                page.click("#send")
+                page.wait_for_function(  # the third answer has begun and is still streaming
+                    "(() => { const a = document.querySelectorAll('.msg.assistant');"
+                    " return a.length == 3 && a[2].dataset.chunks && a[2].dataset.streaming; })()",
+                    timeout=10_000,
+                )
+                page.click("#stop")
+                page.wait_for_function(
+                    "document.querySelectorAll('.msg.assistant[data-done]').length == 3",
+                    timeout=10_000,
+                )
+            finally:
+                slow.remove()
             assert page.locator(".msg.error").count() == 0
             assert page.is_enabled("#send")
         finally:

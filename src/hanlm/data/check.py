@@ -20,7 +20,7 @@ from hanlm.data.sources import DataError, resolve
 @dataclass
 class DataCheckConfig:
     paths: list[str] = opt([], "data files, directories, globs or saved datasets to check")
-    format: Literal["auto", "text", "alpaca", "sharegpt", "messages", "preference"] = opt(
+    format: Literal["auto", "text", "alpaca", "sharegpt", "messages", "preference", "ranked"] = opt(
         "auto", "record format; auto detects it per file from the first record"
     )
     text_field: str = opt("text", "field holding the text for the text format")
@@ -36,7 +36,7 @@ class DataCheckConfig:
 def _flatten(rec: dict[str, Any]) -> str:
     if "text" in rec:
         return rec["text"]
-    return "\n".join(m["content"] for v in rec.values() for m in v)
+    return "\n".join(m["content"] for v in formats.message_lists(rec) for m in v)
 
 
 def _show(rec: dict[str, Any], width: int = 160) -> str:
@@ -48,9 +48,14 @@ def _show(rec: dict[str, Any], width: int = 160) -> str:
         return "    text: " + cut(rec["text"])
     lines = []
     for key, msgs in rec.items():
-        for m in msgs:
-            label = m["role"] if key == "messages" else f"{key}/{m['role']}"
-            lines.append(f"    {label}: {cut(m['content'])}")
+        if key == "ranking":
+            lines.append(f"    ranking (best first, ties grouped): {msgs}")
+            continue
+        for i, side in enumerate(msgs if key == "responses" else [msgs]):
+            for m in side:
+                label = m["role"] if key == "messages" else f"{key}/{m['role']}"
+                label = f"responses[{i}]/{m['role']}" if key == "responses" else label
+                lines.append(f"    {label}: {cut(m['content'])}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@
               (from `alpaca`, `sharegpt` and `messages` data)
 - preference: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
               (trl's conversational preference layout; strings become one-message lists)
+- ranked:     {"prompt": [messages], "responses": [[messages], ...], "ranking": [[i, ...], ...]}
+              (InstructGPT's K ranked answers; the ranking as tie groups, best first)
 
 Every converter raises `RecordError` saying which field was expected and what was found; the
 caller adds the file and line.
@@ -14,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-Format = Literal["text", "alpaca", "sharegpt", "messages", "preference"]
-FORMATS: tuple[str, ...] = ("text", "alpaca", "sharegpt", "messages", "preference")
+Format = Literal["text", "alpaca", "sharegpt", "messages", "preference", "ranked"]
+FORMATS: tuple[str, ...] = ("text", "alpaca", "sharegpt", "messages", "preference", "ranked")
 ROLES = ("system", "user", "assistant", "tool")
 
 # ShareGPT speaker names seen in the wild, mapped to chat roles.
@@ -47,7 +49,8 @@ _MESSAGE_ROLES = {
 FORMAT_HELP = (
     "text ({'text': ...}), alpaca ({'instruction','input','output'}), "
     "sharegpt ({'conversations': [{'from','value'}]}), "
-    "messages ({'messages': [{'role','content'}]}), preference ({'prompt','chosen','rejected'})"
+    "messages ({'messages': [{'role','content'}]}), preference ({'prompt','chosen','rejected'}),"
+    " ranked ({'prompt','responses','ranking'})"
 )
 
 
@@ -56,8 +59,20 @@ class RecordError(ValueError):
 
 
 def kind_of(fmt: str) -> str:
-    """The canonical shape a format converts to: text, chat or preference."""
-    return {"text": "text", "preference": "preference"}.get(fmt, "chat")
+    """The canonical shape a format converts to: text, chat, preference or ranked."""
+    return {"text": "text", "preference": "preference", "ranked": "ranked"}.get(fmt, "chat")
+
+
+def message_lists(rec: dict[str, Any]) -> list[list[dict[str, str]]]:
+    """Every message list of a canonical chat, preference or ranked record (for lengths, cleaning
+    and display, which would otherwise need to know each shape)."""
+    out = []
+    for key, value in rec.items():
+        if key == "responses":
+            out += value
+        elif key != "ranking":
+            out.append(value)
+    return out
 
 
 def _describe(value: Any) -> str:
@@ -103,6 +118,8 @@ def detect(rec: Any, text_field: str = "text") -> str:
         return "sharegpt"
     if {"chosen", "rejected"} <= keys:
         return "preference"
+    if {"responses", "ranking"} <= keys:
+        return "ranked"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
     if text_field in keys:
@@ -259,6 +276,86 @@ def from_preference(rec: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+RANKING_HELP = (
+    "give 'ranking' as indices into 'responses', best first, each index once; tied answers as a"
+    " nested list: [0, 2, 1] or [[0, 2], 1]"
+)
+
+
+def parse_ranking(value: Any, n: int) -> list[list[int]]:
+    """A ranking of `n` answers as tie groups, best first: [0, [2, 1]] -> [[0], [2, 1]]."""
+    if not isinstance(value, list) or not value:
+        raise RecordError(
+            f"field 'ranking': expected a list, found {_describe(value)}; {RANKING_HELP}"
+        )
+    groups: list[list[int]] = []
+    seen: set[int] = set()
+    for pos, item in enumerate(value):
+        members = item if isinstance(item, list) else [item]
+        if not members:
+            raise RecordError(f"ranking[{pos}]: an empty tie group; {RANKING_HELP}")
+        for idx in members:
+            # bool is an int in Python; true/false in a ranking is a mistake, not an index
+            if not isinstance(idx, int) or isinstance(idx, bool):
+                raise RecordError(
+                    f"ranking[{pos}]: expected an index or a list of indices, found"
+                    f" {_describe(idx)}; {RANKING_HELP}"
+                )
+            if not 0 <= idx < n:
+                raise RecordError(
+                    f"ranking[{pos}]: index {idx} is out of range for {n} responses"
+                    f" (indices start at 0: 0..{n - 1})"
+                )
+            if idx in seen:
+                raise RecordError(f"ranking: response {idx} appears twice; {RANKING_HELP}")
+            seen.add(idx)
+        groups.append(list(members))
+    missing = sorted(set(range(n)) - seen)
+    if missing:
+        raise RecordError(
+            f"ranking: response(s) {missing} are not ranked; {RANKING_HELP}"
+            " (drop an answer from 'responses' to leave it out)"
+        )
+    return groups
+
+
+def from_ranked(rec: dict[str, Any]) -> dict[str, Any]:
+    """InstructGPT-style data: one prompt, K answers and a labeller's ranking of them."""
+    if rec.get("prompt") is None:
+        raise RecordError(f"missing field 'prompt' (record has keys {sorted(rec)})")
+    prompt = _side(rec["prompt"], "prompt", "user")
+    if not any(m["role"] == "user" for m in prompt):
+        raise RecordError("field 'prompt': no user turn")
+    responses = rec.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise RecordError(
+            "field 'responses': expected a list of at least 2 answers,"
+            f" found {_describe(responses)}"
+        )
+    sides = []
+    for i, r in enumerate(responses):
+        side = _side(r, f"responses[{i}]", "assistant")
+        if not side or side[-1]["role"] != "assistant":
+            raise RecordError(f"field 'responses[{i}]': must end with an assistant turn")
+        sides.append(side)
+    return {
+        "prompt": prompt,
+        "responses": sides,
+        "ranking": parse_ranking(rec.get("ranking"), len(sides)),
+    }
+
+
+def ranked_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:
+    """Every (better, worse) pair a tie-group ranking implies: C(K, 2) minus the tied pairs."""
+    return [
+        (w, lose)
+        for i, better in enumerate(ranking)
+        for worse in ranking[i + 1 :]
+        for w in better
+        for lose in worse
+    ]
+
+
 def convert(
     rec: Any, fmt: str, text_field: str = "text", require_answer: bool = True
 ) -> dict[str, Any]:
@@ -275,6 +372,8 @@ def convert(
         return from_messages(rec, require_answer)
     if fmt == "preference":
         return from_preference(rec)
+    if fmt == "ranked":
+        return from_ranked(rec)
     raise RecordError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 

@@ -101,12 +101,18 @@ class RecordReader:
                 for m in msgs
             ]
 
+        if kind == "ranked":
+            return {
+                "prompt": fix(rec["prompt"]),
+                "responses": [fix(r) for r in rec["responses"]],
+                "ranking": rec["ranking"],
+            }
         return {k: fix(v) for k, v in rec.items()}
 
     def _length(self, rec: dict[str, Any]) -> int:
         if "text" in rec:
             return len(rec["text"].strip())
-        return sum(len(m["content"].strip()) for v in rec.values() for m in v)
+        return sum(len(m["content"].strip()) for v in formats.message_lists(rec) for m in v)
 
     def _dedup_text(self, rec: dict[str, Any]) -> str:
         if "text" in rec:
@@ -163,6 +169,7 @@ class RecordReader:
                 "text": "text",
                 "chat": "alpaca, sharegpt or messages",
                 "preference": "preference",
+                "ranked": "ranked",
             }[self.kind]
             raise DataError(
                 f"{source}: this data is in the {fmt} format, but this stage needs {wanted} data"

@@ -15,6 +15,7 @@ from hanlm.config import InferenceModelConfig, TemplateName, opt
 from hanlm.data.templates import require_template
 from hanlm.infer.engine import GenerationOptions, stream
 from hanlm.modeling import load_model, load_tokenizer
+from hanlm.rag.answer import RetrievalOptions, Retriever
 
 HELP = "commands: /reset (clear history), /system TEXT (set system prompt), /exit"
 
@@ -28,30 +29,50 @@ class ChatConfig:
     generation: GenerationOptions = field(
         default_factory=GenerationOptions, metadata={"help": "decoding options"}
     )
+    retrieval: RetrievalOptions = opt(
+        RetrievalOptions, "answer from a hanlm rag index: top-k passages as numbered sources"
+    )
 
 
 class ChatSession:
     """History plus the model; `ask()` streams one answer and records it."""
 
-    def __init__(self, model: Any, tok: Any, opts: GenerationOptions, system: str = "") -> None:
+    def __init__(
+        self,
+        model: Any,
+        tok: Any,
+        opts: GenerationOptions,
+        system: str = "",
+        retriever: Retriever | None = None,
+    ) -> None:
         self.model, self.tok, self.opts = model, tok, opts
         self.system = system
         self.history: list[dict[str, str]] = []
+        self.retriever = retriever
 
     def messages(self, user: str) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return [*head, *self.history, {"role": "user", "content": user}]
 
     def ask(self, user: str, out: TextIO) -> str:
-
+        # With an index, this turn carries the retrieved passages; the history keeps only the
+        # question as asked (earlier turns' passages would crowd the context).
+        prompt, hits = self.retriever.prompt(user) if self.retriever else (user, [])
         pieces = []
-        for piece in stream(self.model, self.tok, self.messages(user), self.opts):
+        for piece in stream(self.model, self.tok, self.messages(prompt), self.opts):
             out.write(piece)
             out.flush()
             pieces.append(piece)
         out.write("\n")
         out.flush()
         answer = "".join(pieces)
+        if self.retriever is not None:
+            info = self.retriever.sources(hits, answer)
+            for src in info["sources"]:
+                mark = "*" if src["n"] in info["cited"] else " "
+                snippet = " ".join(src["text"].split())[:60]
+                out.write(f" {mark}[{src['n']}] {src['id']}  {snippet}\n")
+            out.flush()
         self.history += [
             {"role": "user", "content": user},
             {"role": "assistant", "content": answer},
@@ -87,8 +108,9 @@ def load_chat_model(cfg: ChatConfig) -> tuple[Any, Any]:
 
 def run(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    retriever = Retriever(cfg.retrieval) if cfg.retrieval.index else None
     model, tok = load_chat_model(cfg)
-    session = ChatSession(model, tok, cfg.generation, cfg.system)
+    session = ChatSession(model, tok, cfg.generation, cfg.system, retriever)
     if cfg.prompt:
         session.ask(cfg.prompt, stdout)
         return 0

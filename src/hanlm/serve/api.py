@@ -137,8 +137,12 @@ def create_app(
     model_name: str = "hanlm",
     api_key: str = "",
     limits: Limits | None = None,
+    retriever: Any = None,
 ) -> Any:
-    """The FastAPI app serving `engine`. Tests build it in-process around a tiny model."""
+    """The FastAPI app serving `engine`. Tests build it in-process around a tiny model.
+
+    With a `retriever` (hanlm.rag.answer.Retriever), a chat request's last user turn is answered
+    from retrieved passages, and the response carries them in an extra `sources` field."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -327,6 +331,11 @@ def create_app(
     @app.post("/v1/chat/completions", openapi_extra=_body(SCHEMAS["chat"]))
     async def chat(request: Request) -> Any:
         req = parse_chat(await read_json(request), limits.max_tokens, limits.max_n)
+        hits: list[Any] = []
+        if retriever is not None and req.messages and req.messages[-1]["role"] == "user":
+            question = req.messages[-1]["content"]
+            grounded, hits = await engine.run(retriever.prompt, question)
+            req.messages = [*req.messages[:-1], {"role": "user", "content": grounded}]
         try:
             prompt = prompt_ids(tok, req.messages)
         except Exception as e:  # a template that refuses a role order, say
@@ -360,11 +369,15 @@ def create_app(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": a.finish}
                 )
             spent = sum(len(a.tokens) for a in answers)
+            extra: dict[str, Any] = {}
+            if retriever is not None:  # the passages given, and which the first answer cites
+                extra = retriever.sources(hits, answers[0].text if answers else "")
             return {
                 "object": "chat.completion",
                 **head,
                 "choices": choices,
                 "usage": usage(len(prompt), spent),
+                **extra,
             }
 
         async def events() -> AsyncIterator[bytes]:
@@ -378,6 +391,9 @@ def create_app(
                     {"object": "chat.completion.chunk", **head, "choices": [choice], **extra}
                 )
 
+            if retriever is not None:  # the passages first (no choices: clients skip it)
+                sources = retriever.sources(hits, "")
+                yield _sse({"object": "chat.completion.chunk", **head, "choices": [], **sources})
             for i in range(s.n):
                 yield chunk(i, {"role": "assistant", "content": ""})
             spent = 0

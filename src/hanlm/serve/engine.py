@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hanlm.data.templates import stop_token_ids
+from hanlm.embedding import embed_ids
 from hanlm.infer.engine import decoding_kwargs
 from hanlm.serve.protocol import APIError, Sampling
 
@@ -113,6 +114,10 @@ class Engine:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hanlm-generate")
+        self._worker_jobs = 0  # tasks queued or running on the worker
+        self._solo: Job | None = None  # a batch-route request running alone on `generate`
+        self._contended = threading.Event()  # another request arrived: the solo one hands off
+        self.handoffs = 0  # solo requests that continued in the batching loop
         self.manager: Any = None
         self._closing = threading.Event()
         self._dispatcher: threading.Thread | None = None
@@ -187,16 +192,48 @@ class Engine:
     # ------------------------------------------------------------------ generation
 
     def submit(self, prompt: list[int], sampling: Sampling) -> Job:
-        """Start generating for `prompt`; call from the event loop."""
+        """Start generating for `prompt`; call from the event loop.
+
+        A batch-route request that finds the engine idle runs on `generate`, which is faster
+        than the batching loop for one sequence; when another request arrives it hands off: what
+        it has generated so far becomes the prompt of a batch request for the rest."""
         job = Job(f"hanlm-{next(self._ids)}", prompt, sampling)
-        if self.manager is not None and sampling.route() == "batch":
-            self._submit_batch(job)
+        if self.manager is None or sampling.route() != "batch":
+            self._contended.set()
+            self._to_worker(self._guarded, self._generate, job)
+            return job
+        with self._lock:
+            idle = not self._jobs and self._worker_jobs == 0
+            if idle:
+                self._solo = job
+                self._contended.clear()
+        if idle:
+            self._to_worker(self._guarded, self._generate, job)
         else:
-            self._worker.submit(self._guarded, self._generate, job)
+            self._contended.set()
+            self._submit_batch(job)
         return job
 
-    def _submit_batch(self, job: Job) -> None:
+    def _to_worker(self, fn: Any, *args: Any) -> Future:
+        with self._lock:
+            self._worker_jobs += 1
+
+        def call() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self._worker_jobs -= 1
+
+        return self._worker.submit(call)
+
+    def _submit_batch(
+        self, job: Job, prompt: list[int] | None = None, max_tokens: int = 0, rid: str = ""
+    ) -> None:
+        """Queue `job` in the batching loop (or its continuation: `prompt` = the original one plus
+        the tokens already sent, `max_tokens` what is left, under request id `rid`)."""
         s = job.sampling
+        rid = rid or job.id
         if s.temperature == 0:  # greedy: the single most likely token survives top-k 1
             kwargs = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         else:
@@ -204,19 +241,19 @@ class Engine:
             kwargs = {"temperature": float(s.temperature), "top_k": int(top_k)}
             kwargs["top_p"] = float(s.top_p)
         with self._lock:
-            self._jobs[job.id] = job
-        job._on_cancel.append(lambda: self._cancel_batch(job.id))
-        rid = self.manager.add_request(
-            list(job.prompt),
-            request_id=job.id,
-            max_new_tokens=s.max_tokens,
+            self._jobs[rid] = job
+        job._on_cancel.append(lambda: self._cancel_batch(rid))
+        added = self.manager.add_request(
+            list(prompt or job.prompt),
+            request_id=rid,
+            max_new_tokens=max_tokens or s.max_tokens,
             streaming=True,
             eos_token_id=self.stop_ids,
             **kwargs,
         )
-        if rid is None:
+        if added is None:
             with self._lock:
-                self._jobs.pop(job.id, None)
+                self._jobs.pop(rid, None)
             raise APIError("the generation engine is stopping", status=503, type="server_error")
 
     def _cancel_batch(self, rid: str) -> None:
@@ -309,6 +346,7 @@ class Engine:
         if recorder is not None:
             processors.append(recorder)
         streamer = _JobStreamer(job, s, self.stop_ids, recorder)
+        handoff = self._contended if job is self._solo else None
         if s.seed is not None:
             torch.manual_seed(s.seed)
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -318,10 +356,18 @@ class Engine:
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 logits_processor=LogitsProcessorList(processors),
-                stopping_criteria=StoppingCriteriaList([_Cancelled(job, streamer)]),
+                stopping_criteria=StoppingCriteriaList([_Cancelled(job, streamer, handoff)]),
                 streamer=streamer,
                 **kw,
             )
+        if handoff is not None:
+            with self._lock:
+                self._solo = None
+            left = s.max_tokens - streamer.count[0]
+            if streamer.handed_off and left > 0 and not job.cancelled.is_set():
+                prompt = job.prompt + streamer.tokens
+                self.handoffs += 1
+                self._submit_batch(job, prompt, left, rid=job.id + "+")
 
     # ------------------------------------------------------------------ forward passes
 
@@ -332,8 +378,8 @@ class Engine:
             with self._exclusive():
                 return fn(*args)
 
-        future: Future = self._worker.submit(call)
-        return asyncio.wrap_future(future)
+        self._contended.set()
+        return asyncio.wrap_future(self._to_worker(call))
 
     def prompt_logprobs(
         self, prompt: list[int], top: int
@@ -357,26 +403,10 @@ class Engine:
         return out
 
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
-        """SGPT position-weighted mean pooling (Muennighoff 2022): the last hidden state of
-        token i weighs i (1-based) over the non-pad tokens, then L2 normalisation; later
-        tokens have seen more of the text in a causal model."""
-        import torch
-
-        from_ = self.model.base_model
-        out: list[list[float]] = []
-        with torch.no_grad():
-            for start in range(0, len(batch), 16):
-                rows = batch[start : start + 16]
-                width = max(len(r) for r in rows)
-                ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows])
-                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-                ids, mask = ids.to(self.model.device), mask.to(self.model.device)
-                hidden = from_(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-                weights = mask * torch.arange(1, width + 1, device=mask.device)[None, :]
-                weights = (weights / weights.sum(1, keepdim=True)).unsqueeze(-1)
-                pooled = (hidden * weights).sum(1)
-                out += torch.nn.functional.normalize(pooled, dim=-1).tolist()
-        return out
+        """SGPT position-weighted mean pooling (Muennighoff 2022), L2-normalised: the shared
+        code of `hanlm embed` and `hanlm rag` (hanlm.embedding), so vectors from the API match
+        an index built with the same model."""
+        return embed_ids(self.model, batch, self.pad_id, "weighted_mean", batch_size=16)
 
 
 # --------------------------------------------------------------------------- generate helpers
@@ -422,15 +452,20 @@ class _LogprobRecorder:
 
 
 class _Cancelled:
-    """Stops `generate` when the job is cancelled or every row has finished on its own."""
+    """Stops `generate` when the job is cancelled, every row has finished on its own, or (a
+    solo request) `handoff` is set because another request is waiting."""
 
-    def __init__(self, job: Job, streamer: _JobStreamer) -> None:
-        self.job, self.streamer = job, streamer
+    def __init__(
+        self, job: Job, streamer: _JobStreamer, handoff: threading.Event | None = None
+    ) -> None:
+        self.job, self.streamer, self.handoff = job, streamer, handoff
 
     def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
         import torch
 
         stop = self.job.cancelled.is_set() or all(self.streamer.done)
+        if not stop and self.handoff is not None and self.handoff.is_set():
+            self.streamer.handed_off = stop = True
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
@@ -444,6 +479,8 @@ class _JobStreamer:
         self.max_tokens = s.max_tokens
         self.done = [False] * s.n
         self.count = [0] * s.n
+        self.tokens: list[int] = []  # row 0's tokens so far (a solo request's handoff)
+        self.handed_off = False  # stopped to continue in the batching loop: no End here
         self.prompt_seen = False
 
     def put(self, value: Any) -> None:
@@ -463,6 +500,8 @@ class _JobStreamer:
                     event.top = list(zip(i.tolist(), v.tolist()))
             self.job.emit(event)
             self.count[row] += 1
+            if row == 0:
+                self.tokens.append(int(t))
             if t in self.stop_ids:
                 self.done[row] = True
                 self.job.emit(End(row, "stop"))
@@ -471,6 +510,8 @@ class _JobStreamer:
                 self.job.emit(End(row, "length"))
 
     def end(self) -> None:
+        if self.handed_off:
+            return
         for row, done in enumerate(self.done):
             if not done:
                 self.done[row] = True

@@ -12,6 +12,7 @@ from typing import Any
 from hanlm.config import ConfigError, InferenceModelConfig, TemplateName, opt
 from hanlm.data.templates import require_template
 from hanlm.modeling import load_model, load_tokenizer, quantize_weights
+from hanlm.rag.answer import RetrievalOptions, Retriever
 from hanlm.serve.api import Limits, create_app
 from hanlm.serve.engine import Engine
 
@@ -37,6 +38,10 @@ class ServeConfig:
     max_n: int = opt(8, "most answers per request (n)")
     max_body_bytes: int = opt(1_000_000, "largest request body accepted (413 above)")
     log_level: str = opt("info", "uvicorn log level: critical, error, warning, info, debug")
+    retrieval: RetrievalOptions = opt(
+        RetrievalOptions,
+        "answer chat requests from a hanlm rag index (passages returned in a 'sources' field)",
+    )
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -76,7 +81,10 @@ def run(cfg: ServeConfig) -> int:
     name = cfg.name or Path(cfg.model.path.rstrip("/")).name or "hanlm"
     engine = Engine(model, tok, cfg.continuous_batching, cfg.max_queue)
     limits = Limits(max_tokens=cfg.max_tokens, max_body_bytes=cfg.max_body_bytes, max_n=cfg.max_n)
-    app = create_app(engine, model_name=name, api_key=api_key, limits=limits)
+    retriever = None
+    if cfg.retrieval.index:
+        retriever = Retriever(cfg.retrieval)
+    app = create_app(engine, model_name=name, api_key=api_key, limits=limits, retriever=retriever)
     open_to = (
         "" if cfg.host in ("127.0.0.1", "localhost", "::1") else " (reachable from the network)"
     )

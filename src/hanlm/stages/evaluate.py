@@ -28,6 +28,10 @@ Averaging. `accuracy` is over all questions (micro; the MMLU reference script's 
 `macro_accuracy` is the mean of the per-subject accuracies (each subject counts once, as in a
 per-subject leaderboard average). Both are given overall and per category: compare like with like.
 
+Cloze. `cloze=` files give a blank-infilling probe (`hanlm.infer.cloze`): held-out windows with
+a span blanked, the true span against same-length spans from other texts, asked the causal way
+and, for a tokenizer with the GLM tokens (`hanlm pretrain objective=glm`), GLM's way.
+
 Determinism. Items are read in file order, batches are formed by a stable sort, scoring is greedy
 and there is no sampling, so the same model, data and config give the same predictions.
 """
@@ -60,8 +64,10 @@ from hanlm.config import (
     opt,
 )
 from hanlm.data import load
+from hanlm.data.glm import glm_ids
 from hanlm.data.sources import DataError
 from hanlm.data.templates import stop_token_ids
+from hanlm.infer.cloze import cloze_accuracy, cloze_items
 from hanlm.infer.scoring import (
     common_prefix_len,
     letter_token_ids,
@@ -109,6 +115,13 @@ class EvalConfig(OutputConfig):
     ppl_window: int = opt(1024, "perplexity: tokens per window (capped at the model's maximum)")
     ppl_stride: int = opt(512, "perplexity: tokens the window advances (each scored once)")
     ppl_max_chars: int = opt(0, "perplexity: read at most this many characters per file (0 = all)")
+    cloze: list[str] = opt(
+        [], "held-out text files for the blank-infilling probe (cloze accuracy, data layer)"
+    )
+    cloze_items: int = opt(200, "cloze: items per file (one per text record at most)")
+    cloze_span: int = opt(2, "cloze: tokens blanked per item")
+    cloze_choices: int = opt(4, "cloze: candidates per item (the true span + same-length others)")
+    cloze_context: int = opt(48, "cloze: tokens of context kept on each side of the blank")
     prompts: str = opt("", "prompt file for samples: .txt (one a line) or JSONL prompt/messages")
     max_new_tokens: int = opt(128, "samples: tokens generated per prompt")
     temperature: float = opt(0.0, "samples: 0 = greedy (deterministic); > 0 samples")
@@ -369,6 +382,35 @@ def _read_texts(path: str, max_chars: int) -> str:
     return text[:max_chars] if max_chars else text
 
 
+# --------------------------------------------------------------------------- cloze
+
+
+def _read_records(path: str) -> list[str]:
+    return [r["text"] for r in load(DataConfig(paths=[path], dedup="none"), kind="text").train]
+
+
+def cloze_probe(model: Any, tokenizer: Any, texts: list[str], cfg: EvalConfig) -> dict[str, Any]:
+    """Cloze accuracy asked the causal way, and the GLM way when the tokenizer has its tokens."""
+    t = time.perf_counter()
+    items = cloze_items(
+        texts,
+        tokenizer,
+        cfg.cloze_items,
+        span=cfg.cloze_span,
+        choices=cfg.cloze_choices,
+        context=cfg.cloze_context,
+        seed=cfg.seed,
+    )
+    if not items:
+        raise DataError(f"no cloze item could be built: texts shorter than {cfg.cloze_span + 8}")
+    out: dict[str, Any] = {"n": len(items), "chance": 1 / cfg.cloze_choices}
+    modes = ["causal"] + (["glm"] if glm_ids(tokenizer) is not None else [])
+    for mode in modes:
+        out[mode] = cloze_accuracy(model, tokenizer, items, mode, cfg.batch_size)
+    out["seconds"] = round(time.perf_counter() - t, 2)
+    return out
+
+
 # --------------------------------------------------------------------------- samples
 
 
@@ -513,14 +555,17 @@ def _table(report: dict[str, Any]) -> str:
         lines.append(
             f"perplexity {path}: ppl {v['ppl']:.3f}, bpc {v['bpc']:.4f}, {v['tokens']} tokens"
         )
+    for path, v in report.get("cloze", {}).items():
+        modes = "  ".join(f"{m} {v[m]['accuracy']:.4f}" for m in ("causal", "glm") if m in v)
+        lines.append(f"cloze {path}: {modes}  n={v['n']}  chance {v['chance']:.2f}")
     if report.get("samples"):
         lines.append(f"samples: {report['samples']['n']} -> {report['samples']['path']}")
     return "\n".join(lines)
 
 
 def run(cfg: EvalConfig) -> Path:
-    if not (cfg.bench or cfg.ppl or cfg.prompts):
-        raise ConfigError("nothing to evaluate: give bench=, ppl= or prompts=")
+    if not (cfg.bench or cfg.ppl or cfg.prompts or cfg.cloze):
+        raise ConfigError("nothing to evaluate: give bench=, ppl=, cloze= or prompts=")
     # Read every input before loading the model, so a bad path fails in a second, not a minute.
     benches = [load_benchmark(s, cfg.split, cfg.shots, cfg.limit) for s in cfg.bench]
     if len({b.name for b in benches}) != len(benches):
@@ -530,6 +575,7 @@ def run(cfg: EvalConfig) -> Path:
             check_dev_shots(b, cfg.shots, strict=True)
     audit = read_audit(cfg.contamination) if cfg.contamination else None
     texts = {p: _read_texts(p, cfg.ppl_max_chars) for p in cfg.ppl}
+    cloze_texts = {p: _read_records(p) for p in cfg.cloze}
     prompts = read_prompts(cfg.prompts) if cfg.prompts else []
 
     with Run("eval", cfg, seed=cfg.seed) as run:
@@ -564,6 +610,10 @@ def run(cfg: EvalConfig) -> Path:
             t = time.perf_counter()
             res = perplexity(model, tokenizer, text, window, min(cfg.ppl_stride, window))
             report["perplexity"][path] = {**res, "seconds": round(time.perf_counter() - t, 2)}
+        if cloze_texts:
+            report["cloze"] = {
+                p: cloze_probe(model, tokenizer, recs, cfg) for p, recs in cloze_texts.items()
+            }
         if prompts:
             samples = generate_samples(model, tokenizer, prompts, cfg)
             with open(run.dir / "samples.jsonl", "w", encoding="utf-8") as f:
@@ -576,6 +626,12 @@ def run(cfg: EvalConfig) -> Path:
             {
                 **{f"{n}/accuracy": b["accuracy"] for n, b in report["benchmarks"].items()},
                 **{f"ppl/{p}/bpc": v["bpc"] for p, v in report["perplexity"].items()},
+                **{
+                    f"cloze/{p}/{mode}": v[mode]["accuracy"]
+                    for p, v in report.get("cloze", {}).items()
+                    for mode in ("causal", "glm")
+                    if mode in v
+                },
                 "report": "eval_report.json",
             }
         )

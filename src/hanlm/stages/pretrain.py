@@ -31,6 +31,15 @@ from hanlm.config import (
     opt,
 )
 from hanlm.data import load, stream
+from hanlm.data.glm import (
+    GLMCollator,
+    GLMConfig,
+    add_glm_tokens,
+    causal_example,
+    check_attention,
+    glm_example,
+    glm_ids,
+)
 from hanlm.modeling import build_model, load_model, load_tokenizer
 from hanlm.runs import Run
 from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
@@ -56,6 +65,12 @@ class PretrainConfig(OutputConfig):
         -1, "first new token id for train_embeddings=new_tokens (-1: from vocab_report.json)"
     )
     max_positions: int = opt(2048, "context length of a model built from scratch")
+    objective: Literal["causal", "glm"] = opt(
+        "causal",
+        "causal LM, or GLM blank infilling (spans blanked, Part A bidirectional, loss on the"
+        " spans only; validation stays causal so bits/char compare)",
+    )
+    glm: GLMConfig = opt(GLMConfig, "GLM blank infilling settings (objective=glm)")
 
     def validate(self) -> None:
         if not self.model.path and not self.tokenizer:
@@ -183,6 +198,26 @@ def _new_token_ids(cfg: PretrainConfig, tok: Any) -> list[int]:
     return ids
 
 
+def _as_glm(ds: Any, cfg: PretrainConfig, tok: Any, causal: bool) -> Any:
+    """Packed blocks -> GLM examples (or, for validation, causal ones in the same layout), one
+    fixed draw per block so a resumed run sees the same examples."""
+    import datasets
+
+    ids = glm_ids(tok)
+
+    def convert(row: dict[str, Any], i: int) -> dict[str, Any]:
+        n = sum(row["attention_mask"])
+        block = row["input_ids"][:n]
+        if causal:
+            return causal_example(block)
+        return glm_example(block, cfg.glm, ids, seed=cfg.train.seed * 1_000_003 + i)
+
+    drop = ["attention_mask", "labels", "input_ids"]
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.map(convert, with_indices=True, remove_columns=drop)
+    return ds.map(convert, with_indices=True, remove_columns=drop, keep_in_memory=True)
+
+
 def _build_or_load(cfg: PretrainConfig, tok: Any) -> Any:
     if cfg.model.path:
         model = load_model(cfg.model)
@@ -215,6 +250,7 @@ def run(cfg: PretrainConfig) -> Path:
     with Run("pretrain", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.tokenizer or cfg.model.path)
+        glm_added = add_glm_tokens(tok) if cfg.objective == "glm" else []
 
         # Data: texts -> packed blocks (cached), or a stream of blocks.
         valid_ds, valid_stats = None, None
@@ -250,8 +286,21 @@ def run(cfg: PretrainConfig) -> Path:
             valid_stats["predicted_tokens"] / valid_stats["characters"] if valid_stats else None
         )
 
+        collator: Any = default_data_collator
+        if cfg.objective == "glm":
+            # Blank infilling for training; validation stays causal (comparable bits/char).
+            train_ds = _as_glm(train_ds, cfg, tok, causal=False)
+            if valid_ds is not None:
+                valid_ds = _as_glm(valid_ds, cfg, tok, causal=True)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            collator = GLMCollator(pad)
+            data_info["glm_tokens_added"] = glm_added
+            run.set("data", data_info)
+
         # Model.
         model = _build_or_load(cfg, tok)
+        if cfg.objective == "glm":
+            check_attention(model)
         if cfg.lora.enabled:
             lora = cfg.lora
             tokens = None
@@ -279,7 +328,7 @@ def run(cfg: PretrainConfig) -> Path:
             args=args,
             train_dataset=train_ds,
             eval_dataset=valid_ds,
-            data_collator=default_data_collator,
+            data_collator=collator,
             processing_class=tok,
             callbacks=[metrics_callback(run, tokens_per_char)],
         )

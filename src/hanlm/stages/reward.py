@@ -6,6 +6,10 @@ output, its scalar read at the last non-pad token, initialised from an SFT model
 LoRA (the new `score` head trained in full) -> trl's RewardTrainer, loss -log σ(r_w - r_l - m)
 -> held-out pairwise accuracy and mean reward gap before and after -> an ordinary HF directory
 (`AutoModelForSequenceClassification.from_pretrained` loads it).
+
+Ranked data (K answers per prompt, `hanlm label`'s output) takes InstructGPT's path instead: all
+C(K, 2) pairs of a prompt in the same batch, the loss averaged over each prompt's pairs
+(`losses.ranked_ranking_loss`), held-out pair accuracy and Kendall τ per prompt.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from hanlm.config import (
     opt,
 )
 from hanlm.data import load, or_demo, to_dataset
-from hanlm.data.formats import RecordError, from_preference
+from hanlm.data.formats import RecordError, from_preference, from_ranked, ranked_pairs
 from hanlm.data.sources import BadJson, DataError, iter_source, resolve
 from hanlm.data.templates import apply_template, render
+from hanlm.losses import kendall_tau, ranked_ranking_loss
 from hanlm.modeling import load_tokenizer
 from hanlm.rewards import load_reward_model, score_conversations, score_ids, trained_max_length
 from hanlm.runs import Run, atomic_write_text
@@ -53,7 +58,9 @@ class RewardConfig(OutputConfig):
         metadata={"help": "optimisation"},
     )
     lora: LoraConfig = opt(LoraConfig, "LoRA adapters (the score head is always trained in full)")
-    eval_pairs: int = opt(0, "held-out pairs scored before and after (0 = all)")
+    eval_pairs: int = opt(
+        0, "held-out pairs (ranked data: prompts) scored before and after (0 = all)"
+    )
     half: Literal["all", "first", "second"] = opt(
         "all",
         "train on all pairs, or on one of two disjoint halves (split by prompt): a proxy reward"
@@ -67,7 +74,9 @@ class RewardScoreConfig:
     prompt: str = opt("", "score one answer: the user prompt")
     response: str = opt("", "score one answer: the answer")
     file: str = opt(
-        "", "JSONL of {prompt, response}, {messages} or {prompt, chosen, rejected} records"
+        "",
+        "JSONL of {prompt, response}, {messages}, {prompt, chosen, rejected} or ranked"
+        " {prompt, responses, ranking} records",
     )
     output: str = opt("", "write JSONL results here (default: standard output)")
     group_by: str = opt(
@@ -133,11 +142,19 @@ def run(cfg: RewardConfig) -> Path:
         added = apply_template(tok, cfg.template)
 
         dcfg = or_demo(cfg.data, "preference")
-        data = load(dcfg, kind="preference")
+        data = load(dcfg)
+        if data.kind not in ("preference", "ranked"):
+            raise DataError(
+                f"hanlm reward needs preference pairs or ranked answers; this data is {data.kind}"
+                f" ({', '.join(sorted(set(data.stats.formats.values())))})"
+            )
         print(data.stats.summary())
         if cfg.half != "all":
             data.train = [r for r in data.train if half_of(r) == cfg.half]
-            print(f"[hanlm] training on the {cfg.half} half: {len(data.train)} pairs")
+            print(f"[hanlm] training on the {cfg.half} half: {len(data.train)} records")
+        if data.kind == "ranked":
+            _train_ranked(cfg, run, tok, added, data)
+            return run.dir
         train_rows, train_dropped = encode_pairs(data.train, tok, cfg.max_length)
         valid_rows, valid_dropped = encode_pairs(data.valid, tok, cfg.max_length)
         if not train_rows:
@@ -211,6 +228,174 @@ def run(cfg: RewardConfig) -> Path:
     return run.dir
 
 
+# --------------------------------------------------------------------------- ranked data
+
+
+def encode_ranked(
+    records: list[dict[str, Any]], tok: Any, max_length: int
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """(rows of per-answer ids, the ranking and its pairs; counts of records dropped and why)."""
+    rows: list[dict[str, Any]] = []
+    dropped = {"dropped_too_long": 0, "dropped_all_tied": 0}
+    for rec in records:
+        pairs = ranked_pairs(rec["ranking"])
+        if not pairs:  # an all-tied ranking (e.g. "all bad" with no order) teaches nothing
+            dropped["dropped_all_tied"] += 1
+            continue
+        ids = [render(tok, rec["prompt"] + resp)[0] for resp in rec["responses"]]
+        if max(len(x) for x in ids) > max_length:
+            dropped["dropped_too_long"] += 1
+            continue
+        rows.append({"ids": ids, "pairs": pairs, "ranking": rec["ranking"]})
+    return rows, dropped
+
+
+def collate_ranked(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Every answer of every prompt in one right-padded batch, with the pairs indexing into it:
+    InstructGPT keeps all pairs of a prompt in the same batch element."""
+    import torch
+
+    flat, winners, losers, owner = [], [], [], []
+    for p, row in enumerate(rows):
+        base = len(flat)
+        flat += row["ids"]
+        for w, lose in row["pairs"]:
+            winners.append(base + w)
+            losers.append(base + lose)
+            owner.append(p)
+    width = max(len(x) for x in flat)
+    return {
+        "input_ids": torch.tensor([x + [pad_id] * (width - len(x)) for x in flat]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in flat]),
+        "winners": torch.tensor(winners),
+        "losers": torch.tensor(losers),
+        "prompt_of_pair": torch.tensor(owner),
+    }
+
+
+def ranked_metrics(
+    model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int = 16
+) -> dict[str, float]:
+    """Held-out accuracy over all pairs, the mean per-prompt accuracy, Kendall τ-b per prompt
+    (mean) and the mean reward gap of the pairs."""
+    import statistics
+
+    flat = [ids for row in rows for ids in row["ids"]]
+    scores = iter(score_ids(model, flat, pad_id, batch_size))
+    wins = gaps = n_pairs = 0.0
+    per_prompt, taus = [], []
+    for row in rows:
+        r = [next(scores) for _ in row["ids"]]
+        won = [r[w] > r[lose] for w, lose in row["pairs"]]
+        wins += sum(won)
+        gaps += sum(r[w] - r[lose] for w, lose in row["pairs"])
+        n_pairs += len(won)
+        per_prompt.append(sum(won) / len(won))
+        tau = kendall_tau(r, row["ranking"])
+        if tau is not None:
+            taus.append(tau)
+    return {
+        "accuracy": wins / max(n_pairs, 1),
+        "prompt_accuracy": statistics.fmean(per_prompt) if per_prompt else 0.0,
+        "kendall_tau": statistics.fmean(taus) if taus else 0.0,
+        "reward_gap": gaps / max(n_pairs, 1),
+        "pairs": int(n_pairs),
+        "prompts": len(rows),
+    }
+
+
+def _train_ranked(cfg: RewardConfig, run: Run, tok: Any, added: int, data: Any) -> None:
+    from transformers import Trainer
+
+    train_rows, train_drop = encode_ranked(data.train, tok, cfg.max_length)
+    valid_rows, valid_drop = encode_ranked(data.valid, tok, cfg.max_length)
+    if not train_rows:
+        raise ValueError(
+            f"no ranked record is usable (too long for max_length={cfg.max_length}: "
+            f"{train_drop['dropped_too_long']}, all tied: {train_drop['dropped_all_tied']})"
+        )
+    run.set(
+        "data",
+        {
+            **data.stats.as_dict(),
+            "kind": "ranked",
+            "train_prompts": len(train_rows),
+            "train_pairs": sum(len(r["pairs"]) for r in train_rows),
+            "valid_prompts": len(valid_rows),
+            "valid_pairs": sum(len(r["pairs"]) for r in valid_rows),
+            **{k: train_drop[k] + valid_drop[k] for k in train_drop},
+            "half": cfg.half,
+        },
+    )
+    eval_rows = valid_rows[: cfg.eval_pairs] if cfg.eval_pairs > 0 else valid_rows
+
+    model = load_reward_model(cfg.model)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=True)
+    model.config.pad_token_id = tok.pad_token_id
+    pad = tok.pad_token_id
+
+    summary: dict[str, Any] = {"template_tokens_added": added, "loss": "ranked (InstructGPT)"}
+    if eval_rows and not cfg.resume:
+        before = ranked_metrics(model, eval_rows, pad, cfg.train.batch_size)
+        summary.update({f"initial_{k}": v for k, v in before.items()})
+        print(
+            f"[hanlm] before: held-out pair accuracy {before['accuracy']:.3f},"
+            f" Kendall τ {before['kendall_tau']:.3f}"
+        )
+    if cfg.lora.enabled:
+        extra = {"score"} | ({"embed_tokens", "lm_head"} if added else set())
+        lora = replace(cfg.lora, modules_to_save=sorted(set(cfg.lora.modules_to_save) | extra))
+        model = apply_lora(model, lora, task="SEQ_CLS")
+    summary.update(describe_trainable(model))
+
+    class RankedTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            rewards = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).logits[:, 0]
+            loss = ranked_ranking_loss(
+                rewards, inputs["winners"], inputs["losers"], inputs["prompt_of_pair"], cfg.margin
+            )
+            if cfg.center_coef:
+                loss = loss + cfg.center_coef * (rewards**2).mean()
+            return (loss, rewards) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            import torch
+
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+    # one row = one prompt with all its answers; train.batch_size counts prompts
+    args = training_args(cfg.train, run.dir, has_eval=bool(valid_rows))
+    trainer = RankedTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=valid_rows or None,
+        data_collator=lambda rows: collate_ranked(rows, pad),
+        processing_class=tok,
+        callbacks=[metrics_callback(run)],
+    )
+    result = trainer.train(resume_from_checkpoint=run.resume_from())
+    summary.update(train_loss=result.training_loss, steps=result.global_step)
+
+    model = run.save_model(trainer.model, tok, cfg.lora)
+    if eval_rows:
+        after = ranked_metrics(model, eval_rows, pad, cfg.train.batch_size)
+        summary.update(after)
+        print(
+            f"[hanlm] reward (ranked): held-out pair accuracy"
+            f" {summary.get('initial_accuracy', 0):.3f} -> {after['accuracy']:.3f},"
+            f" Kendall τ {summary.get('initial_kendall_tau', 0):.3f} -> {after['kendall_tau']:.3f}"
+            f" over {after['prompts']} prompts / {after['pairs']} pairs"
+        )
+    run.finish(summary)
+
+
 # --------------------------------------------------------------------------- hanlm reward score
 
 
@@ -223,6 +408,8 @@ def _score_records(path: str) -> list[dict[str, Any]]:
             try:
                 if "chosen" in raw and "rejected" in raw:
                     out.append({"kind": "pair", "raw": raw, **from_preference(raw)})
+                elif "responses" in raw and "ranking" in raw:
+                    out.append({"kind": "ranked", "raw": raw, **from_ranked(raw)})
                 elif "messages" in raw:
                     out.append({"kind": "conversation", "raw": raw, "messages": raw["messages"]})
                 elif "prompt" in raw and "response" in raw:
@@ -232,8 +419,8 @@ def _score_records(path: str) -> list[dict[str, Any]]:
                     out.append({"kind": "conversation", "raw": raw, "messages": msgs})
                 else:
                     raise RecordError(
-                        "expected {prompt, response}, {messages} or {prompt, chosen, rejected};"
-                        f" found keys {sorted(raw)}"
+                        "expected {prompt, response}, {messages}, {prompt, chosen, rejected} or"
+                        f" {{prompt, responses, ranking}}; found keys {sorted(raw)}"
                     )
             except RecordError as e:
                 raise DataError(f"{loc}: {e}") from None
@@ -271,6 +458,9 @@ def score(cfg: RewardScoreConfig) -> int:
     conv_scores = iter(conv_score(convs))
     chosen = iter(conv_score([p["prompt"] + p["chosen"] for p in pairs]))
     rejected = iter(conv_score([p["prompt"] + p["rejected"] for p in pairs]))
+    ranked = [r for r in records if r["kind"] == "ranked"]
+    answers = iter(conv_score([r["prompt"] + a for r in ranked for a in r["responses"]]))
+    ranked_wins, ranked_pairs_n, taus = 0, 0, []
     lines, wins = [], 0
     groups: dict[str, list[bool]] = {}
     for r in records:
@@ -281,6 +471,14 @@ def score(cfg: RewardScoreConfig) -> int:
             row.update(chosen_reward=c, rejected_reward=j)
             if cfg.group_by:
                 groups.setdefault(_field(r["raw"], cfg.group_by), []).append(c > j)
+        elif r["kind"] == "ranked":
+            rewards = [next(answers) for _ in r["responses"]]
+            won = [rewards[w] > rewards[lose] for w, lose in ranked_pairs(r["ranking"])]
+            ranked_wins += sum(won)
+            ranked_pairs_n += len(won)
+            tau = kendall_tau(rewards, r["ranking"])
+            taus += [tau] if tau is not None else []
+            row.update(rewards=rewards, kendall_tau=tau)
         else:
             row["reward"] = next(conv_scores)
         lines.append(json.dumps(row, ensure_ascii=False))
@@ -299,6 +497,13 @@ def score(cfg: RewardScoreConfig) -> int:
                 f"[hanlm]   {cfg.group_by}={name}: {sum(won) / len(won):.4f} over {len(won)}",
                 file=sys.stderr,
             )
+    if ranked:
+        print(
+            f"[hanlm] ranked: pair accuracy {ranked_wins / max(ranked_pairs_n, 1):.4f} over"
+            f" {ranked_pairs_n} pairs, mean Kendall τ {sum(taus) / max(len(taus), 1):.4f}"
+            f" over {len(taus)} prompts",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Data generation against a model: self-instruct and self-chat (`hanlm data self-instruct`)."""

@@ -1,0 +1,1 @@
+"""Retrieval: chunking, a faiss + BM25 index of a model's own embeddings, grounded answers."""
