@@ -35,21 +35,8 @@ def test_citations_map_to_the_returned_sources():
     assert citations("不知道。", hits) == ([], [])
 
 
-def test_rag_ask_returns_answer_and_sources(tiny_model_path, docs_dir, tmp_path, capsys):
-    idx = tmp_path / "idx"
-    assert (
-        main(
-            [
-                "rag",
-                "index",
-                str(docs_dir),
-                f"model.path={tiny_model_path}",
-                f"output_dir={idx}",
-                "bm25=bigram",
-            ]
-        )
-        == 0
-    )
+def test_rag_ask_returns_answer_and_sources(tiny_model_path, bigram_index, capsys):
+    idx = bigram_index
     capsys.readouterr()
     q = "王阮字什么？"
     args = ["rag", "ask", str(idx), str(tiny_model_path), q, "--json"]
@@ -62,26 +49,13 @@ def test_rag_ask_returns_answer_and_sources(tiny_model_path, docs_dir, tmp_path,
     assert set(cited) <= {1, 2} and all(n > 2 for n in unknown)
 
 
-def test_chat_with_retrieval_grounds_the_prompt(tiny_model_path, docs_dir, tmp_path):
+def test_chat_with_retrieval_grounds_the_prompt(tiny_model_path, bigram_index, tmp_path):
     import io
 
     from hanlm.config import load_config
     from hanlm.infer.chat import ChatConfig, run
 
-    idx = tmp_path / "idx"
-    assert (
-        main(
-            [
-                "rag",
-                "index",
-                str(docs_dir),
-                f"model.path={tiny_model_path}",
-                f"output_dir={idx}",
-                "bm25=bigram",
-            ]
-        )
-        == 0
-    )
+    idx = bigram_index
     cfg = load_config(
         ChatConfig,
         overrides=[

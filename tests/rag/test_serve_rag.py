@@ -5,11 +5,9 @@ import urllib.request
 
 import pytest
 
-from hanlm.cli import main
-
 
 @pytest.fixture(scope="module")
-def served(tiny_model_path, docs_dir, tmp_path_factory):
+def served(tiny_model_path, bigram_index):
     pytest.importorskip("fastapi")
     from hanlm.rag.answer import RetrievalOptions, Retriever
     from hanlm.serve.api import Limits, create_app
@@ -17,20 +15,7 @@ def served(tiny_model_path, docs_dir, tmp_path_factory):
     from hanlm.serve.server import ServeConfig, load
     from hanlm.testing import ServedApp
 
-    idx = tmp_path_factory.mktemp("serve-idx") / "idx"
-    assert (
-        main(
-            [
-                "rag",
-                "index",
-                str(docs_dir),
-                f"model.path={tiny_model_path}",
-                f"output_dir={idx}",
-                "bm25=bigram",
-            ]
-        )
-        == 0
-    )
+    idx = bigram_index
     cfg = ServeConfig()
     cfg.model.path = str(tiny_model_path)
     model, tok = load(cfg)

@@ -131,6 +131,16 @@ def pair_metrics(
 # --------------------------------------------------------------------------- hanlm reward
 
 
+def _with_lora(model: Any, cfg: RewardConfig, added: list[str]) -> Any:
+    """LoRA on the reward model when asked: the score head (and embeddings that grew with the
+    template's tokens) trained in full beside the adapters."""
+    if not cfg.lora.enabled:
+        return model
+    extra = {"score"} | ({"embed_tokens", "lm_head"} if added else set())
+    lora = replace(cfg.lora, modules_to_save=sorted(set(cfg.lora.modules_to_save) | extra))
+    return apply_lora(model, lora, task="SEQ_CLS")
+
+
 def run(cfg: RewardConfig) -> Path:
     from transformers import set_seed
     from trl import RewardConfig as TrlRewardConfig
@@ -185,10 +195,7 @@ def run(cfg: RewardConfig) -> Path:
                 f" reward gap {before['reward_gap']:.4f}"
             )
 
-        if cfg.lora.enabled:
-            extra = {"score"} | ({"embed_tokens", "lm_head"} if added else set())
-            lora = replace(cfg.lora, modules_to_save=sorted(set(cfg.lora.modules_to_save) | extra))
-            model = apply_lora(model, lora, task="SEQ_CLS")
+        model = _with_lora(model, cfg, added)
         summary.update(describe_trainable(model))
 
         def with_margin(rows: list[dict[str, Any]]) -> Any:
@@ -304,7 +311,7 @@ def ranked_metrics(
     }
 
 
-def _train_ranked(cfg: RewardConfig, run: Run, tok: Any, added: int, data: Any) -> None:
+def _train_ranked(cfg: RewardConfig, run: Run, tok: Any, added: list[str], data: Any) -> None:
     from transformers import Trainer
 
     train_rows, train_drop = encode_ranked(data.train, tok, cfg.max_length)
@@ -343,10 +350,7 @@ def _train_ranked(cfg: RewardConfig, run: Run, tok: Any, added: int, data: Any) 
             f"[hanlm] before: held-out pair accuracy {before['accuracy']:.3f},"
             f" Kendall τ {before['kendall_tau']:.3f}"
         )
-    if cfg.lora.enabled:
-        extra = {"score"} | ({"embed_tokens", "lm_head"} if added else set())
-        lora = replace(cfg.lora, modules_to_save=sorted(set(cfg.lora.modules_to_save) | extra))
-        model = apply_lora(model, lora, task="SEQ_CLS")
+    model = _with_lora(model, cfg, added)
     summary.update(describe_trainable(model))
 
     class RankedTrainer(Trainer):
