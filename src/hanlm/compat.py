@@ -5,11 +5,19 @@ against and fails loudly, with what to do, on a version where the internal is go
   `Accelerator(...)` in the same process (tests, a notebook, PPO after a Trainer stage) inherits
   the first one's mixed-precision and device settings, and refuses different ones. The Trainer
   resets it the same way before building its own; accelerate offers no public call for it.
+- `load_trainer_checkpoint`: resuming from the checkpoint of the last step, transformers 5 takes
+  one step more than `max_steps` (it checks the limit only after a step, unless the last step
+  ends an epoch); `training.train` loads such a checkpoint itself, with the Trainer's loader,
+  and takes no step. transformers has no public call that loads a checkpoint into a Trainer.
+- `trl_token_count` / `set_trl_token_count`: trl's trainers count training tokens in
+  `_total_train_tokens` (logged as `num_tokens`) and do not checkpoint it, so a resumed run would
+  count from 0; hanlm stores it in its checkpoints and sets it back.
 """
 
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Any
 
 # accelerate versions whose AcceleratorState._reset_state() was read and tested.
 ACCELERATE_CHECKED = ("1.10", "1.16")
@@ -39,3 +47,37 @@ def accelerate_checked() -> bool:
     """Whether the installed accelerate is within the versions this shim was checked on."""
     v = _major_minor(metadata.version("accelerate"))
     return _major_minor(ACCELERATE_CHECKED[0]) <= v <= _major_minor(ACCELERATE_CHECKED[1])
+
+
+# transformers versions whose Trainer._load_from_checkpoint(path) was read and tested.
+TRANSFORMERS_CHECKED = ("5.0", "5.24")
+
+
+def load_trainer_checkpoint(trainer: Any, checkpoint: str) -> None:
+    """Load a Trainer checkpoint's weights into `trainer.model` as `Trainer.train` does when it
+    resumes (full weights or adapters): for a resume that has no step left to take."""
+    load = getattr(trainer, "_load_from_checkpoint", None)
+    if load is None:
+        version = metadata.version("transformers")
+        raise RuntimeError(
+            f"transformers {version} has no Trainer._load_from_checkpoint (checked on"
+            f" {TRANSFORMERS_CHECKED[0]}-{TRANSFORMERS_CHECKED[1]}): update hanlm.compat, or"
+            f" install transformers<={TRANSFORMERS_CHECKED[1]}"
+        )
+    load(checkpoint)
+
+
+# trl versions whose trainers' `_total_train_tokens` (the logged `num_tokens`) was read.
+TRL_CHECKED = ("1.0", "1.16")
+
+
+def trl_token_count(trainer: Any) -> int | None:
+    """The tokens a trl trainer has counted (logged as `num_tokens`); None for other trainers.
+    trl starts the count at 0 on a resume, so hanlm keeps it in its checkpoints."""
+    n = getattr(trainer, "_total_train_tokens", None)
+    return int(n) if isinstance(n, (int, float)) else None
+
+
+def set_trl_token_count(trainer: Any, count: int) -> None:
+    if hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = count

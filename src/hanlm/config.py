@@ -138,6 +138,53 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "auto = bf16 on a GPU that supports it, fp32 on CPU"
     )
+    deepspeed: str = opt(
+        "",
+        "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); launch with torchrun;"
+        ' "auto" values are filled from these settings',
+    )
+
+    def validate(self) -> None:
+        if self.deepspeed:
+            deepspeed_config(self.deepspeed)
+
+
+def zero_stage(train: TrainConfig) -> int | None:
+    """The ZeRO stage of `train.deepspeed` (None without DeepSpeed)."""
+    if not train.deepspeed:
+        return None
+    return deepspeed_config(train.deepspeed).get("zero_optimization", {}).get("stage", 0)
+
+
+def deepspeed_config(path: str) -> dict[str, Any]:
+    """Read and check a `train.deepspeed` JSON file (and that DeepSpeed is installed), before
+    anything loads; errors name the file and the fix."""
+    import importlib.util
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(
+            f"train.deepspeed={path}: no such file (configs/deepspeed/ has zero2.json,"
+            " zero3.json and zero3_offload.json)"
+        )
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"train.deepspeed={path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"train.deepspeed={path}: expected a JSON object, got {type(data).__name__}"
+        )
+    stage = data.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.deepspeed={path}: zero_optimization.stage={stage!r}, not 0-3")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"train.deepspeed={path} needs DeepSpeed: pip install 'hanlm[deepspeed]' (on a machine"
+            " without CUDA: DS_BUILD_OPS=0 pip install 'hanlm[deepspeed]')"
+        )
+    return data
 
 
 @dataclass

@@ -536,6 +536,11 @@ def _eval(h: Headline, s: dict[str, Any], reports: dict[str, Any]) -> None:
     for path, v in (report.get("perplexity") or {}).items():
         if _is_num((v or {}).get("bpc")):
             h.figures.append(Figure(f"bits per character on {Path(path).name}", v["bpc"]))
+    for name, v in (report.get("recite") or {}).items():  # the memorisation probe, per group
+        for group, g in (v.get("groups") or {}).items():
+            if _is_num(g.get("bpc")):
+                label = f"{name} reference answers, {group}: bits per character (n={g['n']})"
+                h.figures.append(Figure(label, g["bpc"]))
     h.verdict = "; ".join(parts) or "no benchmark accuracy in this stage's summary"
     if tones:
         h.tone = "good" if all(t == "good" for t in tones) else "bad"

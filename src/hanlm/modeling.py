@@ -318,7 +318,9 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, **kw: Any) -> Path:
         model.save_pretrained(tmp, **kw)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for f in sorted(tmp.rglob("*")):
+        # Weights move last: a crash mid-move leaves no weights without their config/tokenizer.
+        weights = (".safetensors", ".bin", ".index.json")
+        for f in sorted(tmp.rglob("*"), key=lambda f: (f.name.endswith(weights), str(f))):
             if f.is_file():
                 dest = out / f.relative_to(tmp)
                 dest.parent.mkdir(parents=True, exist_ok=True)

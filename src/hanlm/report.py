@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,7 @@ def _prompts(recipe: Any) -> list[dict[str, Any]]:
     prompts = [{"prompt": p, "reference": ""} for p in spec.get("prompts", [])]
     source = spec.get("prompts_from")
     if source:
-        source = source.replace("${assets}", str(ASSETS))
+        source = source.replace("${assets}", str(ASSETS)).replace("${run_dir}", str(recipe.run_dir))
         recs = load(
             DataConfig(paths=[source], dedup="none", max_records=spec.get("num_prompts", 6)),
             kind="chat",
@@ -342,6 +343,102 @@ def _generate(model_dir: Path, prompts: list[dict[str, Any]], max_new: int) -> l
     return [r["text"] + ("" if r["stopped"] else " …") for r in res]
 
 
+def _acc_cell(g: dict[str, Any] | None) -> str:
+    if not g or not g.get("n"):
+        return "-"
+    return f"{g['accuracy']:.3f} (n={g['n']})"
+
+
+def _letter_shares(predictions: Path) -> tuple[str, str]:
+    """("always-X accuracy", "most common prediction and its share") from a predictions file."""
+    if not predictions.is_file():
+        return "-", "-"
+    rows = [json.loads(x) for x in predictions.read_text(encoding="utf-8").splitlines() if x]
+    if not rows:
+        return "-", "-"
+    answers = Counter(r["answer"] for r in rows).most_common(1)[0]
+    preds = Counter(r["pred"] for r in rows).most_common(1)[0]
+    return (
+        f"{answers[1] / len(rows):.3f} ({answers[0]})",
+        f"{preds[0]} {preds[1] / len(rows):.0%}",
+    )
+
+
+def _eval_tables(doc: _Doc, recipe: Any, run_dir: Path) -> None:
+    """Every eval stage side by side: benchmark accuracy against chance and against the first
+    stage that scored the same benchmark the same way (the base), by contamination group;
+    bits per character per text file; the recitation probe per contamination group."""
+    reports = {}
+    for stage in recipe.stages:
+        p = run_dir / stage.name / "eval_report.json"
+        if stage.command == "eval" and p.is_file():
+            reports[stage.name] = json.loads(p.read_text(encoding="utf-8"))
+    if not reports:
+        return
+    doc.h2("Benchmarks across stages")
+    rows, base = [], {}
+    for name, rep in reports.items():
+        for bench, b in rep.get("benchmarks", {}).items():
+            letters = _letter_shares(run_dir / name / str(b.get("predictions", "")))
+            key = (bench, b.get("shots"), b.get("n"))
+            first = base.setdefault(key, (name, b["accuracy"]))
+            delta = b["accuracy"] - first[1] if first[0] != name else None
+            c = b.get("contamination") or {}
+            rows.append(
+                [
+                    name,
+                    bench,
+                    b.get("shots", 0),
+                    b["n"],
+                    round(b["accuracy"], 4),
+                    round(b.get("chance", 0.25), 4),
+                    letters[0],
+                    letters[1],
+                    f"{delta:+.4f} vs {first[0]}" if delta is not None else "(base)",
+                    _acc_cell(c.get("contaminated")),
+                    _acc_cell(c.get("partial")),
+                    _acc_cell(c.get("clean")),
+                ]
+            )
+    if rows:
+        doc.p(
+            "Accuracy (letter scoring) per stage; the change is against the first stage that scored"
+            " the same benchmark with the same shots and items. Always-X: the accuracy of always"
+            " answering the scored items' most common letter (a model stuck on one letter gets"
+            " it, so accuracy below it is no evidence of knowledge); answered: the model's most"
+            " common answer and its share. Contaminated / partial / clean: accuracy on the items"
+            " the contamination audit put in each group."
+        )
+        head = ["stage", "benchmark", "shots", "n", "accuracy", "chance", "always-X", "answered"]
+        head.append("change")
+        doc.table([*head, "contaminated", "partial", "clean"], rows)
+    rows, base_bpc = [], {}
+    for name, rep in reports.items():
+        for path, v in rep.get("perplexity", {}).items():
+            first = base_bpc.setdefault(path, (name, v["bpc"]))
+            delta = f"{v['bpc'] - first[1]:+.4f} vs {first[0]}" if first[0] != name else "(base)"
+            ppl = round(v["ppl"], 3) if "ppl" in v else "-"  # reports before ppl was recorded
+            rows.append([name, Path(path).name, round(v["bpc"], 4), ppl, delta])
+    if rows:
+        doc.p("Bits per character (comparable across tokenizers; lower is better).")
+        doc.table(["stage", "text", "bits/char", "perplexity", "change"], rows)
+    rows = []
+    for name, rep in reports.items():
+        for bench, v in rep.get("recite", {}).items():
+            groups = v.get("groups", {})
+            cells = [
+                f"{groups[g]['bpc']} (n={groups[g]['n']})" if g in groups else "-"
+                for g in ("contaminated", "partial", "clean")
+            ]
+            rows.append([name, bench, v["bpc"], *cells])
+    if rows:
+        doc.p(
+            "Recitation probe: bits per character of each reference answer after its question"
+            " (lower = closer to memorised), by the audit's contamination group."
+        )
+        doc.table(["stage", "benchmark", "bits/char", "contaminated", "partial", "clean"], rows)
+
+
 def write_report(recipe: Any, state: dict[str, Any]) -> tuple[Path, Path]:
     """Write report.html and report.md into the recipe's run directory."""
     run_dir: Path = recipe.run_dir
@@ -385,6 +482,8 @@ def write_report(recipe: Any, state: dict[str, Any]) -> tuple[Path, Path]:
             ]
         )
     doc.table(["stage", "command", "status", "seconds", "peak memory (MB)", "finished"], rows)
+
+    _eval_tables(doc, recipe, run_dir)
 
     for stage in recipe.stages:
         d = run_dir / stage.name

@@ -210,8 +210,11 @@ def rollout(
     stop_ids: list[int],
     max_new_tokens: int,
     temperature: float,
+    synced: bool = False,
 ) -> Rollout:
-    """Answers to `prompts` from `model` (sampled at `temperature`, greedy when it is 0)."""
+    """Answers to `prompts` from `model` (sampled at `temperature`, greedy when it is 0).
+    `synced`: every process runs the same number of forward passes until all have stopped (a
+    ZeRO-3 model's passes are collective)."""
     import torch
     from transformers import GenerationConfig
 
@@ -232,7 +235,9 @@ def rollout(
     )
     model.eval()
     with torch.no_grad(), own_sampling(model):
-        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
+        out = model.generate(
+            input_ids=ids, attention_mask=attn, generation_config=gen, synced_gpus=synced
+        )
     answer = out[:, width:]
     is_stop = torch.isin(answer, torch.tensor(stop_ids, device=device))
     before = is_stop.long().cumsum(1) - is_stop.long()  # stops strictly before each position
@@ -277,18 +282,22 @@ def token_value_module(value_model: Any) -> torch.nn.Module:
     """The value model as a module whose forward is `token_values` plus a trainable `offset`.
     DDP averages gradients only through the wrapped module's own forward, and the value model's
     forward gives one score per sequence, so this is what goes through `accelerator.prepare`.
-    The offset centres a critic started from a reward model (whose head has no bias) on the
-    shifted scores it must predict."""
+    The shift centres a critic started from a reward model (whose head has no bias) on the
+    shifted scores it must predict; the offset then learns as a bias."""
     import torch
 
     class TokenValues(torch.nn.Module):
         def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
-            self.offset = torch.nn.Parameter(torch.zeros((), device=model.device))
+            # shape (1,), not (): DeepSpeed cannot broadcast or partition 0-dim parameters
+            self.offset = torch.nn.Parameter(torch.zeros(1, device=model.device))
+            # the centring, set once outside the optimiser (whose master copy a ZeRO engine
+            # would write back over a changed parameter)
+            self.register_buffer("shift", torch.zeros(1, device=model.device))
 
         def forward(self, seq: torch.Tensor, attn: torch.Tensor, ctx: int) -> torch.Tensor:
-            return token_values(self.model, seq, attn, ctx) + self.offset
+            return token_values(self.model, seq, attn, ctx) + self.offset + self.shift
 
     return TokenValues(value_model)
 
@@ -318,6 +327,7 @@ def held_out_scores(
     batch_size: int = 16,
     gold: Scorer | None = None,
     samples: list[dict[str, Any]] | None = None,
+    synced: bool = False,
 ) -> dict[str, float]:
     """Greedy answers to held-out prompts, measured: the proxy `score` (the training reward, if
     a `scorer` is given:
@@ -333,7 +343,8 @@ def held_out_scores(
     stopped: list[bool] = []
     lengths = 0
     for i in range(0, len(held.prompts), batch_size):
-        r = rollout(model, tok, held.prompts[i : i + batch_size], stop_ids, max_new_tokens, 0.0)
+        batch = held.prompts[i : i + batch_size]
+        r = rollout(model, tok, batch, stop_ids, max_new_tokens, 0.0, synced=synced)
         s, p = r.score(scorer, batch_size) if scorer else ([0.0] * len(r.texts), {})
         scores += s
         for k, v in p.items():

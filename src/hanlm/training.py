@@ -3,20 +3,32 @@ into `metrics.jsonl`, with complete-checkpoint marking for resume.
 
 transformers writes a checkpoint's files one after another, so a crash can leave a partial
 `checkpoint-N`. A checkpoint counts as complete only once `on_save` has run for it (we then drop
-the marker `runs.mark_complete` writes); `Run.resume_from` takes the newest complete one.
+the marker `runs.mark_complete` writes, with each file's size and sha256); `Run.resume_from`
+takes the newest complete one. Old checkpoints are pruned by the callback after the new one is
+marked, not by the Trainer (which prunes before `on_save`: a crash in between could leave no
+complete checkpoint, or a half-removed one still marked complete).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from hanlm.compat import reset_accelerator_state
+from hanlm.compat import (
+    load_trainer_checkpoint,
+    reset_accelerator_state,
+    set_trl_token_count,
+    trl_token_count,
+)
 from hanlm.config import LoraConfig, TrainConfig
 from hanlm.modeling import count_parameters, pick_precision
-from hanlm.runs import CHECKPOINTS, Run, mark_complete
+from hanlm.runs import CHECKPOINTS, Run, atomic_write_json, mark_complete, prune_checkpoints
+
+# what hanlm adds to a Trainer checkpoint: counters the libraries do not keep (see `run_trainer`)
+EXTRA_STATE = "hanlm_state.json"
 
 
 def training_args(
@@ -27,6 +39,7 @@ def training_args(
 
     if args_cls is None:
         from transformers import TrainingArguments as args_cls
+    check_launch(cfg, "hanlm STAGE")  # the stages call it first, with their name
     precision = pick_precision(cfg.precision)
     on_cpu = not torch.cuda.is_available()
     if on_cpu and precision != "fp32":
@@ -35,7 +48,7 @@ def training_args(
     # (DefaultFlowCallback), in epoch mode too.
     eval_every = cfg.eval_steps if cfg.eval_steps > 0 else 10**9
     save_every = cfg.save_steps if cfg.save_steps > 0 else None
-    return args_cls(
+    args = args_cls(
         output_dir=str(run_dir / CHECKPOINTS),
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.epochs,
@@ -54,7 +67,7 @@ def training_args(
         eval_steps=eval_every if has_eval else None,
         save_strategy="steps" if save_every else "no",
         save_steps=save_every or 500,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # the metrics callback prunes, once the new one is complete
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=on_cpu,
@@ -62,8 +75,11 @@ def training_args(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=False,
+        deepspeed=cfg.deepspeed or None,  # a JSON path; the Trainer fills its "auto" values
         **extra,
     )
+    check_world(args.world_size, "hanlm STAGE")  # the Trainer's process group is set up by now
+    return args
 
 
 def apply_lora(
@@ -116,6 +132,8 @@ def metrics_callback(run: Run, tokens_per_char: float | None = None) -> Any:
     from transformers import TrainerCallback
 
     class _Metrics(TrainerCallback):
+        trainer: Any = None  # set by `run_trainer`, for what the checkpoint must add
+
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
                 return
@@ -132,9 +150,46 @@ def metrics_callback(run: Run, tokens_per_char: float | None = None) -> Any:
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
+                    tokens = trl_token_count(self.trainer)
+                    if tokens is not None:
+                        atomic_write_json(ckpt / EXTRA_STATE, {"trl_total_train_tokens": tokens})
                     mark_complete(ckpt, state.global_step)
+                    prune_checkpoints(run.dir, run.keep)
 
     return _Metrics()
+
+
+def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, but a checkpoint of the last step
+    (a run killed while saving its final model) takes no further step: transformers would take
+    one more than `max_steps` there (see `compat.load_trainer_checkpoint`). Its weights and
+    state are loaded instead; `training_loss` is then the mean of the logged losses. trl's
+    token count, which trl does not checkpoint, is set back from hanlm's `EXTRA_STATE`."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    for cb in trainer.callback_handler.callbacks:
+        if hasattr(cb, "trainer"):
+            cb.trainer = trainer
+    extra = Path(checkpoint) / EXTRA_STATE if checkpoint else None
+    if extra is not None and extra.is_file():
+        saved = json.loads(extra.read_text(encoding="utf-8"))
+        if "trl_total_train_tokens" in saved:
+            set_trl_token_count(trainer, saved["trl_total_train_tokens"])
+    limit = trainer.args.max_steps
+    sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(
+        trainer, "is_fsdp_enabled", False
+    )
+    if checkpoint is not None and limit > 0 and not sharded:
+        state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        if state.global_step >= limit:
+            load_trainer_checkpoint(trainer, checkpoint)
+            trainer.state = state
+            losses = [h["loss"] for h in state.log_history if "loss" in h]
+            print(f"[hanlm] {checkpoint} is the last step's: no step left to train")
+            mean = sum(losses) / len(losses) if losses else math.nan
+            return TrainOutput(state.global_step, mean, {})
+    return trainer.train(resume_from_checkpoint=checkpoint)
 
 
 # --------------------------------------------------------------------------- hand-written loops
@@ -225,12 +280,57 @@ def loop_accelerator(precision: str, command: str) -> Any:
         mixed_precision=chosen if chosen in ("bf16", "fp16") else "no",
     )
     sharded = acc.distributed_type.name
+    # accelerate's CPU processes may say MULTI_CPU under an FSDP/DeepSpeed launch: its env says
+    sharded = "FSDP" if _env_true("ACCELERATE_USE_FSDP") else sharded
+    sharded = "DEEPSPEED" if _env_true("ACCELERATE_USE_DEEPSPEED") else sharded
     if sharded in ("DEEPSPEED", "FSDP"):
-        raise ValueError(  # generation on sharded weights and two trained models: not handled
-            f"{command} runs data-parallel (DDP) only, not under {sharded}; launch it with"
-            " torchrun or a plain `accelerate launch` config"
+        raise ValueError(  # the loop builds its own DeepSpeed engines (hanlm.distributed)
+            f"{command} does not run under accelerate's {sharded}: launch it with torchrun"
+            " (DDP), and for DeepSpeed ZeRO add train.deepspeed=configs/deepspeed/zero2.json"
         )
+    check_world(acc.num_processes, command)
     return acc
+
+
+def check_launch(train: TrainConfig, command: str) -> None:
+    """Refusals of a Trainer stage's launch that need no model: DeepSpeed or FSDP without a
+    GPU, where accelerate would run undistributed processes that each train a copy."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    via = "accelerate's FSDP" if _env_true("ACCELERATE_USE_FSDP") else ""
+    via = via or ("accelerate's DeepSpeed" if _env_true("ACCELERATE_USE_DEEPSPEED") else "")
+    via = via or (f"train.deepspeed={train.deepspeed}" if train.deepspeed else "")
+    if via:
+        raise ValueError(
+            f"{command} with {via} needs GPUs: on CPU accelerate cannot shard (its processes would"
+            " each train alone). Here launch DDP instead: torchrun --nproc_per_node N -m hanlm.cli"
+            f" {command.split()[-1]} ... without train.deepspeed / the accelerate config (hanlm"
+            " ppo does run ZeRO on CPU)"
+        )
+
+
+def check_world(processes: int, command: str) -> None:
+    """Refuse a process that the launcher counts as one of WORLD_SIZE > 1 but that runs
+    alone (no distributed init: the accelerate CPU traps), rather than train N copies."""
+    import os
+
+    want = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if want > 1 and processes != want:
+        raise ValueError(
+            f"{command}: the launcher started {want} processes (WORLD_SIZE={want}) but this one"
+            f" sees {processes} (no distributed process group), so each would train its own"
+            " copy. Launch with torchrun --nproc_per_node N (on CPU: gloo), or on CPU"
+            " ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N; DeepSpeed"
+            " and FSDP through accelerate need GPUs"
+        )
+
+
+def _env_true(name: str) -> bool:
+    import os
+
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def save_loop(

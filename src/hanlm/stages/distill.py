@@ -52,7 +52,14 @@ from hanlm.data.templates import prompt_ids, render, require_template, stop_toke
 from hanlm.modeling import load_model, load_tokenizer, pad_batch
 from hanlm.rollouts import Messages, prompts_and_references, rollout
 from hanlm.runs import Run, atomic_write_json, atomic_write_text
-from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
+from hanlm.training import (
+    apply_lora,
+    check_launch,
+    describe_trainable,
+    metrics_callback,
+    run_trainer,
+    training_args,
+)
 
 
 @dataclass
@@ -271,6 +278,7 @@ def run(cfg: DistillConfig) -> Path:
     from transformers import set_seed
 
     context = read_context(cfg.context)
+    check_launch(cfg.train, "hanlm distill")  # before anything loads
     with Run("distill", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
@@ -468,7 +476,7 @@ def run(cfg: DistillConfig) -> Path:
             processing_class=tok,
             callbacks=[metrics_callback(run)],
         )
-        result = trainer.train(resume_from_checkpoint=run.resume_from())
+        result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
         # After: the same held-out measures, against the teacher (reloaded if not held).

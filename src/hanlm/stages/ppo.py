@@ -32,12 +32,13 @@ each of the W processes samples and scores its own `rollout_batch` prompts (a gl
 rollout_batch x W, disjoint slices of one shared prompt order); the policy and value models are
 wrapped for DDP, so each optimiser step averages the gradients of all processes once; the score
 shift, advantage whitening, β and the logged metrics use statistics over all processes; only
-the main process evaluates and writes.
+the main process evaluates and writes. With `train.deepspeed=` (torchrun) they are DeepSpeed
+ZeRO-2/3 engines instead (`hanlm.distributed`; the frozen models stay whole in every process);
+under ZeRO-3 generation runs on gathered weights, in step on every process, evaluation too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from hanlm import losses, rollouts, training
+from hanlm import distributed, losses, rollouts, training
 from hanlm.config import (
     ConfigError,
     DataConfig,
@@ -170,6 +171,9 @@ class PPOConfig(OutputConfig):
                 "train.grad_accum must be between 1 and train.batch_size: it splits each"
                 " update's answers into micro-batches"
             )
+        # both need a whole policy outside the engines (the adapter merge; a best policy reloaded)
+        whole = {"lora.enabled=true": self.lora.enabled, "keep_best=gold": self.keep_best == "gold"}
+        distributed.refuse_on_zero3(self.train, "hanlm ppo", whole)
 
 
 # --------------------------------------------------------------------------- the algorithm
@@ -211,6 +215,8 @@ class PPO:
         self.device, self.world = accelerator.device, accelerator.num_processes
         self.rank, self.main = accelerator.process_index, accelerator.is_main_process
         self.micro = math.ceil(cfg.train.batch_size / cfg.train.grad_accum)
+        # DDP, or DeepSpeed engines when train.deepspeed is set (hanlm.distributed)
+        self.engines = distributed.loop_engines(accelerator, cfg.train, self.micro)
 
         # models: policy, reference, value (from the reward model, InstructGPT), reward
         policy = load_model(cfg.model).to(self.device)
@@ -272,15 +278,15 @@ class PPO:
         self.center, self.centered = cfg.center_value, False
 
     def prepare(self) -> None:
-        """DDP wraps what is trained, so that the backward outside `no_sync` averages the
-        gradients of all processes (one process: the models themselves). The unwrapped models
-        serve generation, the no-grad passes, evaluation and saving."""
-        acc = self.acc
-        self.dp_policy, self.dp_values, self.opt_p, self.opt_v = acc.prepare(
-            self.policy, self.values, self.opt_p, self.opt_v
+        """DDP (or DeepSpeed) wraps what is trained, so that an update averages the gradients
+        of all processes (one process: the models themselves). The unwrapped models serve
+        generation, the no-grad passes, evaluation and saving."""
+        wrapped = self.engines.prepare(
+            {"policy": (self.policy, self.opt_p), "value": (self.values, self.opt_v)}
         )
-        self.policy = acc.unwrap_model(self.dp_policy)
-        self.values = acc.unwrap_model(self.dp_values)
+        (self.dp_policy, self.opt_p), (self.dp_values, self.opt_v) = wrapped.values()
+        self.policy = self.engines.unwrap(self.dp_policy)
+        self.values = self.engines.unwrap(self.dp_values)
         self.value = self.values.model
         self.dp_policy.eval()
         self.dp_values.eval()
@@ -297,8 +303,11 @@ class PPO:
         import torch
 
         cfg, acc, mb = self.cfg, self.acc, self.micro
-        # 1. rollout
-        r = rollout(self.policy, self.tok, prompts, self.stops, cfg.max_new_tokens, cfg.temperature)
+        # 1. rollout (under ZeRO-3 on gathered weights: processes stop generating at different
+        # lengths)
+        with self.engines.full_weights(self.dp_policy):
+            how = (cfg.max_new_tokens, cfg.temperature)
+            r = rollout(self.policy, self.tok, prompts, self.stops, *how, self.engines.lockstep)
         # 2. score (the shift: the mean over every process's first rollout)
         raw, parts = r.score(self.scorer, mb)
         if self.score_shift is None:
@@ -329,7 +338,7 @@ class PPO:
             gap = scores - values.gather(1, last[:, None]).squeeze(1)
             gap = acc.gather(gap.double()).mean().float()
             with torch.no_grad():
-                self.values.offset.add_(gap)
+                self.values.shift.add_(gap)
             values = values + gap
             self.centered = True
         # 4. rewards, advantages, returns; the advantages are whitened over all processes'
@@ -358,17 +367,6 @@ class PPO:
 
     # ------------------------------------------------------------------ 5: updates
 
-    def _sync_last(self, model: Any, k: int, count: int) -> Any:
-        """Only the last micro-batch's backward averages the gradients across processes."""
-        return contextlib.nullcontext() if k == count - 1 else self.acc.no_sync(model)
-
-    def _update(self, model: Any, opt_: Any, sched: Any) -> None:
-        if self.cfg.train.max_grad_norm > 0:
-            self.acc.clip_grad_norm_(model.parameters(), self.cfg.train.max_grad_norm)
-        opt_.step()
-        sched.step()  # not prepared: one step per update in every process, as in one
-        opt_.zero_grad(set_to_none=True)
-
     def ppo_step(self, exp: Experience, ptx_train: list[list[int]]) -> dict[str, float]:
         """`ppo_epochs` passes over the rollout in minibatches of train.batch_size answers: the
         clipped policy loss (+ entropy bonus, + ptx), then the clipped value loss; one optimiser
@@ -396,7 +394,7 @@ class PPO:
                             self.ptx_cycle.take(cfg.ptx_batch * self.world), cfg.ptx_batch
                         )
                         blocks = torch.tensor([ptx_train[j] for j in ptx_ids], device=self.device)
-                    with self._sync_last(self.dp_policy, k, len(subs)):
+                    with self.engines.accumulate(self.dp_policy, k, len(subs)):
                         with acc.autocast():
                             logits = answer_logits(self.dp_policy, seq, attn, r.ctx)
                             logits = logits / cfg.temperature
@@ -410,7 +408,7 @@ class PPO:
                                 loss = loss - cfg.entropy_coef * losses.masked_mean(ent, m)
                             ptx_loss = lm_loss(self.dp_policy, blocks) if cfg.ptx_coef > 0 else None
                             loss = losses.ptx_mix(loss, ptx_loss, cfg.ptx_coef)
-                        acc.backward(loss * (len(sub) / len(idx)))
+                        self.engines.backward(self.dp_policy, loss * (len(sub) / len(idx)))
                     for key, val in (
                         ("loss", loss),
                         ("pg_loss", pg_loss),
@@ -420,20 +418,20 @@ class PPO:
                     ):
                         if val is not None:
                             stats.setdefault(key, []).append(float(val.detach()))
-                self._update(self.dp_policy, self.opt_p, self.sched_p)
+                self.engines.update(self.dp_policy, self.opt_p, self.sched_p)
                 # 5b. the value model: clipped value loss
                 for k, sub in enumerate(subs):
                     seq, attn, m = r.seq[sub], r.attn[sub], r.mask[sub]
-                    with self._sync_last(self.dp_values, k, len(subs)):
+                    with self.engines.accumulate(self.dp_values, k, len(subs)):
                         with acc.autocast():
                             v = self.dp_values(seq, attn, r.ctx)
                             vf_loss, vf_clip = losses.clipped_value_loss(
                                 v, exp.old_values[sub], exp.returns[sub], m, cfg.value_clip
                             )
-                        acc.backward(vf_loss * (len(sub) / len(idx)))
+                        self.engines.backward(self.dp_values, vf_loss * (len(sub) / len(idx)))
                     stats.setdefault("value_loss", []).append(float(vf_loss.detach()))
                     stats.setdefault("value_clip_frac", []).append(float(vf_clip.detach()))
-                self._update(self.dp_values, self.opt_v, self.sched_v)
+                self.engines.update(self.dp_values, self.opt_v, self.sched_v)
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     # ------------------------------------------------------------------ 6: measures
@@ -479,15 +477,16 @@ class PPO:
         samples: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
         """Greedy answers to held-out prompts, scored; held-out pretraining loss. On the main
-        process only (nothing in it waits for the others; they wait at their next collective)."""
+        process only (nothing in it waits for the others; they wait at their next collective),
+        or, under ZeRO-3, on every process alike in step (the main one's figures are kept)."""
         import torch
 
         out: dict[str, float] = {}
-        if not self.main:
+        if not (self.main or self.engines.lockstep):
             return out
         if prompts:
-            out.update(
-                rollouts.held_out_scores(
+            with self.engines.full_weights(self.dp_policy):
+                scores = rollouts.held_out_scores(
                     self.policy,
                     self.tok,
                     prompts,
@@ -497,8 +496,9 @@ class PPO:
                     self.micro,
                     gold=self.gold,
                     samples=samples,
+                    synced=self.engines.lockstep,
                 )
-            )
+            out.update(scores)
         if ptx_valid:
             self.policy.eval()
             with torch.no_grad(), self.acc.autocast():
@@ -529,16 +529,16 @@ class PPO:
         schedulers, β, score shift, data positions and every process's random state."""
         modules, stateful = self._checkpointed()
         extra = {"beta": self.beta, "score_shift": self.score_shift, "centered": self.centered}
+        extra["value_shift"] = float(self.values.shift)  # a buffer: not among the trained weights
         keep = self.cfg.train.save_total_limit
-        training.save_loop(
-            run, step, keep, self.acc, modules, stateful, {**extra, "initial": initial}
-        )
+        self.engines.save(run, step, keep, modules, stateful, {**extra, "initial": initial})
 
     def load(self, ckpt: Path) -> dict[str, Any]:
         """Restore a checkpoint written by `save` (before `prepare`); returns its state."""
-        state = training.load_loop(ckpt, self.acc, *self._checkpointed())
+        state = self.engines.load(ckpt, *self._checkpointed())
         self.beta, self.score_shift = state["beta"], state["score_shift"]
         self.centered = state["centered"]
+        self.values.shift.fill_(state.get("value_shift", 0.0))
         return state
 
 
@@ -605,7 +605,7 @@ def run(cfg: PPOConfig) -> Path:
             if main:
                 print(f"[hanlm] before PPO: {_fmt(initial)}")
 
-        metrics: dict[str, Any] = {}
+        metrics: dict[str, Any] = run.logged(start, last=cfg.train.max_steps)  # resumed at the end
         after: list[dict[str, Any]] = []  # the last evaluation's answers
         best_gold, best_step = -math.inf, 0
         for step in range(start + 1, cfg.train.max_steps + 1):
@@ -637,42 +637,44 @@ def run(cfg: PPOConfig) -> Path:
             final_kl=metrics.get("kl"),
             final_score=metrics.get("score"),
         )
-        if world > 1:
-            same = training.weights_equal_across_processes([ppo.policy, ppo.value])
-            summary["weights_equal_across_processes"] = same
-            if main and not same:
-                print("[hanlm] warning: the processes' weights differ", file=sys.stderr)
-        acc.wait_for_everyone()
-        if main:
-            if cfg.keep_best == "gold" and best_step and best_step != cfg.train.max_steps:
-                training.load_trainable(ppo.policy, run.dir / ".best_policy.pt")
-                summary.update(kept_step=best_step, kept_gold_score=best_gold)
-                print(f"[hanlm] keeping the step-{best_step} policy (best gold score)")
-                after.clear()
-                ev = ppo.evaluate(held_out, ptx_valid, samples=after)
-                summary.update({f"eval_{k}": v for k, v in ev.items()})
-            (run.dir / ".best_policy.pt").unlink(missing_ok=True)
-            rollouts.write_samples(run.dir, before, after)
-            summary["warnings"] = warnings_for(
-                _figures(summary, "initial_eval_"), _figures(summary)
-            )
-            for w in summary["warnings"]:
-                print(f"[hanlm] warning: {w}", file=sys.stderr)
-            final = acc.unwrap_model(ppo.dp_policy, keep_fp32_wrapper=False)
-            run.save_model(final, tok, cfg.lora, stops)
-            run.finish(summary)
-            line = (
-                f"[hanlm] ppo: held-out score (the training reward: proxy)"
-                f" {summary.get('initial_eval_score', math.nan):.4f}"
-                f" -> {summary.get('eval_score', math.nan):.4f}"
-            )
-            if "eval_gold_score" in summary:
-                line += (
-                    f"; gold judge {summary.get('initial_eval_gold_score', math.nan):.4f}"
-                    f" -> {summary['eval_gold_score']:.4f}"
+        summary["deepspeed"] = cfg.train.deepspeed or None
+        # ZeRO-3: every process gathers the weights for the check and the save below
+        with ppo.engines.full_weights(ppo.dp_policy, ppo.dp_values):
+            if world > 1:
+                same = training.weights_equal_across_processes([ppo.policy, ppo.value])
+                summary["weights_equal_across_processes"] = same
+                if main and not same:
+                    print("[hanlm] warning: the processes' weights differ", file=sys.stderr)
+            acc.wait_for_everyone()
+            if main:
+                if cfg.keep_best == "gold" and best_step and best_step != cfg.train.max_steps:
+                    training.load_trainable(ppo.policy, run.dir / ".best_policy.pt")
+                    summary.update(kept_step=best_step, kept_gold_score=best_gold)
+                    print(f"[hanlm] keeping the step-{best_step} policy (best gold score)")
+                    after.clear()
+                    ev = ppo.evaluate(held_out, ptx_valid, samples=after)
+                    summary.update({f"eval_{k}": v for k, v in ev.items()})
+                (run.dir / ".best_policy.pt").unlink(missing_ok=True)
+                rollouts.write_samples(run.dir, before, after)
+                summary["warnings"] = warnings_for(
+                    _figures(summary, "initial_eval_"), _figures(summary)
                 )
-            print(line)
-        acc.wait_for_everyone()
+                for w in summary["warnings"]:
+                    print(f"[hanlm] warning: {w}", file=sys.stderr)
+                run.save_model(ppo.engines.final_model(ppo.dp_policy), tok, cfg.lora, stops)
+                run.finish(summary)
+                line = (
+                    f"[hanlm] ppo: held-out score (the training reward: proxy)"
+                    f" {summary.get('initial_eval_score', math.nan):.4f}"
+                    f" -> {summary.get('eval_score', math.nan):.4f}"
+                )
+                if "eval_gold_score" in summary:
+                    line += (
+                        f"; gold judge {summary.get('initial_eval_gold_score', math.nan):.4f}"
+                        f" -> {summary['eval_gold_score']:.4f}"
+                    )
+                print(line)
+            acc.wait_for_everyone()
     return run.dir
 
 

@@ -42,7 +42,14 @@ from hanlm.data.glm import (
 )
 from hanlm.modeling import build_model, load_model, load_tokenizer
 from hanlm.runs import Run
-from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
+from hanlm.training import (
+    apply_lora,
+    check_launch,
+    describe_trainable,
+    metrics_callback,
+    run_trainer,
+    training_args,
+)
 
 
 @dataclass
@@ -247,6 +254,7 @@ def run(cfg: PretrainConfig) -> Path:
     import torch
     from transformers import Trainer, default_data_collator, set_seed
 
+    check_launch(cfg.train, "hanlm pretrain")  # before anything loads
     with Run("pretrain", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.tokenizer or cfg.model.path)
@@ -333,13 +341,14 @@ def run(cfg: PretrainConfig) -> Path:
             callbacks=[metrics_callback(run, tokens_per_char)],
         )
         checkpoint = run.resume_from()
-        summary: dict[str, Any] = dict(params)
-        if valid_ds is not None and checkpoint is None:
+        summary: dict[str, Any] = {**params, **run.initial}  # initial: kept across a resume
+        if valid_ds is not None and not run.initial:
             first = trainer.evaluate()  # the starting point the report compares against
             summary["initial_eval_loss"] = first["eval_loss"]
             if tokens_per_char:
                 summary["initial_eval_bpc"] = first["eval_loss"] * tokens_per_char / math.log(2)
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+            run.record_initial(summary)
+        result = run_trainer(trainer, checkpoint)
         summary["train_loss"] = result.training_loss
         summary["steps"] = result.global_step
         if valid_ds is not None:

@@ -38,7 +38,14 @@ from hanlm.losses import kendall_tau, ranked_ranking_loss
 from hanlm.modeling import load_tokenizer
 from hanlm.rewards import load_reward_model, score_conversations, score_ids, trained_max_length
 from hanlm.runs import Run, atomic_write_text
-from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
+from hanlm.training import (
+    apply_lora,
+    check_launch,
+    describe_trainable,
+    metrics_callback,
+    run_trainer,
+    training_args,
+)
 
 
 @dataclass
@@ -146,6 +153,7 @@ def run(cfg: RewardConfig) -> Path:
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
+    check_launch(cfg.train, "hanlm reward")  # before anything loads
     with Run("reward", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
@@ -186,10 +194,11 @@ def run(cfg: RewardConfig) -> Path:
             model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=True)
         model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token
 
-        summary: dict[str, Any] = {"template_tokens_added": added}
-        if eval_rows and not cfg.resume:
+        summary: dict[str, Any] = {"template_tokens_added": added, **run.initial}
+        if eval_rows and not run.initial:  # measured once, kept across a resume
             before = pair_metrics(model, eval_rows, tok.pad_token_id, cfg.train.batch_size)
             summary.update({f"initial_{k}": v for k, v in before.items()})
+            run.record_initial(summary)
             print(
                 f"[hanlm] before: held-out accuracy {before['accuracy']:.3f},"
                 f" reward gap {before['reward_gap']:.4f}"
@@ -219,7 +228,7 @@ def run(cfg: RewardConfig) -> Path:
             processing_class=tok,
             callbacks=[metrics_callback(run)],
         )
-        result = trainer.train(resume_from_checkpoint=run.resume_from())
+        result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
         model = run.save_model(trainer.model, tok, cfg.lora)
@@ -343,9 +352,11 @@ def _train_ranked(cfg: RewardConfig, run: Run, tok: Any, added: list[str], data:
     pad = tok.pad_token_id
 
     summary: dict[str, Any] = {"template_tokens_added": added, "loss": "ranked (InstructGPT)"}
-    if eval_rows and not cfg.resume:
+    summary.update(run.initial)
+    if eval_rows and not run.initial:  # measured once, kept across a resume
         before = ranked_metrics(model, eval_rows, pad, cfg.train.batch_size)
         summary.update({f"initial_{k}": v for k, v in before.items()})
+        run.record_initial(summary)
         print(
             f"[hanlm] before: held-out pair accuracy {before['accuracy']:.3f},"
             f" Kendall τ {before['kendall_tau']:.3f}"
@@ -384,7 +395,7 @@ def _train_ranked(cfg: RewardConfig, run: Run, tok: Any, added: list[str], data:
         processing_class=tok,
         callbacks=[metrics_callback(run)],
     )
-    result = trainer.train(resume_from_checkpoint=run.resume_from())
+    result = run_trainer(trainer, run.resume_from())
     summary.update(train_loss=result.training_loss, steps=result.global_step)
 
     model = run.save_model(trainer.model, tok, cfg.lora)

@@ -25,6 +25,7 @@ from hanlm.config import (
     TemplateName,
     TrainConfig,
     opt,
+    zero_stage,
 )
 from hanlm.data import load, or_demo, to_dataset
 from hanlm.data.formats import split_last_answer
@@ -32,7 +33,14 @@ from hanlm.data.templates import apply_template, render, stop_token_ids
 from hanlm.infer.engine import GenerationOptions, generate
 from hanlm.modeling import load_model, load_tokenizer, pad_batch
 from hanlm.runs import Run, atomic_write_text
-from hanlm.training import apply_lora, describe_trainable, metrics_callback, training_args
+from hanlm.training import (
+    apply_lora,
+    check_launch,
+    describe_trainable,
+    metrics_callback,
+    run_trainer,
+    training_args,
+)
 
 
 @dataclass
@@ -69,6 +77,13 @@ class SFTConfig(OutputConfig):
         if self.quantize == "4bit" and not self.lora.enabled:
             raise ConfigError(
                 "quantize=4bit trains LoRA adapters on a frozen 4-bit model: set lora.enabled=true"
+            )
+        if self.quantize == "4bit" and zero_stage(self.train) == 3:
+            # ZeRO-3 partitions weights of one storage dtype; hanlm's 4-bit load keeps uint8
+            # storage (no bnb_4bit_quant_storage), which ZeRO-3 cannot shard with the rest.
+            raise ConfigError(
+                f"quantize=4bit (QLoRA) with ZeRO-3 ({self.train.deepspeed}) cannot work here: use"
+                " configs/deepspeed/zero2.json, or LoRA without quantize on ZeRO-3"
             )
         if self.max_length < 2:
             raise ConfigError("max_length must be at least 2 tokens")
@@ -177,6 +192,7 @@ def run(cfg: SFTConfig) -> Path:
             "quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on this machine use"
             " lora.enabled=true without quantize, or full fine-tuning"
         )
+    check_launch(cfg.train, "hanlm sft")  # before anything loads
     with Run("sft", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
@@ -212,12 +228,13 @@ def run(cfg: SFTConfig) -> Path:
             model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=True)
         model.config.pad_token_id = tok.pad_token_id
 
-        summary: dict[str, Any] = {"template_tokens_added": added}
+        summary: dict[str, Any] = {"template_tokens_added": added, **run.initial}
         valid_eval = data.valid[: cfg.eval_prompts]
-        if valid_rows and not cfg.resume:
+        if valid_rows and not run.initial:  # measured once, kept across a resume
             summary["initial_answer_loss"] = answer_loss(model, valid_rows)
             before = held_out_answers(model, tok, valid_eval, cfg.generation)
             summary["initial_stop_rate"] = sum(a["stopped"] for a in before) / max(len(before), 1)
+            run.record_initial(summary)
             print(
                 f"[hanlm] before SFT: answer loss {summary['initial_answer_loss']:.4f},"
                 f" stop rate {summary['initial_stop_rate']:.2%}"
@@ -255,7 +272,7 @@ def run(cfg: SFTConfig) -> Path:
             processing_class=tok,
             callbacks=[metrics_callback(run)],
         )
-        result = trainer.train(resume_from_checkpoint=run.resume_from())
+        result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
 
         # The stop tokens travel with the model: chat, the API, transformers and vLLM read them.

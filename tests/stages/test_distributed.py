@@ -1,0 +1,231 @@
+"""hanlm ppo on DeepSpeed ZeRO-2/3 and multi-node launches, on CPU with gloo (issue 17).
+
+ZeRO-2 and ZeRO-3 (`train.deepspeed=`) give the metrics of the DDP path (fp32, 2 processes),
+the same weights in both processes, and a resume that repeats the interrupted step exactly.
+Two `torchrun --nnodes 2` launches on 127.0.0.1 (one process each, c10d rendezvous) train as
+one job: `pretrain` gives the losses of one process with the same global batch; `ppo` those of
+the same two processes launched on one node (each process samples with its own seed, so PPO
+has no one-process twin)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_alignment
+import test_pretrain
+
+from hanlm.runs import read_metrics, read_run
+
+# the sibling modules' data fixtures, shared rather than copied
+pref, corpus, tok_dir = test_alignment.pref, test_pretrain.corpus, test_pretrain.tok_dir
+POEMS, _data = test_alignment.POEMS, test_alignment._data
+
+ROOT = Path(__file__).resolve().parents[2]
+DS = ROOT / "configs" / "deepspeed"
+COMPARED = ("loss", "pg_loss", "ptx_loss", "value_loss", "kl", "score", "entropy", "approx_kl")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _torchrun(launch, command, argv):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "hanlm.cli"]
+    return subprocess.Popen(
+        [*cmd, command, *argv],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait(*procs, timeout=300):
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+        outs.append(out + err)
+    return outs
+
+
+def _two_nodes(command, argv):
+    """Two launches as two nodes of one job: one process each, rendezvous on 127.0.0.1."""
+    port = _free_port()
+    procs = [
+        _torchrun(
+            [
+                *("--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1"),
+                *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"),
+            ],
+            command,
+            argv,
+        )
+        for rank in (0, 1)
+    ]
+    return _wait(*procs)
+
+
+def _ppo_argv(model, pref, out, *extra):
+    return [
+        f"model.path={model}",
+        *_data(pref),
+        f"ptx_data.paths=[{pref / 'ptx.jsonl'}]",
+        "rules.funcs=[token_share]",
+        f"rules.target={POEMS}",
+        "max_new_tokens=6",
+        "rollout_batch=4",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "ppo_epochs=1",
+        "ptx_coef=1.0",
+        "ptx_block=16",
+        "ptx_batch=2",
+        "kl_target=1.0",
+        "train.lr=1e-3",
+        "train.max_steps=3",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "eval_prompts=4",
+        "eval_ptx_blocks=0",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
+def _ppo_2proc(model, pref, out, *extra):
+    launch = ["--standalone", "--nproc_per_node", "2"]
+    return _wait(_torchrun(launch, "ppo", _ppo_argv(model, pref, out, *extra)))[0]
+
+
+def _rows(out):
+    return {r["step"]: r for r in read_metrics(out) if "loss" in r}
+
+
+def _assert_same_metrics(a, b, rel=1e-5, abs_=1e-6):
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        for key in COMPARED:
+            if key in a[step]:
+                assert b[step][key] == pytest.approx(a[step][key], rel=rel, abs=abs_), (step, key)
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def test_one_process_on_zero2_equals_the_plain_loop(tmp_path, tiny_model_path, pref):
+    """Fast: one process without torchrun (DeepSpeed gets a group of one), in a subprocess so
+    this one keeps no process group; the engine's micro-batch boundaries, loss scaling, clipping
+    and steps give the plain loop's figures."""
+    pytest.importorskip("deepspeed")
+    from hanlm import cli
+
+    plain, zero = tmp_path / "plain", tmp_path / "zero2"
+    fast = ["train.max_steps=2", "train.save_steps=0", "train.eval_steps=0", "eval_prompts=0"]
+    assert cli.main(["ppo", *_ppo_argv(tiny_model_path, pref, plain, *fast)]) == 0
+    ds = f"train.deepspeed={DS / 'zero2.json'}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "hanlm.cli",
+        "ppo",
+        *_ppo_argv(tiny_model_path, pref, zero, *fast, ds),
+    ]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _rows(plain), _rows(zero)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        for key in COMPARED:
+            if key in a[step]:
+                assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+@pytest.fixture(scope="module")
+def ddp_ppo(tmp_path_factory, tiny_model_path, pref):
+    out = tmp_path_factory.mktemp("ddp") / "ppo"
+    _ppo_2proc(tiny_model_path, pref, out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_ppo_on_deepspeed_equals_ddp_and_resumes_exactly(
+    tmp_path,
+    tiny_model_path,
+    pref,
+    ddp_ppo,
+    zero,
+):
+    import torch
+
+    pytest.importorskip("deepspeed")
+    out = tmp_path / zero
+    ds = f"train.deepspeed={DS / f'{zero}.json'}"
+    _ppo_2proc(tiny_model_path, pref, out, ds)
+    s = read_run(out)["summary"]
+    assert s["deepspeed"].endswith(f"{zero}.json") and s["world_size"] == 2
+    assert s["weights_equal_across_processes"] is True
+    _assert_same_metrics(_rows(ddp_ppo), _rows(out))
+    mine, ddp = _weights(out), _weights(ddp_ppo)
+    assert mine.keys() == ddp.keys()
+    for name in ddp:  # the saved policy: ZeRO-3's gathered from its partitions
+        assert torch.allclose(mine[name], ddp[name], rtol=1e-4, atol=1e-6), name
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "hanlm-complete").is_file() and (ckpt / "policy").is_dir()
+
+    # resume from step 2 (engine states + the loop's state.pt) repeats step 3 exactly
+    first = _rows(out)[3]
+    _ppo_2proc(tiny_model_path, pref, out, ds, "resume=true")
+    again = [r for r in read_metrics(out) if r["step"] == 3 and "loss" in r]
+    assert len(again) == 2
+    for key in COMPARED:
+        if key in first:
+            assert again[1][key] == pytest.approx(first[key], rel=1e-6, abs=1e-8), key
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_as_one_job(
+    tmp_path, corpus, tok_dir, tiny_model_path, pref, ddp_ppo
+):
+    common = [
+        f"tokenizer={tok_dir}",
+        "preset=test",
+        f"data.paths=[{corpus}]",
+        "block_size=32",
+        "train.max_steps=4",
+        "train.eval_steps=0",
+        "train.logging_steps=1",
+        "train.lr=3e-3",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    one = tmp_path / "one"
+    launch = ["--standalone", "--nproc_per_node", "1"]
+    _wait(_torchrun(launch, "pretrain", [*common, "train.batch_size=4", f"output_dir={one}"]))
+    two = tmp_path / "two"
+    logs = _two_nodes("pretrain", [*common, "train.batch_size=2", f"output_dir={two}"])
+    assert sum(log.count("hanlm pretrain: done ->") for log in logs) == 1  # one job, one writer
+    a = [r["loss"] for r in read_metrics(one) if "loss" in r]
+    b = [r["loss"] for r in read_metrics(two) if "loss" in r]
+    assert len(a) == len(b) == 4 and b == pytest.approx(a, rel=1e-5)
+
+    out = tmp_path / "ppo"
+    logs = _two_nodes("ppo", _ppo_argv(tiny_model_path, pref, out))
+    assert sum(log.count("hanlm ppo: done ->") for log in logs) == 1
+    s = read_run(out)["summary"]
+    assert s["world_size"] == 2 and s["weights_equal_across_processes"] is True
+    _assert_same_metrics(_rows(ddp_ppo), _rows(out))
+    assert json.loads((out / "hanlm.json").read_text())["status"] == "complete"
