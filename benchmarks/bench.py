@@ -374,9 +374,17 @@ def sft_pair(model: str, path: Path, data: Path, size: dict[str, Any]) -> Pair:
             args += ["lora.enabled=true", f"lora.r={lora}", f"lora.alpha={2 * lora}"]
         return hanlm(*args)
 
+    # hanlm's ChatML with trl's {% generation %} markers, for both sides: the same tokens and
+    # answer masks (SmolLM2's own template has no markers, and adds a default system prompt)
+    from hanlm.data.templates import TEMPLATES
+
+    template = data.parent / "chatml.jinja"
+    template.write_text(TEMPLATES["chatml"].jinja, encoding="utf-8")
+
     def theirs(d: Path) -> list[str]:
         return py(
             "trl_sft.py",
+            f"--chat-template={template}",
             f"--model={path}",
             f"--data={data}",
             f"--output-dir={d / 'out'}",
@@ -414,7 +422,7 @@ def dpo_pairs(model: str, path: Path, data: Path, size: dict[str, Any], work: Pa
     """Seconds per epoch (trainer set-up, where trl's reference pass runs, plus training)
     without the cache, against a cold cache (first run) and a warm one (a second run on the
     same data)."""
-    cache_warm = work / f"dpo-cache-{model}"
+    cache_warm = work / f"dpo-cache-{model}-{size['pairs']}-{size['max_length']}"
 
     def cmd(precompute: bool, cache: Callable[[Path], Path] | None) -> Callable[[Path], list]:
         def make(d: Path) -> list[str]:
@@ -435,6 +443,9 @@ def dpo_pairs(model: str, path: Path, data: Path, size: dict[str, Any], work: Pa
                 f"precompute_ref={str(precompute).lower()}",
                 f"output_dir={d / 'out'}",
             ]
+            if size.get("lora_r"):  # the reference is then the model with its adapter off
+                r = size["lora_r"]
+                args += ["lora.enabled=true", f"lora.r={r}", f"lora.alpha={2 * r}"]
             if cache:
                 args.append(f"ref_cache_dir={cache(d)}")
             return hanlm(*args)
@@ -452,7 +463,7 @@ def dpo_pairs(model: str, path: Path, data: Path, size: dict[str, Any], work: Pa
         }
 
     # fill the warm cache once, untimed
-    warm_fill = work / f"dpo-fill-{model}"
+    warm_fill = work / f"dpo-fill-{model}-{size['pairs']}-{size['max_length']}"
     if not cache_warm.exists():
         log(f"dpo / {model}: filling the reference cache once")
         warm_fill.mkdir(parents=True, exist_ok=True)
@@ -501,7 +512,7 @@ def eval_pair(model: str, path: Path, size: dict[str, Any], work: Path) -> Pair:
             f"output_dir={d / 'out'}",
         )
 
-    prep = work / f"eval-prompts-{model}"
+    prep = work / f"eval-prompts-{model}-{limit}x{shots}-{OPTS['precision']}"  # per item set
     if not (prep / "docs.jsonl").exists():
         log(f"eval / {model}: writing hanlm's prompts for lm-eval (one untimed hanlm eval)")
         prep.mkdir(parents=True, exist_ok=True)
@@ -734,6 +745,11 @@ def main() -> None:
     )
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "hanlm-bench"))
     ap.add_argument("--out", default="", help="results path without suffix (default results/bench)")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other pairs of an existing --out file and replace only those measured now",
+    )
     args = ap.parse_args()
 
     OPTS["precision"] = args.precision
@@ -754,23 +770,31 @@ def main() -> None:
         data / "sft.jsonl",
         [{"messages": r["messages"]} for r in read_jsonl(ASSETS / "sft.train.jsonl.gz", 400)],
     )
-    prefs = read_jsonl(ASSETS / "preference.train.jsonl.gz", 96)
-    pref = write_jsonl(data / "pref.jsonl", prefs)
-
     q = args.quick
-    sizes = {  # sized so that the full run takes ~30 minutes on 2 cores
+    sizes = {  # sized so that the full run takes ~40 minutes on a quiet 2-core CPU
         "demo": {
-            "pretrain": {"steps": 10 if q else 20, "batch": 8, "block": 256, "lr": 1e-3},
-            "sft": {"steps": 6 if q else 12, "batch": 8, "lr": 2e-5, "max_length": 256},
-            "dpo": {"batch": 8, "max_length": 256},
+            "pretrain": {"steps": 10 if q else 100, "batch": 8, "block": 256, "lr": 1e-3},
+            "sft": {"steps": 6 if q else 40, "batch": 8, "lr": 2e-5, "max_length": 256},
+            "dpo": {"pairs": 96 if q else 384, "batch": 8, "max_length": 256},
             "eval": {"limit": 20 if q else 40, "shots": 5, "batch": 8},
         },
         "smollm2": {
-            "pretrain": {"steps": 6, "batch": 4, "block": 128, "lr": 5e-4, "lora_r": 16},
-            "sft": {"steps": 6, "batch": 4, "lr": 5e-4, "max_length": 256, "lora_r": 16},
+            "pretrain": {"steps": 12, "batch": 4, "block": 128, "lr": 5e-4, "lora_r": 16},
+            # 512: no conversation is truncated (34 of 400 exceed 256 tokens with SmolLM2's
+            # tokenizer, and hanlm's truncate_history and trl's right cut then differ)
+            "sft": {"steps": 12, "batch": 4, "lr": 5e-4, "max_length": 512, "lora_r": 16},
+            "dpo": {"pairs": 64, "batch": 4, "max_length": 128, "lora_r": 16},
             "eval": {"limit": 10, "shots": 5, "batch": 4},
         },
     }
+    pref = {  # one file per size: the reference cache is keyed on the data
+        name: write_jsonl(
+            data / f"pref-{name}.jsonl",
+            read_jsonl(ASSETS / "preference.train.jsonl.gz", size["dpo"]["pairs"]),
+        )
+        for name, size in sizes.items()
+    }
+
     for size in sizes["smollm2"].values():
         size["tol"] = 2e-2  # LoRA's random A matrices are drawn after different amounts of RNG use
     results: list[dict[str, Any]] = []
@@ -779,28 +803,43 @@ def main() -> None:
         args.out or ROOT / "benchmarks" / "results" / ("bench-quick" if args.quick else "bench")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
+    kept: list[dict[str, Any]] = []  # --update: pairs of the earlier run not measured again
+    command = " ".join(["python benchmarks/bench.py", *sys.argv[1:]])
+    commands, earlier_s = [command], 0.0
+    serve_out = out.parent / ("serve-quick" if args.quick else "serve")
+    if args.update and out.with_suffix(".json").is_file():
+        before = json.loads(out.with_suffix(".json").read_text())
+        kept, commands = before["pairs"], [*before["meta"].get("commands", []), command]
+        earlier_s = before["meta"]["seconds"]
+        extra.update({k: v for k, v in before.items() if k not in ("meta", "pairs")})
 
     def save() -> None:
+        now = {(r["section"], r["model"]): r for r in results}
+        old = {(r["section"], r["model"]) for r in kept}
+        pairs = [now.get((r["section"], r["model"]), r) for r in kept]  # in place, in order
+        pairs += [r for r in results if (r["section"], r["model"]) not in old]
         meta = {
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "command": "python benchmarks/bench.py" + (" --quick" if args.quick else ""),
+            "command": command,
+            "commands": commands,
             "rounds": rounds,
             "matmul_peak": peak,
-            "seconds": round(time.time() - t_start, 1),
+            "seconds": round(earlier_s + time.time() - t_start, 1),  # all commands
         }
         out.with_suffix(".json").write_text(
-            json.dumps({"meta": meta, "pairs": results, **extra}, indent=1, ensure_ascii=False)
+            json.dumps({"meta": meta, "pairs": pairs, **extra}, indent=1, ensure_ascii=False)
         )
         lines = [
-            f"# make bench — {meta['date']}, {meta['machine']}, `{meta['command']}`",
+            f"# make bench — {meta['date']}, {meta['machine']}, "
+            + ", then ".join(f"`{c}`" for c in commands),
             "",
-            f"{rounds} round(s) per pair, each side a separate process, alternating; the ratio"
+            "Each side a separate process, alternating, the rounds' ratios in brackets; the ratio"
             " is hanlm over the peer (for times: the peer's time over hanlm's), median of the"
             f" rounds. Matmul peak (2048², one process): {peak['fp32_gflops']} GFLOP/s fp32,"
             f" {peak['bf16_gflops']} GFLOP/s bf16. Whole run {meta['seconds']:.0f} s.",
             "",
-            *table(results, peak),
+            *table(pairs, peak),
         ]
         if "tokens_per_char" in extra:
             lines += ["", "Tokens per Chinese character, held-out Chinese text:", ""]
@@ -820,7 +859,7 @@ def main() -> None:
         if "sft" in args.only:
             pairs.append(sft_pair(name, path, sft, size["sft"]))
         if "dpo" in args.only and "dpo" in size:
-            pairs += dpo_pairs(name, path, pref, size["dpo"], work)
+            pairs += dpo_pairs(name, path, pref[name], size["dpo"], work)
         if "eval" in args.only:
             pairs.append(eval_pair(name, path, size["eval"], work))
         if "tokenize" in args.only and name == "demo":  # the same code path for any tokenizer
@@ -845,7 +884,6 @@ def main() -> None:
     if "serve" in args.only:
         targets = [str(models["demo"])] + ([SMOLLM2] if "smollm2" in names else [])
         cmd = [sys.executable, str(ROOT / "benchmarks" / "serve.py"), *targets]
-        serve_out = out.parent / ("serve-quick" if args.quick else "serve")
         cmd += ["--out", str(serve_out)]
         if args.quick:
             cmd += ["--rounds", "1", "--soak", "10", "--clients", "8"]

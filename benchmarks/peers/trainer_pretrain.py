@@ -59,10 +59,25 @@ def main() -> None:
         stream = [t for ids in batch["input_ids"] for t in ids]
         bs = args.block_size
         blocks = [stream[i : i + bs] for i in range(0, len(stream), bs)]
-        blocks = [b + [tok.pad_token_id] * (bs - len(b)) for b in blocks if len(b) >= 2]
+        blocks = [b + [pad_id] * (bs - len(b)) for b in blocks if len(b) >= 2]
         return {"input_ids": blocks}
 
     ds = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
+    collate_tok = tok
+    if tok.pad_token_id == tok.eos_token_id:
+        # DataCollatorForLanguageModeling ignores every label equal to the pad id: with pad = EOS
+        # (SmolLM2) every document end would leave the loss, which hanlm (and run_clm.py) train
+        # on. The collator gets a copy whose pad is a special token the corpus never contains.
+        import copy
+        import itertools
+
+        used = set(itertools.chain.from_iterable(ds["input_ids"]))
+        spare = [i for i in tok.all_special_ids if i not in used]
+        if not spare:
+            raise SystemExit("no special token is free to pad with; give the tokenizer a pad")
+        collate_tok = copy.deepcopy(tok)
+        collate_tok.pad_token = tok.convert_ids_to_tokens(spare[0])
+    pad_id = collate_tok.pad_token_id
     ds = ds.map(group_texts, batched=True, batch_size=len(ds))  # one group: one token stream
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -108,7 +123,7 @@ def main() -> None:
             dataloader_num_workers=0,
         ),
         train_dataset=ds,
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        data_collator=DataCollatorForLanguageModeling(collate_tok, mlm=False),
         callbacks=[Losses()],
     )
     t0 = time.time()

@@ -27,6 +27,12 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=0, help="0 = full fine-tuning")
     ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (a GPU)")
+    ap.add_argument(
+        "--chat-template",
+        default="",
+        help="a Jinja file with {% generation %} markers, for a tokenizer whose own template has"
+        " none (trl refuses assistant_only_loss then, e.g. SmolLM2's)",
+    )
     args = ap.parse_args()
 
     import datasets
@@ -36,6 +42,10 @@ def main() -> None:
 
     set_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.model)
+    if args.chat_template:
+        from pathlib import Path
+
+        tok.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
     ds = datasets.load_dataset("json", data_files=args.data, split="train")
     ds = ds.select_columns(["messages"])
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

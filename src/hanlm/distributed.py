@@ -8,10 +8,21 @@ names a config. The loop calls the same few methods either way:
   full_weights(*ms)       all weights whole inside (ZeRO-3 gathers them and lifts the per-layer
                           fetch hooks; its forward passes must still run in step, `lockstep`)
   save / load             a complete checkpoint (`runs.Run.checkpoint`, marker and all)
+  freeze(how, ref, ...)   the frozen models as the loop calls them (below); describe() for
+                          the summary: the weights of theirs each process stores
 
 accelerate stays the loop's process group and collectives in both cases (gather, reduce, the
 main process); DeepSpeed joins the group accelerate initialised (gloo on CPU, NCCL on GPUs).
-The frozen models (reference, reward) are not DeepSpeed's: each process keeps a full copy.
+
+The frozen models (the reference, the reward models that score, the gold judge) are held as the
+stage's `frozen` says, through `freeze`: `replicate` (the default) keeps a whole copy in each
+process; `partition` (ZeRO-3 only) makes each an inference-only ZeRO-3 engine
+(`deepspeed.initialize` without an optimiser, with the run's config, as OpenRLHF does), so each
+process stores 1/W of its weights and every forward gathers them layer by layer: a collective
+that all processes must call alike. The loop scores and takes reference log-probs in the same
+number of micro-batches on every process, and under ZeRO-3 evaluates on every process
+(`lockstep`). Each frozen model still loads whole before it is partitioned: the saving holds for
+the run, not for the peak while loading.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ class DDPLoop:
 
     def __init__(self, acc: Any, train: TrainConfig) -> None:
         self.acc, self.train = acc, train
+        self._frozen: tuple[str, list[Any]] = ("replicate", [])  # how, the frozen models
 
     def prepare(self, models: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
         """{name: (model, optimiser)} -> {name: (wrapped model, wrapped optimiser)}."""
@@ -67,6 +79,38 @@ class DDPLoop:
     @contextlib.contextmanager
     def full_weights(self, *wrapped: Any) -> Iterator[None]:
         yield
+
+    def frozen(self, model: Any) -> Any:
+        """A frozen model for inference: here the model itself, whole in each process."""
+        return model
+
+    def freeze(self, how: str, ref_model: Any, *scorers: Any) -> Any:
+        """The frozen models as the loop will call them: `replicate` leaves them whole;
+        `partition` swaps the reference and each scorer's reward models (a `hanlm.rewards.Scorer`
+        or None) for `frozen(model)`. Returns the reference (None stays None)."""
+        wrap = self.frozen if how == "partition" else (lambda model: model)
+        ref_model = None if ref_model is None else wrap(ref_model)
+        for scorer in [s for s in scorers if s is not None]:
+            scorer.map_models(wrap)
+        models = [m for s in scorers if s is not None for m, *_ in s.models]
+        self._frozen = (how, [m for m in [ref_model, *models] if m is not None])
+        return ref_model
+
+    def describe(self) -> dict[str, Any]:
+        """For the run's summary (a collective: every process calls it): the DeepSpeed config,
+        and the frozen models' weights: their total and the number each process stores (a
+        partitioned ZeRO-3 parameter counts its own partition, and itself while gathered)."""
+        from accelerate.utils import gather_object
+
+        how, models = self._frozen
+        params = [p for m in models for p in m.parameters()]
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        held = sum(
+            p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in params
+        )
+        frozen = {"mode": how, "models": len(models), "weights": total}
+        frozen["held_per_process"] = gather_object([held])
+        return {"deepspeed": self.train.deepspeed or None, "frozen_models": frozen}
 
     def save(
         self,
@@ -164,6 +208,19 @@ class DeepSpeedLoop(DDPLoop):
                 stack.enter_context(unwrap_model_for_generation(engine))
             yield
 
+    def frozen(self, model: Any) -> Any:
+        """ZeRO-3: the frozen model as an inference-only engine, partitioned across the
+        processes (`deepspeed.initialize` without an optimiser builds DeepSpeed's parameter
+        manager alone); the run's config, its batch keys too, and its
+        `stage3_param_persistence_threshold` (smaller tensors stay whole in each process)."""
+        import deepspeed
+
+        if self.stage != 3:
+            raise ConfigError(f"frozen=partition needs ZeRO-3, {self.train.deepspeed} is not")
+        engine, *_ = deepspeed.initialize(model=model, config=dict(self.config))
+        engine.eval()  # (returns None)
+        return engine
+
     def save(
         self,
         run: Run,
@@ -222,6 +279,24 @@ def refuse_on_zero3(train: TrainConfig, command: str, needs_whole: dict[str, boo
         raise ConfigError(
             f"{bad[0]} with ZeRO-3 ({train.deepspeed}) is not supported by {command}: use"
             " configs/deepspeed/zero2.json (ZeRO-2 shards the optimiser state and gradients)"
+        )
+
+
+FROZEN_HELP = (
+    "the frozen reference and reward models: replicate = whole in each process; partition ="
+    " inference-only ZeRO-3 engines, each process stores 1/W of their weights and every forward"
+    " gathers them (less memory, more communication; needs train.deepspeed with ZeRO stage 3)"
+)
+
+
+def check_frozen(train: TrainConfig, frozen: str) -> None:
+    """`frozen=partition` needs ZeRO-3 engines (before anything loads)."""
+    if frozen == "partition" and zero_stage(train) != 3:
+        now = f" ({train.deepspeed} is ZeRO stage {zero_stage(train)})" if train.deepspeed else ""
+        raise ConfigError(
+            f"frozen=partition needs DeepSpeed ZeRO-3{now}: set"
+            " train.deepspeed=configs/deepspeed/zero3.json and launch with torchrun, or"
+            " frozen=replicate"
         )
 
 

@@ -331,6 +331,10 @@ class Scorer:
         fns = build_rules(rules, tok, stop_ids)
         return cls(models, fns, rules.weights, missing_stop_penalty)
 
+    def map_models(self, fn: Callable[[Any], Any]) -> None:
+        """Replace each reward model by `fn(model)` (e.g. an inference engine that calls it)."""
+        self.models = [(fn(rm), tok, w, n) for rm, tok, w, n in self.models]
+
     def __call__(
         self,
         prompts: list[list[dict[str, str]]],

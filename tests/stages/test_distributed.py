@@ -2,6 +2,9 @@
 
 ZeRO-2 and ZeRO-3 (`train.deepspeed=`) give the metrics of the DDP path (fp32, 2 processes),
 the same weights in both processes, and a resume that repeats the interrupted step exactly.
+`frozen=partition` (ZeRO-3 only) holds the reference, reward and gold models as inference-only
+ZeRO-3 engines: each process stores half their weights, and the run's figures are those of the
+replicated frozen models.
 Two `torchrun --nnodes 2` launches on 127.0.0.1 (one process each, c10d rendezvous) train as
 one job: `pretrain` gives the losses of one process with the same global batch; `ppo` those of
 the same two processes launched on one node (each process samples with its own seed, so PPO
@@ -229,3 +232,66 @@ def test_two_nodes_on_one_machine_train_as_one_job(
     assert s["world_size"] == 2 and s["weights_equal_across_processes"] is True
     _assert_same_metrics(_rows(ddp_ppo), _rows(out))
     assert json.loads((out / "hanlm.json").read_text())["status"] == "complete"
+
+
+def test_partitioned_frozen_models_without_zero3_are_refused_before_loading(tmp_path, capsys):
+    """Fast: `frozen=partition` needs ZeRO-3 engines; said at the config, with the fix."""
+    pytest.importorskip("deepspeed")
+    from hanlm import cli
+    from hanlm.config import ConfigError, load_config
+    from hanlm.stages.ppo import PPOConfig
+
+    base = [f"model.path={tmp_path / 'no-model'}", f"output_dir={tmp_path / 'out'}"]
+    argv = ["ppo", *base, "frozen=partition"]
+    assert cli.main(argv) == 2  # a config error: nothing loaded (the model does not exist)
+    err = capsys.readouterr().err
+    assert "frozen=partition needs DeepSpeed ZeRO-3" in err
+    assert "train.deepspeed=configs/deepspeed/zero3.json" in err and "frozen=replicate" in err
+    with pytest.raises(ConfigError, match=r"zero2\.json is ZeRO stage 2\): set train\.deepspeed="):
+        load_config(
+            PPOConfig, None, [*base, "frozen=partition", f"train.deepspeed={DS / 'zero2.json'}"]
+        )
+    zero3 = f"train.deepspeed={DS / 'zero3.json'}"
+    assert load_config(PPOConfig, None, [*base, "frozen=partition", zero3]).frozen == "partition"
+    assert load_config(PPOConfig, None, base).frozen == "replicate"  # the default
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_partitioned_frozen_models_give_the_replicated_figures(tmp_path, tiny_model_path, pref):
+    """ZeRO-3 with a reward model and a gold judge (the tiny model with a seeded score head) and
+    the reference: `frozen=partition` gives the figures of `frozen=replicate` (training, scores
+    and evaluations), while each of the 2 processes stores half the frozen weights rather than
+    all of them. The DeepSpeed file is zero3.json with no persistence threshold, so that the tiny
+    model's small tensors are partitioned too (the default keeps tensors under 1e5 whole)."""
+    pytest.importorskip("deepspeed")
+    cfg = json.loads((DS / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (ds := tmp_path / "zero3_no_persistence.json").write_text(json.dumps(cfg))
+    judges = [f"reward_model={tiny_model_path}", f"gold_reward_model={tiny_model_path}"]
+    common = [f"train.deepspeed={ds}", *judges, "train.save_steps=0"]
+    rep, part = tmp_path / "replicate", tmp_path / "partition"
+    _ppo_2proc(tiny_model_path, pref, rep, *common)
+    _ppo_2proc(tiny_model_path, pref, part, *common, "frozen=partition")
+
+    a, b = _rows(rep), _rows(part)
+    _assert_same_metrics(a, b)
+    for step in a:  # the reward model's score and the evaluations (steps 2 and 3) too
+        for key in [k for k in a[step] if k == "rm_score" or k.startswith("eval_")]:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+    assert "rm_score" in a[1] and "eval_gold_score" in a[3]
+    sa, sb = read_run(rep)["summary"], read_run(part)["summary"]
+    for key in ("initial_eval_score", "initial_eval_gold_score", "eval_gold_score"):
+        assert sb[key] == pytest.approx(sa[key], rel=1e-5, abs=1e-6), key
+    assert sb["weights_equal_across_processes"] is True
+
+    whole, split = sa["frozen_models"], sb["frozen_models"]
+    print(f"frozen weights held per process: replicate {whole}, partition {split}")
+    assert whole["mode"] == "replicate" and split["mode"] == "partition"
+    assert whole["models"] == split["models"] == 3  # reference, reward model, gold judge
+    total = whole["weights"]
+    assert split["weights"] == total > 0
+    assert whole["held_per_process"] == [total, total]
+    held = split["held_per_process"]
+    assert len(held) == 2 and sum(held) >= total  # every weight somewhere
+    assert all(h <= 0.51 * total for h in held), held  # about half in each, not all

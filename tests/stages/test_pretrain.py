@@ -248,3 +248,29 @@ def test_streaming_pretraining_runs_and_needs_max_steps(tmp_path, corpus, tok_di
                 f"output_dir={tmp_path / 'x'}",
             ],
         )
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_packing_matches_the_plain_definition(tmp_path, tiny_tokenizer, num_proc):
+    """Blocks are the documents' ids joined with EOS and cut every block_size tokens, the tail
+    padded with labels ignored and a one-token tail dropped; both tokenizing paths agree."""
+    from hanlm import IGNORE_INDEX
+    from hanlm.stages.pretrain import _tokenize_and_pack
+
+    tok, size, eos = tiny_tokenizer, 7, tiny_tokenizer.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    texts = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声，花落知多少"]
+    tails = set()
+    for k in range(12):  # tails of every length, one token among them
+        docs = [*texts, "b" * k]
+        flat = [t for x in docs for t in [*tok(x, add_special_tokens=False)["input_ids"], eos]]
+        tails.add(len(flat) % size)
+        cuts = [flat[i : i + size] for i in range(0, len(flat), size)]
+        cuts = [c for c in cuts if len(c) >= 2]
+        ds, stats = _tokenize_and_pack(docs, tok, size, num_proc, str(tmp_path / f"c{k}"))
+        assert ds["input_ids"] == [c + [pad] * (size - len(c)) for c in cuts]
+        assert ds["labels"] == [c + [IGNORE_INDEX] * (size - len(c)) for c in cuts]
+        assert ds["attention_mask"] == [[1] * len(c) + [0] * (size - len(c)) for c in cuts]
+        assert stats["tokens"] == len(flat) and stats["blocks"] == len(cuts)
+        assert stats["predicted_tokens"] == sum(len(c) - 1 for c in cuts)
+    assert 1 in tails and 0 in tails  # the dropped one-token tail and an exact fit were seen

@@ -33,7 +33,7 @@ rollout_batch x W, disjoint slices of one shared prompt order); the policy and v
 wrapped for DDP, so each optimiser step averages the gradients of all processes once; the score
 shift, advantage whitening, β and the logged metrics use statistics over all processes; only
 the main process evaluates and writes. With `train.deepspeed=` (torchrun) they are DeepSpeed
-ZeRO-2/3 engines instead (`hanlm.distributed`; the frozen models stay whole in every process);
+ZeRO-2/3 engines instead (`hanlm.distributed`; `frozen`: the frozen models whole or partitioned);
 under ZeRO-3 generation runs on gathered weights, in step on every process, evaluation too.
 """
 
@@ -145,6 +145,7 @@ class PPOConfig(OutputConfig):
         },
     )
     lora: LoraConfig = opt(LoraConfig, "LoRA on the policy (and the value model)")
+    frozen: Literal["replicate", "partition"] = opt("replicate", distributed.FROZEN_HELP)
     eval_prompts: int = opt(64, "held-out prompts answered greedily and scored")
     eval_ptx_blocks: int = opt(32, "held-out pretraining blocks for the ptx loss (0 = skip)")
 
@@ -174,6 +175,7 @@ class PPOConfig(OutputConfig):
         # both need a whole policy outside the engines (the adapter merge; a best policy reloaded)
         whole = {"lora.enabled=true": self.lora.enabled, "keep_best=gold": self.keep_best == "gold"}
         distributed.refuse_on_zero3(self.train, "hanlm ppo", whole)
+        distributed.check_frozen(self.train, self.frozen)
 
 
 # --------------------------------------------------------------------------- the algorithm
@@ -261,6 +263,7 @@ class PPO:
             self.gold = Scorer.build(
                 [cfg.gold_reward_model], RuleConfig(), tok, stops, self.device, base=cfg.model
             )
+        self.ref_model = self.engines.freeze(cfg.frozen, self.ref_model, self.scorer, self.gold)
 
         # optimisers (one step per minibatch) and schedulers
         total = cfg.train.max_steps * cfg.ppo_epochs
@@ -637,7 +640,7 @@ def run(cfg: PPOConfig) -> Path:
             final_kl=metrics.get("kl"),
             final_score=metrics.get("score"),
         )
-        summary["deepspeed"] = cfg.train.deepspeed or None
+        summary.update(ppo.engines.describe())  # DeepSpeed; the frozen models' weights held
         # ZeRO-3: every process gathers the weights for the check and the save below
         with ppo.engines.full_weights(ppo.dp_policy, ppo.dp_values):
             if world > 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -95,11 +96,50 @@ class PretrainConfig(OutputConfig):
 # --------------------------------------------------------------------------- data
 
 
+def _token_stream(texts: list[str], tok: Any, eos: int, num_proc: int) -> Any:
+    """Every document's token ids followed by EOS, as one int64 array. One process: the fast
+    tokenizer in batches (a Dataset.map would convert every list to Arrow and back); more:
+    Dataset.map's worker processes, flattened on the Arrow column."""
+    import datasets
+    import numpy as np
+    import pyarrow.compute as pc
+    from tqdm.auto import tqdm
+
+    if num_proc <= 1:
+        # the `tokenizers` backend directly: transformers' wrapper would build attention masks
+        # and BatchEncodings we drop (the same ids; the cache key covers the backend)
+        backend = getattr(tok, "backend_tokenizer", None)
+        parts: list[list[int]] = []
+        bar = tqdm(total=len(texts), desc="tokenizing", unit=" docs")
+        for i in range(0, len(texts), 1000):
+            batch = texts[i : i + 1000]
+            bar.update(len(batch))
+            if backend is not None:
+                encoded = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
+            else:
+                encoded = tok(batch, add_special_tokens=False)["input_ids"]
+            for ids in encoded:
+                parts += (ids, [eos])
+        bar.close()
+        total = sum(len(x) for x in parts)
+        return np.fromiter(itertools.chain.from_iterable(parts), np.int64, count=total)
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [[*x, eos] for x in ids]}
+
+    ds = datasets.Dataset.from_dict({"text": texts}).map(
+        tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc="tokenizing"
+    )
+    return pc.list_flatten(ds.data.column("ids")).to_numpy().astype(np.int64)
+
+
 def _tokenize_and_pack(
     texts: list[str], tok: Any, block_size: int, num_proc: int, cache_dir: str
 ) -> tuple[Any, dict[str, float]]:
     """Blocks of `block_size` tokens: documents joined with EOS, the tail block padded."""
     import datasets
+    import numpy as np
 
     eos = tok.eos_token_id
     if eos is None:
@@ -118,34 +158,22 @@ def _tokenize_and_pack(
             (cached / "stats.json").read_text()
         )
 
-    ds = datasets.Dataset.from_dict({"text": texts})
-
-    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [[*x, eos] for x in ids]}
-
-    ds = ds.map(
-        tokenize,
-        batched=True,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=["text"],
-        desc="tokenizing",
-    )
-    stream = [t for ids in ds["ids"] for t in ids]
+    stream = _token_stream(texts, tok, eos, num_proc)
     n_tokens = len(stream)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    blocks, labels, masks = [], [], []
-    for start in range(0, n_tokens, block_size):
-        chunk = stream[start : start + block_size]
-        real = len(chunk)
-        if real < 2:
-            continue
-        fill = block_size - real
-        blocks.append(chunk + [pad] * fill)
-        labels.append(chunk + [IGNORE_INDEX] * fill)
-        masks.append([1] * real + [0] * fill)
-    if not blocks:
+    # blocks as one array: the stream cut every block_size tokens, the tail padded (labels
+    # ignored there); a tail of one token predicts nothing and is dropped
+    count = -(-n_tokens // block_size)
+    if count and n_tokens - (count - 1) * block_size < 2:
+        count -= 1
+    if not count:
         raise ValueError("the corpus gives fewer than 2 tokens; nothing to train on")
+    used = min(n_tokens, count * block_size)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    shape = (count, block_size)
+    blocks, labels = np.full(shape, pad, np.int64), np.full(shape, IGNORE_INDEX, np.int64)
+    masks = np.zeros(shape, np.int64)
+    blocks.flat[:used] = labels.flat[:used] = stream[:used]
+    masks.flat[:used] = 1
     out = datasets.Dataset.from_dict(
         {"input_ids": blocks, "labels": labels, "attention_mask": masks}
     )
@@ -153,10 +181,10 @@ def _tokenize_and_pack(
         "documents": len(texts),
         "tokens": n_tokens,
         "characters": sum(len(t) for t in texts),
-        "blocks": len(blocks),
-        "real_token_fraction": n_tokens / (len(blocks) * block_size),
+        "blocks": count,
+        "real_token_fraction": n_tokens / (count * block_size),
         # Each block predicts all its real tokens but the first.
-        "predicted_tokens": sum(sum(m) - 1 for m in masks),
+        "predicted_tokens": used - count,
     }
     tmp = root / f".{cached.name}.tmp{os.getpid()}"
     out.save_to_disk(str(tmp / "blocks"))
