@@ -5,6 +5,7 @@ are still exactly greedy `generate`'s."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -75,3 +76,91 @@ def test_a_solo_request_hands_off_to_the_batch_loop_and_stays_greedy(taught_mode
         engine.close()
     assert engine.handoffs == 1
     assert got == (list(want[0]), list(want[1]))
+
+
+def test_serial_threads_run_in_order_each_on_a_thread_that_ends():
+    # One OpenMP team at a time: a worker task's thread (and so its team) must end with it.
+    from hanlm.serve.engine import SerialThreads
+
+    workers = SerialThreads("test-worker")
+    seen: list[tuple[int, threading.Thread]] = []
+
+    def task(i: int) -> int:
+        time.sleep(0.01)
+        seen.append((i, threading.current_thread()))
+        return i * 2
+
+    futures = [workers.submit(task, i) for i in range(4)]
+    assert [f.result(timeout=10) for f in futures] == [0, 2, 4, 6]
+    assert [i for i, _ in seen] == [0, 1, 2, 3]
+    threads = [t for _, t in seen]
+    assert len(set(threads)) == 4 and not any(t.is_alive() for t in threads)
+    failing = workers.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=10)
+    workers.shutdown()
+
+
+def _engine(taught_model_dir, **kw):
+    tok = load_tokenizer(str(taught_model_dir))
+    model = load_model(ModelConfig(path=str(taught_model_dir)), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    for p in model.parameters():  # untaught: long answers, no early end-of-turn
+        p.data.normal_(0, 0.3)
+    return model, tok, Engine(model, tok, **kw)
+
+
+def test_the_batching_loop_runs_only_while_requests_are_batched(taught_model_dir):
+    model, tok, engine = _engine(taught_model_dir)
+    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("问一", "问二", "问三")]
+    want = [_greedy(model, tok, p, 10) for p in prompts]
+
+    async def together() -> list[list[int]]:
+        jobs = [engine.submit(p, Sampling(max_tokens=10, temperature=0)) for p in prompts]
+        return list(await asyncio.gather(*(_collect(j) for j in jobs)))
+
+    async def one_after_another() -> list[list[int]]:
+        return [
+            await _collect(engine.submit(p, Sampling(max_tokens=10, temperature=0)))
+            for p in prompts
+        ]
+
+    def wait_stopped() -> None:
+        deadline = time.time() + 30
+        while engine.manager.is_running() and time.time() < deadline:
+            time.sleep(0.05)
+
+    try:
+        assert not engine.manager.is_running()  # nothing batched yet
+        for _ in range(2):  # stopped after a batch, and started again for the next one
+            assert asyncio.run(together()) == want  # greedy under batching = generate
+            wait_stopped()
+            assert not engine.manager.is_running()
+        handoffs = engine.handoffs
+        # a client sending one request after another stays on the solo path
+        assert asyncio.run(one_after_another()) == want
+        assert not engine.manager.is_running() and engine.handoffs == handoffs
+    finally:
+        engine.close()
+
+
+def test_top_k_and_top_p_are_batched_when_asked(taught_model_dir):
+    model, tok, engine = _engine(taught_model_dir, batch_top_p=True)
+    prompt = prompt_ids(tok, [{"role": "user", "content": "问一"}])
+    want = _greedy(model, tok, prompt, 10)
+    top1 = Sampling(max_tokens=10, temperature=1.5, top_k=1)  # top-k 1: the arg-max, sampled
+    assert engine.route(top1) == "batch"
+
+    async def two() -> list[list[int]]:
+        jobs = [engine.submit(prompt, top1) for _ in range(2)]
+        return list(await asyncio.gather(*(_collect(j) for j in jobs)))
+
+    try:
+        assert asyncio.run(two()) == [want, want]
+    finally:
+        engine.close()
+    plain = Engine(model, tok, continuous_batching=False)
+    try:
+        assert plain.route(Sampling(max_tokens=5, temperature=0)) == "generate"
+    finally:
+        plain.close()

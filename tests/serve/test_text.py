@@ -48,8 +48,11 @@ def test_token_bytes_of_a_byte_token(tiny_tokenizer):
 
 
 def test_routes():
-    assert Sampling(max_tokens=5, temperature=0.7, top_p=0.9, top_k=20).route() == "batch"
-    assert Sampling(max_tokens=5, temperature=0).route() == "batch"
+    truncated = Sampling(max_tokens=5, temperature=0.7, top_p=0.9, top_k=20)
+    assert truncated.route(truncation=True) == "batch"
+    assert truncated.route() == "generate"  # the manager has no top-k/top-p warpers by default
+    assert Sampling(max_tokens=5, temperature=0.7).route() == "batch"
+    assert Sampling(max_tokens=5, temperature=0, top_p=0.5).route() == "batch"  # greedy
     for extra in (
         {"seed": 1},
         {"n": 2},

@@ -3,14 +3,27 @@
 Two paths, chosen per request by `Sampling.route()`:
 
 - **batch**: transformers' continuous-batching manager (`model.init_continuous_batching`, public
-  API), started with `per_request_processors=True` so that temperature, top-k and top-p are read
-  from each request (greedy is top-k 1). Requests join and leave the running batch token by
+  API), started with `per_request_processors=True` so that temperature (and, with
+  `batch_top_p`, top-k and top-p) is read from each request; greedy is a temperature of 1e-20,
+  which leaves exactly the arg-max token. Requests join and leave the running batch token by
   token; a dispatcher thread reads `get_result()` and hands tokens to each request's queue.
-- **generate**: `model.generate` on one worker thread, one request at a time, with the
-  manager paused meanwhile (`manager.pause()`) so a seeded request draws from the global RNG
-  alone and the model never runs two forward passes at once. It serves what the manager cannot:
-  `seed`, presence/frequency/repetition penalties, classifier-free guidance, log-probs, `n > 1`.
-  Prompt scoring (echo + logprobs) and embeddings run on the same worker.
+- **generate**: `model.generate` on one worker, one request at a time, with the manager paused
+  meanwhile (`manager.pause()`) so a seeded request draws from the global RNG alone and the
+  model never runs two forward passes at once. It serves what the manager cannot: `seed`,
+  presence/frequency/repetition penalties, classifier-free guidance, log-probs, `n > 1` (and
+  top-k/top-p unless `batch_top_p`). Prompt scoring (echo + logprobs) and embeddings run there too.
+
+A batch-route request that finds the engine idle runs alone on `generate` (faster than the
+batching loop for one sequence) and hands off to the loop when another request arrives.
+
+**One OpenMP thread team at a time.** PyTorch's CPU kernels run on libgomp, which gives each
+thread that enters a parallel region its own team, kept until that thread exits; once the
+process holds more team threads than CPUs, every team stops spin-waiting between kernels, and
+decoding a small model slows 2.5x (measured: 520 -> 210 tokens/s for the demo model on 2 cores).
+So the model is loaded on a thread that ends (`in_fresh_thread`), each worker task runs on a
+thread of its own that ends with it, and the manager's loop thread runs only while batched
+requests are in flight: it is stopped (its state kept) when the last one finishes and started
+again, instantly, when one arrives.
 
 Each request gets a `Job`: events (`Token`, `End`, `Failed`) arrive on an asyncio queue in the
 event loop that submitted it; `Job.cancel()` stops its generation (a closed connection, a stop
@@ -21,8 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +50,61 @@ from hanlm.serve.protocol import APIError, Sampling
 
 PAGE = 64  # tokens per KV-cache page
 BATCH_TOKENS = 256  # most tokens in one forward pass (long prompts are prefilled in chunks)
+CACHE_TOKENS_PER_SEQ = 1024  # KV-cache room per concurrent request (at least one full context)
+GREEDY_TEMPERATURE = 1e-20  # logits / 1e-20: softmax is one-hot on the arg-max (fp32-safe)
+
+
+def in_fresh_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` on a new thread that ends with it, so the OpenMP team its torch kernels start
+    ends too (see the module docstring); exceptions propagate."""
+    future: Future = Future()
+
+    def call() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # re-raised in the caller
+            future.set_exception(e)
+
+    thread = threading.Thread(target=call, name="hanlm-torch")
+    thread.start()
+    thread.join()
+    return future.result()
+
+
+class SerialThreads:
+    """Runs submitted tasks one at a time, in order, each on a thread of its own that ends with
+    it: a one-worker executor that leaves no OpenMP team behind between tasks."""
+
+    def __init__(self, name: str) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._runner = threading.Thread(target=self._run, name=name, daemon=True)
+        self._runner.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(in_fresh_thread(fn, *args))
+                except BaseException as e:  # delivered to whoever awaits the future
+                    future.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started, wait for what has."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        self._tasks.put(None)
+        self._runner.join()
 
 
 @dataclass
@@ -64,6 +135,7 @@ class Job:
         self.events: asyncio.Queue[Token | End | Failed] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.finished = False  # set by the reader when every row has ended
+        self.generated = False  # set by the generating thread once every row has ended
         self._on_cancel: list[Any] = []
 
     def emit(self, event: Token | End | Failed) -> None:
@@ -103,58 +175,73 @@ class Engine:
         tok: Any,
         continuous_batching: bool = True,
         max_queue: int = 64,
+        batch_top_p: bool = False,
     ) -> None:
         self.model, self.tok = model.eval(), tok
         self.stop_ids = stop_token_ids(tok)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.max_queue = max_queue
+        self.batch_top_p = batch_top_p
         self.active = 0  # admitted requests not yet finished (bounded by max_queue)
         self._ids = itertools.count()
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, Job] = {}  # batched requests in the manager, by request id
         self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hanlm-generate")
+        self._worker = SerialThreads("hanlm-generate")
         self._worker_jobs = 0  # tasks queued or running on the worker
         self._solo: Job | None = None  # a batch-route request running alone on `generate`
         self._contended = threading.Event()  # another request arrived: the solo one hands off
         self.handoffs = 0  # solo requests that continued in the batching loop
+        # Batch requests wait here while the manager is stopped (or stopping) and the worker owns
+        # the model: (job, prompt, max_tokens, request id).
+        self._pending: list[tuple[Job, list[int], int, str]] = []
+        self._batching = False  # the manager's loop is running
+        self._stopping = False  # ... and is being stopped
+        self._live = threading.Event()  # set while the loop runs: the dispatcher reads results
         self.manager: Any = None
         self._closing = threading.Event()
         self._dispatcher: threading.Thread | None = None
         if continuous_batching:
-            self._start_manager()
+            self._init_manager()
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _start_manager(self) -> None:
+    def _init_manager(self) -> None:
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        # Sampling on, with every warper present (temperature != 1, top-k, top-p < 1) so that
-        # each has a per-request version; requests always send all three explicitly.
+        # Sampling on, with the warpers that get a per-request version present (a temperature
+        # != 1, and with `batch_top_p` a top-k and a top-p < 1); requests always send them.
+        # Top-k and top-p sort the whole vocabulary per batched request per token, whatever the
+        # request asked for: on a CPU that costs more than a small model's forward pass
+        # (benchmarks/cb_warpers.py), so by default requests that want them go to `generate`.
+        truncation = {"top_k": len(self.tok), "top_p": 0.99} if self.batch_top_p else {}
         config = GenerationConfig(
             do_sample=True,
             temperature=0.5,
-            top_k=len(self.tok),
-            top_p=0.99,
             max_new_tokens=256,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
+            **truncation,
         )
         # Size the paged KV cache for the work instead of letting transformers take a share of
         # free memory: on CPU that share is host RAM, and zero-filling its static tensors took
-        # 9 s for a 3.7M-parameter model. Room for `min(max_queue, 16)` full contexts at once;
-        # more requests wait in the manager's queue.
-        pages = -(-self.context // PAGE)
+        # 9 s for a 3.7M-parameter model. Room for one full context or CACHE_TOKENS_PER_SEQ
+        # tokens for each of `min(max_queue, 16)` requests, whichever is more (SmolLM2-135M:
+        # 16,384 tokens = 0.75 GB); requests that do not fit wait in the manager's queue.
+        tokens = max(self.context, min(self.max_queue, 16) * CACHE_TOKENS_PER_SEQ)
         cb_config = ContinuousBatchingConfig(
             per_request_processors=True,
             page_size=PAGE,
-            num_blocks=pages * min(self.max_queue, 16),
+            num_blocks=-(-tokens // PAGE),
             max_batch_tokens=BATCH_TOKENS,
         )
         self.manager = self.model.init_continuous_batching(
             generation_config=config, continuous_batching_config=cb_config
         )
+        # Start once so the loop thread allocates the cache now rather than in the first batched
+        # request's time to first token, then stop it (state kept) until requests need it.
         self.manager.start()
+        self.manager.stop(block=True, keep_for_next_session=True)
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="hanlm-cb-dispatch", daemon=True
         )
@@ -162,14 +249,26 @@ class Engine:
 
     def close(self) -> None:
         self._closing.set()
+        self._live.set()  # wake the dispatcher to see `_closing`
         for job in list(self._jobs.values()):
             job.cancel()
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for job, *_ in pending:
+            job.emit(Failed("the server is shutting down"))
         if self.manager is not None:
-            self.manager.stop(block=True, timeout=10)
+            while True:  # a stop already under way (`_maybe_stop`) finishes first
+                with self._lock:
+                    if not self._stopping:
+                        self._stopping = True
+                        break
+                self._closing.wait(0.01)
+            if self.manager.is_running():
+                self.manager.stop(block=True, timeout=10)
             self.manager = None
         if self._dispatcher is not None:
             self._dispatcher.join(timeout=5)
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._worker.shutdown()
 
     def admit(self) -> Ticket:
         """Count a request in; a full house answers 429 rather than queueing without bound."""
@@ -191,6 +290,12 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
+    def route(self, sampling: Sampling) -> str:
+        """'batch' or 'generate' for this engine (see `Sampling.route`)."""
+        if self.manager is None:
+            return "generate"
+        return sampling.route(truncation=self.batch_top_p)
+
     def submit(self, prompt: list[int], sampling: Sampling) -> Job:
         """Start generating for `prompt`; call from the event loop.
 
@@ -198,12 +303,16 @@ class Engine:
         than the batching loop for one sequence; when another request arrives it hands off: what
         it has generated so far becomes the prompt of a batch request for the rest."""
         job = Job(f"hanlm-{next(self._ids)}", prompt, sampling)
-        if self.manager is None or sampling.route() != "batch":
+        if self.route(sampling) != "batch":
             self._contended.set()
             self._to_worker(self._guarded, self._generate, job)
             return job
         with self._lock:
-            idle = not self._jobs and self._worker_jobs == 0
+            # Nothing batched and no solo request generating. A worker task may still be running
+            # (a solo request that has sent its last token, or a seeded one): this request then
+            # waits behind it as the worker's next solo task, as a batched one would wait for it.
+            solo = self._solo is not None and not self._solo.generated
+            idle = not (self._jobs or self._pending or self._batching or self._stopping or solo)
             if idle:
                 self._solo = job
                 self._contended.clear()
@@ -211,7 +320,7 @@ class Engine:
             self._to_worker(self._guarded, self._generate, job)
         else:
             self._contended.set()
-            self._submit_batch(job)
+            self._to_batch(job, job.prompt, sampling.max_tokens, job.id)
         return job
 
     def _to_worker(self, fn: Any, *args: Any) -> Future:
@@ -224,52 +333,103 @@ class Engine:
             finally:
                 with self._lock:
                     self._worker_jobs -= 1
+                self._flush()  # batch requests that waited for the model
+                self._maybe_stop()
 
         return self._worker.submit(call)
 
-    def _submit_batch(
-        self, job: Job, prompt: list[int] | None = None, max_tokens: int = 0, rid: str = ""
-    ) -> None:
-        """Queue `job` in the batching loop (or its continuation: `prompt` = the original one plus
-        the tokens already sent, `max_tokens` what is left, under request id `rid`)."""
-        s = job.sampling
-        rid = rid or job.id
-        if s.temperature == 0:  # greedy: the single most likely token survives top-k 1
-            kwargs = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        else:
-            top_k = s.top_k if s.top_k > 0 else len(self.tok)
-            kwargs = {"temperature": float(s.temperature), "top_k": int(top_k)}
-            kwargs["top_p"] = float(s.top_p)
+    def _to_batch(self, job: Job, prompt: list[int], max_tokens: int, rid: str) -> None:
+        """Queue `job` for the batching loop (or its continuation: `prompt` = the original one
+        plus the tokens already sent, `max_tokens` what is left, under request id `rid`)."""
         with self._lock:
-            self._jobs[rid] = job
+            self._pending.append((job, list(prompt), max_tokens, rid))
         job._on_cancel.append(lambda: self._cancel_batch(rid))
-        added = self.manager.add_request(
-            list(prompt or job.prompt),
-            request_id=rid,
-            max_new_tokens=max_tokens or s.max_tokens,
-            streaming=True,
-            eos_token_id=self.stop_ids,
-            **kwargs,
-        )
-        if added is None:
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand the waiting batch requests to the manager, starting its loop if it is stopped
+        and no worker task owns the model (else whoever finishes first flushes again)."""
+        with self._lock:
+            if self.manager is None or self._stopping or not self._pending:
+                return
+            if not self._batching:
+                if self._worker_jobs:
+                    return
+                self.manager.start()
+                self._batching = True
+                self._live.set()
+            pending, self._pending = self._pending, []
+            for job, _, _, rid in pending:
+                if not job.cancelled.is_set():
+                    self._jobs[rid] = job
+        for job, prompt, max_tokens, rid in pending:
+            if job.cancelled.is_set():
+                continue
+            added = self.manager.add_request(
+                prompt,
+                request_id=rid,
+                max_new_tokens=max_tokens,
+                streaming=True,
+                eos_token_id=self.stop_ids,
+                **self._sampling_kwargs(job.sampling),
+            )
+            if added is None:
+                with self._lock:
+                    self._jobs.pop(rid, None)
+                job.emit(Failed("the generation engine is stopping"))
+
+    def _sampling_kwargs(self, s: Sampling) -> dict[str, Any]:
+        temperature = float(s.temperature) if s.temperature > 0 else GREEDY_TEMPERATURE
+        kwargs: dict[str, Any] = {"temperature": temperature}
+        if self.batch_top_p:
+            greedy = s.temperature == 0
+            kwargs["top_k"] = int(s.top_k) if s.top_k > 0 and not greedy else len(self.tok)
+            kwargs["top_p"] = float(s.top_p) if not greedy else 1.0
+        return kwargs
+
+    def _maybe_stop(self) -> None:
+        """Stop the manager's loop (keeping its state) once nothing is batched any more, so its
+        thread and OpenMP team go away until the next batch."""
+        with self._lock:
+            if not self._batching or self._stopping or self._closing.is_set():
+                return
+            if self._jobs or self._pending or self._worker_jobs:
+                return
+            self._stopping = True
+        try:
+            self.manager.stop(block=True, timeout=30, keep_for_next_session=True)
+        finally:
             with self._lock:
-                self._jobs.pop(rid, None)
-            raise APIError("the generation engine is stopping", status=503, type="server_error")
+                self._stopping = False
+                self._batching = bool(self.manager is not None and self.manager.is_running())
+                if not self._batching:
+                    self._live.clear()
+        self._flush()  # requests that arrived while it stopped
 
     def _cancel_batch(self, rid: str) -> None:
         with self._lock:
             self._jobs.pop(rid, None)
-        if self.manager is not None:
+            self._pending = [p for p in self._pending if p[3] != rid]
+            running = self._batching
+        if running and self.manager is not None:
             self.manager.cancel_request(rid)
+        # called from the event loop, which must not wait for the loop thread to stop
+        threading.Thread(target=self._maybe_stop, name="hanlm-cb-stop", daemon=True).start()
 
     def _dispatch(self) -> None:
         """Route the manager's outputs to their jobs (cumulative tokens -> new ones)."""
         sent: dict[str, int] = {}
         while not self._closing.is_set():
             manager = self.manager
-            out = manager.get_result(timeout=0.1) if manager is not None else None
+            if manager is None or not self._live.is_set():
+                # a stopped manager's get_result() returns at once: waiting here, not spinning
+                self._live.wait(0.5)
+                continue
+            out = manager.get_result(timeout=0.1)
             if out is None:
-                if manager is not None and not manager.is_running():
+                with self._lock:
+                    crashed = self._batching and not self._stopping and self._jobs
+                if crashed and manager is not None and not manager.is_running():
                     self._fail_all("the continuous-batching loop stopped")
                     self._closing.wait(0.1)
                 continue
@@ -280,22 +440,23 @@ class Engine:
                 continue
             if out.error:
                 job.emit(Failed(f"generation failed: {out.error}"))
-                self._forget(job.id, sent)
+                self._forget(out.request_id, sent)
                 continue
-            done = sent.get(job.id, 0)
+            done = sent.get(out.request_id, 0)
             tokens = out.generated_tokens
             for t in tokens[done:]:
                 job.emit(Token(0, int(t)))
-            sent[job.id] = len(tokens)
+            sent[out.request_id] = len(tokens)
             if out.is_finished():
                 stopped = bool(tokens) and tokens[-1] in self.stop_ids
                 job.emit(End(0, "stop" if stopped else "length"))
-                self._forget(job.id, sent)
+                self._forget(out.request_id, sent)
 
     def _forget(self, rid: str, sent: dict[str, int]) -> None:
         sent.pop(rid, None)
         with self._lock:
             self._jobs.pop(rid, None)
+        self._maybe_stop()
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
@@ -304,9 +465,17 @@ class Engine:
             job.emit(Failed(message))
 
     def _exclusive(self) -> Any:
-        """Pause the continuous-batching loop while the worker uses the model."""
+        """Pause the continuous-batching loop while the worker uses the model. A loop being
+        stopped is waited for (pausing one that is exiting would wait forever); no new stop or
+        start begins while a worker task is counted in `_worker_jobs`."""
+        while True:
+            with self._lock:
+                if not self._stopping or self._closing.is_set():
+                    running = self._batching and self.manager is not None
+                    break
+            time.sleep(0.005)
         manager = self.manager
-        if manager is not None and manager.is_running():
+        if running and manager is not None and manager.is_running():
             return manager.pause()
         return nullcontext()
 
@@ -317,6 +486,10 @@ class Engine:
                     fn(job)
         except Exception as e:  # reported to the waiting request, not lost in the thread
             job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+        finally:
+            with self._lock:
+                if self._solo is job:  # cancelled before it ran, or failed
+                    self._solo = None
 
     def _generate(self, job: Job) -> None:
         import torch
@@ -365,9 +538,8 @@ class Engine:
                 self._solo = None
             left = s.max_tokens - streamer.count[0]
             if streamer.handed_off and left > 0 and not job.cancelled.is_set():
-                prompt = job.prompt + streamer.tokens
                 self.handoffs += 1
-                self._submit_batch(job, prompt, left, rid=job.id + "+")
+                self._to_batch(job, job.prompt + streamer.tokens, left, job.id + "+")
 
     # ------------------------------------------------------------------ forward passes
 
@@ -502,17 +674,17 @@ class _JobStreamer:
             self.count[row] += 1
             if row == 0:
                 self.tokens.append(int(t))
-            if t in self.stop_ids:
+            if t in self.stop_ids or self.count[row] >= self.max_tokens:
                 self.done[row] = True
-                self.job.emit(End(row, "stop"))
-            elif self.count[row] >= self.max_tokens:
-                self.done[row] = True
-                self.job.emit(End(row, "length"))
+                # before the End: a request that arrives on it finds the engine free
+                self.job.generated = all(self.done)
+                self.job.emit(End(row, "stop" if t in self.stop_ids else "length"))
 
     def end(self) -> None:
         if self.handed_off:
             return
-        for row, done in enumerate(self.done):
-            if not done:
-                self.done[row] = True
-                self.job.emit(End(row, "length"))
+        left = [row for row, done in enumerate(self.done) if not done]
+        self.done = [True] * len(self.done)
+        self.job.generated = True
+        for row in left:
+            self.job.emit(End(row, "length"))

@@ -63,13 +63,15 @@ class Sampling:
     logprobs: int | None = None  # None = off; k = how many alternatives per token
     stop: list[str] = field(default_factory=list)
 
-    def route(self) -> str:
+    def route(self, truncation: bool = False) -> str:
         """'batch' (continuous batching) or 'generate' (`model.generate` on the worker).
 
-        The continuous-batching manager takes temperature, top-k and top-p per request; it has
-        no per-request seed, penalties, guidance (it refuses negative prompts), log-probs of
-        the unprocessed distribution, or several answers per prompt.
+        The continuous-batching manager takes the temperature per request (and top-k/top-p
+        when its warpers are on: `truncation`); it has no per-request seed, penalties, guidance
+        (it refuses negative prompts), log-probs of the unprocessed distribution, or several
+        answers per prompt.
         """
+        truncated = self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
         plain = (
             self.seed is None
             and self.presence_penalty == 0
@@ -78,6 +80,7 @@ class Sampling:
             and self.guidance_scale == 1
             and self.n == 1
             and self.logprobs is None
+            and (truncation or not truncated)
         )
         return "batch" if plain else "generate"
 

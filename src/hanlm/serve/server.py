@@ -14,7 +14,7 @@ from hanlm.data.templates import require_template
 from hanlm.modeling import load_model, load_tokenizer, quantize_weights
 from hanlm.rag.answer import RetrievalOptions, Retriever
 from hanlm.serve.api import Limits, create_app
-from hanlm.serve.engine import Engine
+from hanlm.serve.engine import Engine, in_fresh_thread
 
 
 @dataclass
@@ -34,6 +34,12 @@ class ServeConfig:
         True, "batch requests with transformers' continuous batching (false: one at a time)"
     )
     max_queue: int = opt(64, "requests in progress at once; more are answered 429")
+    batch_top_p: bool = opt(
+        False,
+        "also batch requests that set top_p < 1 or top_k (every batched request then pays two"
+        " full-vocabulary sorts per token; on a CPU that can cost more than a small model's"
+        " forward pass). Off: such requests run one at a time on generate",
+    )
     max_tokens: int = opt(2048, "cap on a request's max_tokens (also the default)")
     max_n: int = opt(8, "most answers per request (n)")
     max_body_bytes: int = opt(1_000_000, "largest request body accepted (413 above)")
@@ -77,9 +83,11 @@ def run(cfg: ServeConfig) -> int:
     except ImportError:
         raise ConfigError("hanlm serve needs the serve extra: pip install 'hanlm[serve]'") from None
     api_key = cfg.api_key or os.environ.get("HANLM_API_KEY", "")
-    model, tok = load(cfg)
+    # Loaded on a thread that ends: the OpenMP team its kernels start must not outlive it
+    # (hanlm.serve.engine: one team at a time keeps decoding fast on a small CPU).
+    model, tok = in_fresh_thread(load, cfg)
     name = cfg.name or Path(cfg.model.path.rstrip("/")).name or "hanlm"
-    engine = Engine(model, tok, cfg.continuous_batching, cfg.max_queue)
+    engine = Engine(model, tok, cfg.continuous_batching, cfg.max_queue, cfg.batch_top_p)
     limits = Limits(max_tokens=cfg.max_tokens, max_body_bytes=cfg.max_body_bytes, max_n=cfg.max_n)
     retriever = None
     if cfg.retrieval.index:
