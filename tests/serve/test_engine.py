@@ -78,11 +78,14 @@ def test_a_solo_request_hands_off_to_the_batch_loop_and_stays_greedy(taught_mode
     assert got == (list(want[0]), list(want[1]))
 
 
-def test_serial_threads_run_in_order_each_on_a_thread_that_ends():
-    # One OpenMP team at a time: a worker task's thread (and so its team) must end with it.
-    from hanlm.serve.engine import SerialThreads
+def test_serial_threads_run_in_order_on_one_thread_that_ends_when_told():
+    # One OpenMP team at a time: the worker's thread (and so its team) must end when the
+    # batching loop needs the CPU, and not before (a new thread's first task is slower).
+    from hanlm.serve.threads import SerialThreads
 
-    workers = SerialThreads("test-worker")
+    keep = threading.Event()
+    keep.set()
+    workers = SerialThreads("test-worker", keep=keep.is_set)
     seen: list[tuple[int, threading.Thread]] = []
 
     def task(i: int) -> int:
@@ -90,11 +93,21 @@ def test_serial_threads_run_in_order_each_on_a_thread_that_ends():
         seen.append((i, threading.current_thread()))
         return i * 2
 
-    futures = [workers.submit(task, i) for i in range(4)]
-    assert [f.result(timeout=10) for f in futures] == [0, 2, 4, 6]
-    assert [i for i, _ in seen] == [0, 1, 2, 3]
-    threads = [t for _, t in seen]
-    assert len(set(threads)) == 4 and not any(t.is_alive() for t in threads)
+    futures = [workers.submit(task, i) for i in range(3)]
+    assert [f.result(timeout=10) for f in futures] == [0, 2, 4]
+    assert [i for i, _ in seen] == [0, 1, 2]
+    first = seen[0][1]
+    assert all(t is first for _, t in seen) and first.is_alive()
+    keep.clear()
+    workers.retire()
+    first.join(timeout=10)
+    assert not first.is_alive()  # idle and told to go: ended
+    assert workers.submit(task, 3).result(timeout=10) == 6
+    second = seen[-1][1]
+    assert second is not first
+    second.join(timeout=10)
+    assert not second.is_alive()  # keep() is false: it ends after its task
+    keep.set()
     failing = workers.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         failing.result(timeout=10)
@@ -127,7 +140,7 @@ def test_the_batching_loop_runs_only_while_requests_are_batched(taught_model_dir
 
     def wait_stopped() -> None:
         deadline = time.time() + 30
-        while engine.manager.is_running() and time.time() < deadline:
+        while engine.batching and time.time() < deadline:
             time.sleep(0.05)
 
     try:
@@ -135,7 +148,7 @@ def test_the_batching_loop_runs_only_while_requests_are_batched(taught_model_dir
         for _ in range(2):  # stopped after a batch, and started again for the next one
             assert asyncio.run(together()) == want  # greedy under batching = generate
             wait_stopped()
-            assert not engine.manager.is_running()
+            assert not engine.batching and not engine.manager.is_running()
         handoffs = engine.handoffs
         # a client sending one request after another stays on the solo path
         assert asyncio.run(one_after_another()) == want

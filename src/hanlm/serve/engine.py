@@ -20,10 +20,10 @@ batching loop for one sequence) and hands off to the loop when another request a
 thread that enters a parallel region its own team, kept until that thread exits; once the
 process holds more team threads than CPUs, every team stops spin-waiting between kernels, and
 decoding a small model slows 2.5x (measured: 520 -> 210 tokens/s for the demo model on 2 cores).
-So the model is loaded on a thread that ends (`in_fresh_thread`), each worker task runs on a
-thread of its own that ends with it, and the manager's loop thread runs only while batched
+So the model is loaded on a thread that ends (`in_fresh_thread`), the worker runs on one thread
+that lives only while nothing is batched, and the manager's loop thread runs only while batched
 requests are in flight: it is stopped (its state kept) when the last one finishes and started
-again, instantly, when one arrives.
+again, instantly, when one arrives, after the worker's idle thread has been told to end.
 
 Each request gets a `Job`: events (`Token`, `End`, `Failed`) arrive on an asyncio queue in the
 event loop that submitted it; `Job.cancel()` stops its generation (a closed connection, a stop
@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,64 +45,12 @@ from hanlm.data.templates import stop_token_ids
 from hanlm.embedding import embed_ids
 from hanlm.infer.engine import decoding_kwargs
 from hanlm.serve.protocol import APIError, Sampling
+from hanlm.serve.threads import SerialThreads
 
 PAGE = 64  # tokens per KV-cache page
 BATCH_TOKENS = 256  # most tokens in one forward pass (long prompts are prefilled in chunks)
 CACHE_TOKENS_PER_SEQ = 1024  # KV-cache room per concurrent request (at least one full context)
 GREEDY_TEMPERATURE = 1e-20  # logits / 1e-20: softmax is one-hot on the arg-max (fp32-safe)
-
-
-def in_fresh_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """`fn(*args)` on a new thread that ends with it, so the OpenMP team its torch kernels start
-    ends too (see the module docstring); exceptions propagate."""
-    future: Future = Future()
-
-    def call() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # re-raised in the caller
-            future.set_exception(e)
-
-    thread = threading.Thread(target=call, name="hanlm-torch")
-    thread.start()
-    thread.join()
-    return future.result()
-
-
-class SerialThreads:
-    """Runs submitted tasks one at a time, in order, each on a thread of its own that ends with
-    it: a one-worker executor that leaves no OpenMP team behind between tasks."""
-
-    def __init__(self, name: str) -> None:
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._runner = threading.Thread(target=self._run, name=name, daemon=True)
-        self._runner.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        self._tasks.put((future, fn, args))
-        return future
-
-    def _run(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            future, fn, args = task
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(in_fresh_thread(fn, *args))
-                except BaseException as e:  # delivered to whoever awaits the future
-                    future.set_exception(e)
-
-    def shutdown(self) -> None:
-        """Cancel what has not started, wait for what has."""
-        while True:
-            try:
-                task = self._tasks.get_nowait()
-            except queue.Empty:
-                break
-            if task is not None:
-                task[0].cancel()
-        self._tasks.put(None)
-        self._runner.join()
 
 
 @dataclass
@@ -187,7 +133,8 @@ class Engine:
         self._ids = itertools.count()
         self._jobs: dict[str, Job] = {}  # batched requests in the manager, by request id
         self._lock = threading.Lock()
-        self._worker = SerialThreads("hanlm-generate")
+        # the worker's thread (and OpenMP team) lives while nothing is batched
+        self._worker = SerialThreads("hanlm-generate", keep=lambda: not self._batching)
         self._worker_jobs = 0  # tasks queued or running on the worker
         self._solo: Job | None = None  # a batch-route request running alone on `generate`
         self._contended = threading.Event()  # another request arrived: the solo one hands off
@@ -288,6 +235,12 @@ class Engine:
         with self._lock:
             self.active -= 1
 
+    @property
+    def batching(self) -> bool:
+        """The batching loop is running (or still stopping)."""
+        with self._lock:
+            return self._batching or self._stopping
+
     # ------------------------------------------------------------------ generation
 
     def route(self, sampling: Sampling) -> str:
@@ -355,8 +308,9 @@ class Engine:
             if not self._batching:
                 if self._worker_jobs:
                     return
-                self.manager.start()
                 self._batching = True
+                self._worker.retire()  # its idle thread ends: one OpenMP team at a time
+                self.manager.start()
                 self._live.set()
             pending, self._pending = self._pending, []
             for job, _, _, rid in pending:
@@ -535,7 +489,8 @@ class Engine:
             )
         if handoff is not None:
             with self._lock:
-                self._solo = None
+                if self._solo is job:  # (the next solo request may already be queued)
+                    self._solo = None
             left = s.max_tokens - streamer.count[0]
             if streamer.handed_off and left > 0 and not job.cancelled.is_set():
                 self.handoffs += 1
