@@ -2,8 +2,9 @@
 """`make bench`: hanlm against what its users would run instead, on the same model, data, steps
 and machine, in one run, with ratios.
 
-Pairs (each side a separate process; rounds alternate A B A B so a busy machine slows both alike;
-medians and the ratio of each round):
+Pairs (each side a separate process; rounds run A B, then B A, and so on, so a busy machine and
+whatever the first run of a round pays, such as cold caches, fall on both alike; medians and the
+ratio of each round):
 1. pretraining: `hanlm pretrain` vs a plain transformers `Trainer` script
    (`benchmarks/peers/trainer_pretrain.py`): training tokens/s, the first losses side by side,
    CPU MFU against the machine's own matmul peak measured in this run;
@@ -119,8 +120,9 @@ class Pair:
 def measure(pair: Pair, rounds: int, work: Path) -> dict[str, Any]:
     log(f"{pair.section} / {pair.model}: {pair.a.name} vs {pair.b.name}, {rounds} round(s)")
     res: dict[str, list[dict]] = {"a": [], "b": []}
+    sides = [("a", pair.a), ("b", pair.b)]
     for r in range(rounds):
-        for key, side in (("a", pair.a), ("b", pair.b)):
+        for key, side in sides if r % 2 == 0 else sides[::-1]:  # A B, B A, A B, ...
             d = work / f"{pair.section}-{pair.model}-{key}{r}"
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)

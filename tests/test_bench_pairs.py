@@ -46,6 +46,25 @@ def test_ratios_point_the_right_way(bench, tmp_path):
     assert r["ratio"] == pytest.approx(1 / 3, abs=1e-3) and not r["met"]
 
 
+def test_who_runs_first_alternates_between_rounds(bench, tmp_path):
+    # a round's first run may pay for cold caches: A B, then B A, so neither side always does
+    log = tmp_path / "order.txt"
+
+    def side(name: str):
+        write = (
+            f"import json,sys; open({str(log)!r}, 'a').write({name!r});"
+            " json.dump({'t': 1.0}, open(sys.argv[1], 'w'))"
+        )
+        return bench.Side(
+            name,
+            lambda d: [sys.executable, "-c", write, str(d / "r.json")],
+            lambda d: json.loads((d / "r.json").read_text()),
+        )
+
+    bench.measure(bench.Pair("x", "m", "t", "per s", side("A"), side("B")), 3, tmp_path)
+    assert log.read_text() == "ABBAAB"
+
+
 @pytest.mark.slow
 def test_pretrain_and_sft_peers_train_the_same_thing(bench, tiny_model_path, tmp_path):
     texts = [

@@ -45,7 +45,7 @@ from hanlm.data.templates import stop_token_ids
 from hanlm.embedding import embed_ids
 from hanlm.infer.engine import decoding_kwargs
 from hanlm.serve.protocol import APIError, Sampling
-from hanlm.serve.threads import SerialThreads
+from hanlm.threads import SerialThreads
 
 PAGE = 64  # tokens per KV-cache page
 BATCH_TOKENS = 256  # most tokens in one forward pass (long prompts are prefilled in chunks)
