@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-import time
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -144,6 +143,7 @@ class Engine:
         self._pending: list[tuple[Job, list[int], int, str]] = []
         self._batching = False  # the manager's loop is running
         self._stopping = False  # ... and is being stopped
+        self._stop_done = threading.Condition(self._lock)  # notified when `_stopping` clears
         self._live = threading.Event()  # set while the loop runs: the dispatcher reads results
         self.manager: Any = None
         self._closing = threading.Event()
@@ -204,12 +204,10 @@ class Engine:
         for job, *_ in pending:
             job.emit(Failed("the server is shutting down"))
         if self.manager is not None:
-            while True:  # a stop already under way (`_maybe_stop`) finishes first
-                with self._lock:
-                    if not self._stopping:
-                        self._stopping = True
-                        break
-                self._closing.wait(0.01)
+            with self._stop_done:  # a stop already under way (`_maybe_stop`) finishes first
+                self._stop_done.wait_for(lambda: not self._stopping)
+                self._stopping = True
+                self._stop_done.notify_all()  # `_exclusive` waiters: closing, go on
             if self.manager.is_running():
                 self.manager.stop(block=True, timeout=10)
             self.manager = None
@@ -358,6 +356,7 @@ class Engine:
                 self._batching = bool(self.manager is not None and self.manager.is_running())
                 if not self._batching:
                     self._live.clear()
+                self._stop_done.notify_all()
         self._flush()  # requests that arrived while it stopped
 
     def _cancel_batch(self, rid: str) -> None:
@@ -422,12 +421,9 @@ class Engine:
         """Pause the continuous-batching loop while the worker uses the model. A loop being
         stopped is waited for (pausing one that is exiting would wait forever); no new stop or
         start begins while a worker task is counted in `_worker_jobs`."""
-        while True:
-            with self._lock:
-                if not self._stopping or self._closing.is_set():
-                    running = self._batching and self.manager is not None
-                    break
-            time.sleep(0.005)
+        with self._stop_done:
+            self._stop_done.wait_for(lambda: not self._stopping or self._closing.is_set())
+            running = self._batching and self.manager is not None
         manager = self.manager
         if running and manager is not None and manager.is_running():
             return manager.pause()
