@@ -12,6 +12,12 @@ against and fails loudly, with what to do, on a version where the internal is go
 - `trl_token_count` / `set_trl_token_count`: trl's trainers count training tokens in
   `_total_train_tokens` (logged as `num_tokens`) and do not checkpoint it, so a resumed run would
   count from 0; hanlm stores it in its checkpoints and sets it back.
+- `batching_logits_processors`: transformers' continuous-batching manager builds its logits
+  processors from the generation config and, when sampling, draws with `torch.multinomial`,
+  which on a CPU makes one random number per vocabulary entry per row (5 ms a step for 32 rows
+  of an 8k vocabulary, more than the demo model's forward pass). `hanlm serve` gives the manager
+  its own processors, the last of which draws the token itself (one random number per row), and
+  runs the manager's arg-max path. The manager offers no public way to pass processors.
 """
 
 from __future__ import annotations
@@ -81,3 +87,33 @@ def trl_token_count(trainer: Any) -> int | None:
 def set_trl_token_count(trainer: Any, count: int) -> None:
     if hasattr(trainer, "_total_train_tokens"):
         trainer._total_train_tokens = count
+
+
+# transformers versions whose ContinuousBatchingManager.logit_processor (built in __init__, handed
+# to the batch processor at the first start()) was read and tested.
+CB_CHECKED = ("5.24", "5.24")
+
+
+def batching_logits_processors(manager: Any, processors: list[Any]) -> None:
+    """Make a continuous-batching manager (not yet started) apply `processors`, per request where
+    transformers has a per-request version (temperature, top-k, top-p); the manager must have
+    been made with `do_sample=False`, so the last processor's choice is the token."""
+    if manager.generation_config.do_sample:
+        raise ValueError("make the manager with do_sample=False: the processors draw the token")
+    from transformers import LogitsProcessorList
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingLogitsProcessorList,
+    )
+
+    version = metadata.version("transformers")
+    old = getattr(manager, "logit_processor", None)
+    started = getattr(manager, "batch_processor", None) is not None
+    if not isinstance(old, ContinuousBatchingLogitsProcessorList) or started:
+        raise RuntimeError(
+            f"transformers {version}: the continuous-batching manager has no `logit_processor`"
+            f" list, or it has started already (checked on {CB_CHECKED[0]}-{CB_CHECKED[1]}): update"
+            f" hanlm.compat, or install transformers=={CB_CHECKED[1]}.*"
+        )
+    manager.logit_processor = ContinuousBatchingLogitsProcessorList(
+        LogitsProcessorList(processors), per_request_processors=True
+    )

@@ -14,7 +14,8 @@ import torch
 from hanlm.config import ModelConfig
 from hanlm.data.templates import prompt_ids, stop_token_ids
 from hanlm.modeling import load_model, load_tokenizer
-from hanlm.serve.engine import End, Engine, Failed, Token
+from hanlm.serve.engine import GREEDY_TEMPERATURE, End, Engine, Failed, Token
+from hanlm.serve.processors import InverseCdfSampler
 from hanlm.serve.protocol import Sampling
 
 
@@ -177,3 +178,70 @@ def test_top_k_and_top_p_are_batched_when_asked(taught_model_dir):
         assert plain.route(Sampling(max_tokens=5, temperature=0)) == "generate"
     finally:
         plain.close()
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 2.0, 0.5, float("-inf"), 3.0, -1.0])
+    rows = 40_000
+    scores = InverseCdfSampler()(None, logits.repeat(rows, 1))
+    assert (scores == 0).sum(dim=1).eq(1).all()  # one token per row, the rest -inf
+    assert torch.isinf(scores).sum() == rows * (len(logits) - 1)
+    drawn = scores.argmax(dim=1)
+    freq = torch.bincount(drawn, minlength=len(logits)).float() / rows
+    want = torch.softmax(logits, dim=0)
+    assert freq[3] == 0  # probability 0 is never drawn
+    assert torch.allclose(freq, want, atol=0.01), (freq, want)
+    # at the greedy temperature the softmax is one-hot: always the arg-max, ties aside
+    greedy = InverseCdfSampler()(None, torch.randn(500, 8064) / GREEDY_TEMPERATURE)
+    assert torch.equal(greedy.argmax(dim=1), (greedy == 0).float().argmax(dim=1))
+
+
+def test_batched_sampling_follows_the_models_distribution(taught_model_dir):
+    """256 one-token requests at temperature 0.1 (not the manager's default), batched: their first
+    tokens are draws from the model's softmax at that temperature (chi-square over the 5 likeliest
+    tokens and the rest; greedy, or the default temperature, would fail it)."""
+    model, tok, engine = _engine(taught_model_dir)
+    prompt = prompt_ids(tok, [{"role": "user", "content": "问一"}])
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / 0.1, dim=-1)
+    top = probs.topk(5).indices.tolist()
+    expected = [*probs[top].tolist(), 1 - float(probs[top].sum())]
+    assert max(expected) < 0.8, expected  # a spread distribution, or the test proves little
+
+    async def many() -> list[list[int]]:
+        jobs = [engine.submit(prompt, Sampling(max_tokens=1, temperature=0.1)) for _ in range(256)]
+        return list(await asyncio.gather(*(_collect(j) for j in jobs)))
+
+    try:
+        firsts = [t[0] for t in asyncio.run(many())]
+    finally:
+        engine.close()
+    assert engine.handoffs <= 1  # (the first request may start alone on `generate`)
+    counts = [firsts.count(t) for t in top] + [sum(t not in top for t in firsts)]
+    chi2 = sum((c - 256 * e) ** 2 / (256 * e) for c, e in zip(counts, expected) if e > 0)
+    assert chi2 < 25, (counts, [round(256 * e, 1) for e in expected])  # 5 df: p < 1e-4
+
+
+def test_the_batching_processors_shim_checks_what_it_relies_on(taught_model_dir):
+    from importlib import metadata
+
+    from transformers import GenerationConfig
+
+    from hanlm.compat import CB_CHECKED, _major_minor, batching_logits_processors
+
+    version = _major_minor(metadata.version("transformers"))
+    assert _major_minor(CB_CHECKED[0]) <= version <= _major_minor(CB_CHECKED[1]), (
+        "transformers outside the versions compat.batching_logits_processors was read on"
+    )
+    _, _, engine = _engine(taught_model_dir)
+    try:  # the engine's manager runs hanlm's processors, ending with the sampler
+        assert isinstance(engine.manager.logit_processor.logits_processor[-1], InverseCdfSampler)
+        with pytest.raises(RuntimeError, match="started already"):
+            batching_logits_processors(engine.manager, [InverseCdfSampler()])
+    finally:
+        engine.close()
+    fresh = load_model(ModelConfig(path=str(taught_model_dir)), attn_implementation="sdpa")
+    sampling = fresh.init_continuous_batching(generation_config=GenerationConfig(do_sample=True))
+    with pytest.raises(ValueError, match="do_sample=False"):
+        batching_logits_processors(sampling, [InverseCdfSampler()])

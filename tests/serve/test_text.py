@@ -134,3 +134,79 @@ def test_parse_completion_and_embedding_inputs():
 def test_a_vanishing_temperature_is_greedy():
     body = {"messages": [{"role": "user", "content": "x"}], "temperature": 5e-275}
     assert parse_chat(body, max_tokens=10, max_n=1).sampling.temperature == 0
+
+
+def test_a_job_hands_tokens_to_the_loop_in_batches(tiny_tokenizer):
+    """Tokens emitted faster than the stream interval wake the event loop once or twice, not per
+    token, arrive in order, and `_pieces` sends each batch as one piece (one SSE chunk); with
+    log-probs (`merge=False`) every token stays its own piece."""
+    import asyncio
+    import threading
+
+    from hanlm.serve.api import _pieces
+    from hanlm.serve.engine import End, Job, Token
+
+    ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
+
+    async def scenario(merge: bool) -> tuple[list[tuple[str, int]], int]:
+        job = Job("j", [1], Sampling(max_tokens=len(ids)), interval=60.0)
+        loop, wakes = job.loop, []
+        real = loop.call_soon_threadsafe
+
+        def counted(fn, *args):
+            wakes.append(fn)
+            return real(fn, *args)
+
+        loop.call_soon_threadsafe = counted
+        try:
+            emitter = threading.Thread(
+                target=lambda: [job.emit(Token(0, t)) for t in ids] + [job.emit(End(0, "stop"))]
+            )
+            emitter.start()
+            emitter.join()
+            pieces = [
+                (text, len(toks))
+                async for _, text, toks, _ in _pieces(job, tiny_tokenizer, 1, merge)
+            ]
+        finally:
+            loop.call_soon_threadsafe = real
+        return pieces, len(wakes)
+
+    pieces, wakes = asyncio.run(scenario(merge=True))
+    assert 1 <= wakes <= 2  # the first token; End (unless the first delivery was still pending)
+    assert "".join(p for p, _ in pieces) == TEXT and sum(n for _, n in pieces) == len(ids)
+    assert len(pieces) == 2  # every token in one piece, then the end
+    pieces, _ = asyncio.run(scenario(merge=False))
+    assert "".join(p for p, _ in pieces) == TEXT
+    assert [n for _, n in pieces] == [1] * len(ids) + [0]
+
+
+@pytest.mark.parametrize(("interval", "wakes"), [(60.0, 2), (0.0, 3)])
+def test_a_token_waits_for_the_next_event_within_the_interval(interval, wakes):
+    import asyncio
+
+    from hanlm.serve.engine import End, Job, Token
+
+    async def scenario() -> tuple[int, int]:
+        job = Job("j", [1], Sampling(max_tokens=2), interval=interval)
+        loop, count = job.loop, []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda fn, *a: (count.append(fn == job._deliver), real(fn, *a))[
+            1
+        ]
+        try:
+            await asyncio.to_thread(job.emit, Token(0, 5))  # the first token: at once
+            assert (await asyncio.wait_for(job.events.get(), 5)).id == 5
+            await asyncio.to_thread(job.emit, Token(0, 6))  # within the interval: held
+            await asyncio.sleep(0.05)
+            held = job.events.qsize()
+            await asyncio.to_thread(job.emit, End(0, "stop"))  # brings it along
+            await asyncio.sleep(0.05)
+            assert [e.id for e in [job.events.get_nowait()] if isinstance(e, Token)] == [6]
+            assert isinstance(job.events.get_nowait(), End)
+        finally:
+            loop.call_soon_threadsafe = real
+        return sum(count), held
+
+    count, held = asyncio.run(scenario())
+    assert count == wakes and held == (0 if interval else 1)

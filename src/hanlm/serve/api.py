@@ -58,31 +58,42 @@ def _sse(obj: Any) -> bytes:
 
 
 async def _pieces(
-    job: Job, tok: Any, rows: int
-) -> AsyncIterator[tuple[int, str, Token | None, str | None]]:
-    """(row, new text, token, finish reason) as the job produces them; stops at stop strings
-    (cancelling the job) and ends once every row has finished."""
+    job: Job, tok: Any, rows: int, merge: bool = True
+) -> AsyncIterator[tuple[int, str, list[Token], str | None]]:
+    """(row, new text, its tokens, finish reason) as the job produces them; stops at stop strings
+    (cancelling the job) and ends once every row has finished. With `merge`, the tokens of a row
+    that are waiting together come as one piece: one SSE chunk for them instead of one each
+    (each chunk costs the event loop, which shares the GIL with generation)."""
     dets = [Detokenizer(tok, job.sampling.stop) for _ in range(rows)]
     done = [False] * rows
     try:
         while not all(done):
-            ev = await job.events.get()
-            if isinstance(ev, Failed):
-                raise APIError(ev.message, status=500, type="server_error")
-            if done[ev.row]:
-                continue
-            if isinstance(ev, Token):
-                text = dets[ev.row].push(ev.id)
-                if dets[ev.row].stopped:
+            waiting = [await job.events.get()]
+            while not job.events.empty():
+                waiting.append(job.events.get_nowait())
+            row, text, tokens = 0, "", []
+            for ev in waiting:
+                if isinstance(ev, Failed):
+                    raise APIError(ev.message, status=500, type="server_error")
+                if done[ev.row]:
+                    continue
+                if tokens and (ev.row != row or not merge or not isinstance(ev, Token)):
+                    yield row, text, tokens, None
+                    text, tokens = "", []
+                if isinstance(ev, Token):
+                    row, text = ev.row, text + dets[ev.row].push(ev.id)
+                    tokens.append(ev)
+                    if dets[ev.row].stopped:
+                        done[ev.row] = True
+                        if all(done):
+                            job.cancel()  # a stop string: nothing more is wanted
+                        yield row, text, tokens, "stop"
+                        text, tokens = "", []
+                elif isinstance(ev, End):
                     done[ev.row] = True
-                    if all(done):
-                        job.cancel()  # a stop string: nothing more is wanted
-                    yield ev.row, text, ev, "stop"
-                else:
-                    yield ev.row, text, ev, None
-            elif isinstance(ev, End):
-                done[ev.row] = True
-                yield ev.row, dets[ev.row].finish(), None, ev.reason
+                    yield ev.row, dets[ev.row].finish(), [], ev.reason
+            if tokens:
+                yield row, text, tokens, None
         job.finished = True
     finally:
         job.cancel()  # the reader went away early (closed connection, error)
@@ -90,10 +101,9 @@ async def _pieces(
 
 async def _collect(job: Job, tok: Any, rows: int) -> list[Answer]:
     answers = [Answer() for _ in range(rows)]
-    async for row, text, token, finish in _pieces(job, tok, rows):
+    async for row, text, tokens, finish in _pieces(job, tok, rows):
         answers[row].text += text
-        if token is not None:
-            answers[row].tokens.append(token)
+        answers[row].tokens.extend(tokens)
         if finish:
             answers[row].finish = finish
     return answers
@@ -397,11 +407,11 @@ def create_app(
             for i in range(s.n):
                 yield chunk(i, {"role": "assistant", "content": ""})
             spent = 0
-            async for row, text, token, finish in _pieces(job, tok, s.n):
-                spent += token is not None
+            async for row, text, tokens, finish in _pieces(job, tok, s.n, s.logprobs is None):
+                spent += len(tokens)
                 lp = None
-                if token is not None and s.logprobs is not None:
-                    lp = {"content": [logprob_entry(token)], "refusal": None}
+                if tokens and s.logprobs is not None:  # (not merged: one token)
+                    lp = {"content": [logprob_entry(t) for t in tokens], "refusal": None}
                 if text or lp:
                     yield chunk(row, {"content": text}, None, lp)
                 if finish:
@@ -524,26 +534,26 @@ def create_app(
                         "finish_reason": "length",
                     }
                 return
-            async for row, text, token, finish in _pieces(job, tok, s.n):
+            async for row, text, tokens, finish in _pieces(job, tok, s.n, s.logprobs is None):
                 lp = None
-                if token is not None and s.logprobs is not None:
-                    lp = lp_block([(token.id, token.logprob, token.top or [])], 0)
+                if tokens and s.logprobs is not None:  # (not merged: one token)
+                    lp = lp_block([(t.id, t.logprob, t.top or []) for t in tokens], 0)
                 if text or lp or finish:
                     yield {
                         "index": k * s.n + row,
                         "text": text,
                         "logprobs": lp,
                         "finish_reason": finish,
-                        "_token": token is not None,
+                        "_token": len(tokens),
                     }
-                elif token is not None:
-                    yield {"_token": True}
+                elif tokens:
+                    yield {"_token": len(tokens)}
 
         async def events() -> AsyncIterator[bytes]:
             extra = {"usage": None} if req.include_usage else {}
             spent = 0
             async for _, choice in _merge([stream_one(k) for k in range(len(prompts))]):
-                spent += bool(choice.pop("_token", False))
+                spent += choice.pop("_token", 0)
                 if "index" in choice:
                     yield _sse({**head, "choices": [choice], **extra})
             if req.include_usage:

@@ -3,8 +3,9 @@
 Two paths, chosen per request by `Sampling.route()`:
 
 - **batch**: transformers' continuous-batching manager (`model.init_continuous_batching`, public
-  API), started with `per_request_processors=True` so that temperature (and, with
-  `batch_top_p`, top-k and top-p) is read from each request; greedy is a temperature of 1e-20,
+  API) on its arg-max path over hanlm's processors (`compat.batching_logits_processors`): a
+  per-request temperature (and, with `batch_top_p`, top-k and top-p), then `InverseCdfSampler`,
+  which draws the token with one random number per row; greedy is a temperature of 1e-20,
   which leaves exactly the arg-max token. Requests join and leave the running batch token by
   token; a dispatcher thread reads `get_result()` and hands tokens to each request's queue.
 - **generate**: `model.generate` on one worker, one request at a time, with the manager paused
@@ -35,14 +36,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from hanlm.compat import batching_logits_processors
 from hanlm.data.templates import stop_token_ids
 from hanlm.embedding import embed_ids
 from hanlm.infer.engine import decoding_kwargs
+from hanlm.serve.processors import InverseCdfSampler, LogprobRecorder, OpenAIPenalty
 from hanlm.serve.protocol import APIError, Sampling
 from hanlm.threads import SerialThreads
 
@@ -72,9 +76,17 @@ class Failed:
 
 
 class Job:
-    """One generation request's link between the engine's threads and the event loop."""
+    """One generation request's link between the engine's threads and the event loop.
 
-    def __init__(self, rid: str, prompt: list[int], sampling: Sampling) -> None:
+    Events reach the loop in batches: waking the loop costs the generating thread a write to
+    the loop's self-pipe and, worse, the GIL while the loop turns the token into an SSE chunk
+    (py-spy: 16% of a small model's decode time at one wake per token). A token waits (at most
+    `interval` seconds, until the next event) unless the loop was last woken longer ago than
+    that; the first token, `End` and `Failed` always wake it."""
+
+    def __init__(
+        self, rid: str, prompt: list[int], sampling: Sampling, interval: float = 0.0
+    ) -> None:
         self.id, self.prompt, self.sampling = rid, prompt, sampling
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Token | End | Failed] = asyncio.Queue()
@@ -82,14 +94,32 @@ class Job:
         self.finished = False  # set by the reader when every row has ended
         self.generated = False  # set by the generating thread once every row has ended
         self._on_cancel: list[Any] = []
+        self.interval = interval
+        self._held: list[Token | End | Failed] = []  # emitted, not yet handed to the loop
+        self._held_lock = threading.Lock()
+        self._woken = False  # a delivery is scheduled on the loop
+        self._last_wake = float("-inf")
 
     def emit(self, event: Token | End | Failed) -> None:
         """Thread-safe: deliver an event to the job's event loop."""
-        if not self.cancelled.is_set():
-            try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                self.cancelled.set()
+        if self.cancelled.is_set():
+            return
+        now = time.monotonic()
+        with self._held_lock:
+            self._held.append(event)
+            if self._woken or (isinstance(event, Token) and now - self._last_wake < self.interval):
+                return
+            self._woken, self._last_wake = True, now
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    def _deliver(self) -> None:
+        with self._held_lock:
+            events, self._held, self._woken = self._held, [], False
+        for event in events:
+            self.events.put_nowait(event)
 
     def cancel(self) -> None:
         """Stop generating (a no-op once the reader has seen every answer end)."""
@@ -121,6 +151,7 @@ class Engine:
         continuous_batching: bool = True,
         max_queue: int = 64,
         batch_top_p: bool = False,
+        stream_interval: float = 0.02,
     ) -> None:
         self.model, self.tok = model.eval(), tok
         self.stop_ids = stop_token_ids(tok)
@@ -128,6 +159,7 @@ class Engine:
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.max_queue = max_queue
         self.batch_top_p = batch_top_p
+        self.stream_interval = stream_interval  # seconds a token may wait for the next (Job)
         self.active = 0  # admitted requests not yet finished (bounded by max_queue)
         self._ids = itertools.count()
         self._jobs: dict[str, Job] = {}  # batched requests in the manager, by request id
@@ -154,21 +186,29 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
 
     def _init_manager(self) -> None:
-        from transformers import ContinuousBatchingConfig, GenerationConfig
+        from transformers import (
+            ContinuousBatchingConfig,
+            GenerationConfig,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
-        # Sampling on, with the warpers that get a per-request version present (a temperature
-        # != 1, and with `batch_top_p` a top-k and a top-p < 1); requests always send them.
-        # Top-k and top-p sort the whole vocabulary per batched request per token, whatever the
-        # request asked for: on a CPU that costs more than a small model's forward pass
-        # (benchmarks/cb_warpers.py), so by default requests that want them go to `generate`.
-        truncation = {"top_k": len(self.tok), "top_p": 0.99} if self.batch_top_p else {}
+        # The manager runs its arg-max path over our processors: a per-request temperature
+        # (and, with `batch_top_p`, top-k and top-p), then `InverseCdfSampler` draws the token.
+        # transformers' own sampling (`torch.multinomial`) makes a random number per vocabulary
+        # entry per row: 5 ms a step for 32 rows of the demo's 8k vocabulary, more than its
+        # forward pass. Top-k and top-p sort the whole vocabulary of every batched row per token,
+        # whatever the request asked for: on a CPU that costs more than a small model's forward
+        # pass (benchmarks/cb_warpers.py), so by default requests that want them go to `generate`.
+        warpers: list[Any] = [TemperatureLogitsWarper(0.5)]
+        if self.batch_top_p:
+            warpers += [TopKLogitsWarper(len(self.tok)), TopPLogitsWarper(0.99)]
         config = GenerationConfig(
-            do_sample=True,
-            temperature=0.5,
+            do_sample=False,
             max_new_tokens=256,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
-            **truncation,
         )
         # Size the paged KV cache for the work instead of letting transformers take a share of
         # free memory: on CPU that share is host RAM, and zero-filling its static tensors took
@@ -185,6 +225,7 @@ class Engine:
         self.manager = self.model.init_continuous_batching(
             generation_config=config, continuous_batching_config=cb_config
         )
+        batching_logits_processors(self.manager, [*warpers, InverseCdfSampler()])
         # Start once so the loop thread allocates the cache now rather than in the first batched
         # request's time to first token, then stop it (state kept) until requests need it.
         self.manager.start()
@@ -253,7 +294,7 @@ class Engine:
         A batch-route request that finds the engine idle runs on `generate`, which is faster
         than the batching loop for one sequence; when another request arrives it hands off: what
         it has generated so far becomes the prompt of a batch request for the rest."""
-        job = Job(f"hanlm-{next(self._ids)}", prompt, sampling)
+        job = Job(f"hanlm-{next(self._ids)}", prompt, sampling, self.stream_interval)
         if self.route(sampling) != "batch":
             self._contended.set()
             self._to_worker(self._guarded, self._generate, job)
@@ -464,8 +505,8 @@ class Engine:
             kw["negative_prompt_attention_mask"] = torch.ones_like(neg)
         processors = []
         if s.presence_penalty or s.frequency_penalty:
-            processors.append(_OpenAIPenalty(len(job.prompt), s))
-        recorder = _LogprobRecorder(s.logprobs) if s.logprobs is not None else None
+            processors.append(OpenAIPenalty(len(job.prompt), s))
+        recorder = LogprobRecorder(s.logprobs) if s.logprobs is not None else None
         if recorder is not None:
             processors.append(recorder)
         streamer = _JobStreamer(job, s, self.stop_ids, recorder)
@@ -537,43 +578,6 @@ class Engine:
 # free of transformers base classes so this module imports without torch.
 
 
-class _OpenAIPenalty:
-    """OpenAI's presence/frequency penalties over the generated tokens only:
-    logit -= frequency * count + presence * (count > 0)."""
-
-    def __init__(self, prompt_len: int, s: Sampling) -> None:
-        self.prompt_len, self.presence, self.frequency = (
-            prompt_len,
-            s.presence_penalty,
-            s.frequency_penalty,
-        )
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        generated = input_ids[:, self.prompt_len :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores)
-        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-class _LogprobRecorder:
-    """Keeps the log-softmax of each step's scores after penalties and guidance, before
-    temperature and truncation (which `generate` applies after custom processors)."""
-
-    def __init__(self, top: int) -> None:
-        self.top = top
-        self.last: Any = None
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        self.last = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-
 class _Cancelled:
     """Stops `generate` when the job is cancelled, every row has finished on its own, or (a
     solo request) `handoff` is set because another request is waiting."""
@@ -596,7 +600,7 @@ class _JobStreamer:
     """Receives each step's tokens from `generate` and emits them to the job, row by row."""
 
     def __init__(
-        self, job: Job, s: Sampling, stop_ids: list[int], recorder: _LogprobRecorder | None
+        self, job: Job, s: Sampling, stop_ids: list[int], recorder: LogprobRecorder | None
     ) -> None:
         self.job, self.stop_ids, self.recorder = job, set(stop_ids), recorder
         self.max_tokens = s.max_tokens
