@@ -172,3 +172,19 @@ def test_stage_defaults_follow_the_papers():
     from hanlm.stages.sft import SFTConfig
 
     assert load_config(SFTConfig).train.lr == 2e-5  # trl's SFT default, not pretraining's 1e-3
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_gradient_checkpointing_is_one_setting_for_every_trainer(tmp_path, on):
+    """trl's configs default gradient checkpointing to on, the Trainer's to off: every stage
+    gets `train.gradient_checkpointing` instead (off: a third less compute per step)."""
+    from transformers import TrainingArguments
+    from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
+
+    from hanlm.config import TrainConfig
+    from hanlm.training import training_args
+
+    cfg = TrainConfig(precision="fp32", gradient_checkpointing=on)
+    for cls in (TrainingArguments, SFTConfig, DPOConfig, RewardConfig, GRPOConfig):
+        args = training_args(cfg, tmp_path, has_eval=False, args_cls=cls)
+        assert args.gradient_checkpointing is on, cls.__name__

@@ -28,6 +28,11 @@ def main() -> None:
     ap.add_argument("--lora-alpha", type=int, default=32)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (a GPU)")
     ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations (trl's own default; off here as in hanlm's default)",
+    )
+    ap.add_argument(
         "--chat-template",
         default="",
         help="a Jinja file with {% generation %} markers, for a tokenizer whose own template has"
@@ -95,6 +100,8 @@ def main() -> None:
             max_length=args.max_length,
             assistant_only_loss=True,
             packing=False,
+            # trl turns it on by default; hanlm's default is off: the same work on both sides
+            gradient_checkpointing=args.gradient_checkpointing,
         ),
         train_dataset=ds,
         processing_class=tok,

@@ -138,6 +138,12 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
         "auto", "auto = bf16 on a GPU that supports it, fp32 on CPU"
     )
+    gradient_checkpointing: bool = opt(
+        False,
+        "recompute activations in the backward pass instead of keeping them: less memory, about"
+        " a third more compute per step (trl's trainers turn it on by default; hanlm only when"
+        " asked, in every stage alike)",
+    )
     deepspeed: str = opt(
         "",
         "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); launch with torchrun;"

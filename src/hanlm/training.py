@@ -68,6 +68,8 @@ def training_args(
         save_strategy="steps" if save_every else "no",
         save_steps=save_every or 500,
         save_total_limit=None,  # the metrics callback prunes, once the new one is complete
+        # explicit: trl's configs default it to True, the Trainer's to False
+        gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=on_cpu,
