@@ -16,7 +16,9 @@ a reader would keep them, so a query still shares some words with its document: 
 matching (BM25) has an edge here, which the benchmark states.
 
 Usage: python scripts/build_rag_set.py [--out build/rag]  (writes docs.jsonl, queries.jsonl,
-train_pairs.jsonl, manifest.json; deterministic).
+train_pairs.jsonl, manifest.json; deterministic), and cite_train.jsonl: the training poets'
+questions with their biography and key, from which benchmarks/rag_cite.py makes examples of
+grounded answers that cite their source.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def fact_queries(key: str, text: str, rng: random.Random, n: int, others: list[s
 
 def build(out: Path) -> dict[str, int]:
     rng = random.Random(0)
-    docs, queries, pairs = [], [], []
+    docs, queries, pairs, cite = [], [], [], []
     all_bios = bios()
     plain = [_NOTE.sub("", t) for t in all_bios.values()]
     for key, text in sorted(all_bios.items()):
@@ -125,13 +127,16 @@ def build(out: Path) -> dict[str, int]:
         else:
             for q in fact_queries(key, text, rng, 2, plain):
                 pairs.append({"query": q, "positive": text})
+                cite.append({"query": q, "doc_id": key, "text": text})
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("docs", docs), ("queries", queries), ("train_pairs", pairs)):
+    files = (("docs", docs), ("queries", queries), ("train_pairs", pairs), ("cite_train", cite))
+    for name, rows in files:
         lines = [json.dumps(r, ensure_ascii=False) for r in rows]
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     counts = {"docs": len(docs), "queries": len(queries), "train_pairs": len(pairs)}
     train_texts = {p["positive"] for p in pairs}
     assert not train_texts & {d["text"] for d in docs}, "a retrieval document is in the pairs"
+    assert not {c["doc_id"] for c in cite} & {d["id"] for d in docs}, "a held-out poet in cite"
     (out / "manifest.json").write_text(json.dumps(counts, indent=1), encoding="utf-8")
     return counts
 

@@ -40,9 +40,14 @@ class RetrievalOptions:
 
 def grounded_question(question: str, hits: list[Hit], max_chars: int = 300) -> str:
     """The user turn: the instruction, the numbered sources, then the question."""
+    return grounded_prompt(question, [h.chunk.text for h in hits], max_chars)
+
+
+def grounded_prompt(question: str, sources: list[str], max_chars: int = 300) -> str:
+    """`grounded_question` over plain texts (also how training examples for citing are made)."""
     lines = [INSTRUCTION, ""]
-    for i, h in enumerate(hits, 1):
-        lines.append(f"[{i}] {h.chunk.text.strip()[:max_chars]}")
+    for i, text in enumerate(sources, 1):
+        lines.append(f"[{i}] {text.strip()[:max_chars]}")
     lines += ["", f"问题：{question}"]
     return "\n".join(lines)
 
