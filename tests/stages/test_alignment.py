@@ -185,6 +185,35 @@ def test_builtin_and_imported_rule_rewards():
 # --------------------------------------------------------------------------- PPO
 
 
+def ppo_argv(model, pref, out, *extra, rules="token_share"):
+    """A short PPO-ptx run on rule rewards (4 prompts a rollout, 3 steps, checkpoints at 2):
+    the argument list the torchrun and DeepSpeed tests share."""
+    return [
+        f"model.path={model}",
+        *_data(pref),
+        f"ptx_data.paths=[{pref / 'ptx.jsonl'}]",
+        f"rules.funcs=[{rules}]",
+        f"rules.target={POEMS}",
+        "max_new_tokens=6",
+        "rollout_batch=4",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "ppo_epochs=1",
+        "ptx_coef=1.0",
+        "ptx_block=16",
+        "ptx_batch=2",
+        "kl_target=1.0",
+        "train.lr=1e-3",
+        "train.max_steps=3",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "eval_prompts=4",
+        "eval_ptx_blocks=0",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
 def _ppo(tmp, model, pref, *extra):
     from hanlm.stages.ppo import PPOConfig, run
 
@@ -295,29 +324,7 @@ def test_ppo_data_parallel_under_torchrun(tmp_path, tiny_model_path, pref):
 
     (tmp_path / "seen_rule.py").write_text(SEEN_RULE)
     out = tmp_path / "ppo"
-    argv = [
-        f"model.path={tiny_model_path}",
-        *_data(pref),
-        f"ptx_data.paths=[{pref / 'ptx.jsonl'}]",
-        "rules.funcs=[token_share,seen_rule:seen]",
-        f"rules.target={POEMS}",
-        "max_new_tokens=6",
-        "rollout_batch=4",
-        "train.batch_size=2",
-        "train.grad_accum=2",
-        "ppo_epochs=1",
-        "ptx_coef=1.0",
-        "ptx_block=16",
-        "ptx_batch=2",
-        "kl_target=1.0",
-        "train.lr=1e-3",
-        "train.max_steps=3",
-        "train.save_steps=2",
-        "train.eval_steps=2",
-        "eval_prompts=4",
-        "eval_ptx_blocks=0",
-        f"output_dir={out}",
-    ]
+    argv = ppo_argv(tiny_model_path, pref, out, rules="token_share,seen_rule:seen")
 
     def launch(*extra, seen):
         (tmp_path / seen).mkdir()

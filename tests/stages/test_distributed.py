@@ -79,36 +79,9 @@ def _two_nodes(command, argv):
     return _wait(*procs)
 
 
-def _ppo_argv(model, pref, out, *extra):
-    return [
-        f"model.path={model}",
-        *_data(pref),
-        f"ptx_data.paths=[{pref / 'ptx.jsonl'}]",
-        "rules.funcs=[token_share]",
-        f"rules.target={POEMS}",
-        "max_new_tokens=6",
-        "rollout_batch=4",
-        "train.batch_size=2",
-        "train.grad_accum=2",
-        "ppo_epochs=1",
-        "ptx_coef=1.0",
-        "ptx_block=16",
-        "ptx_batch=2",
-        "kl_target=1.0",
-        "train.lr=1e-3",
-        "train.max_steps=3",
-        "train.save_steps=2",
-        "train.eval_steps=2",
-        "eval_prompts=4",
-        "eval_ptx_blocks=0",
-        f"output_dir={out}",
-        *extra,
-    ]
-
-
 def _ppo_2proc(model, pref, out, *extra):
     launch = ["--standalone", "--nproc_per_node", "2"]
-    return _wait(_torchrun(launch, "ppo", _ppo_argv(model, pref, out, *extra)))[0]
+    return _wait(_torchrun(launch, "ppo", test_alignment.ppo_argv(model, pref, out, *extra)))[0]
 
 
 def _rows(out):
@@ -138,14 +111,14 @@ def test_one_process_on_zero2_equals_the_plain_loop(tmp_path, tiny_model_path, p
 
     plain, zero = tmp_path / "plain", tmp_path / "zero2"
     fast = ["train.max_steps=2", "train.save_steps=0", "train.eval_steps=0", "eval_prompts=0"]
-    assert cli.main(["ppo", *_ppo_argv(tiny_model_path, pref, plain, *fast)]) == 0
+    assert cli.main(["ppo", *test_alignment.ppo_argv(tiny_model_path, pref, plain, *fast)]) == 0
     ds = f"train.deepspeed={DS / 'zero2.json'}"
     cmd = [
         sys.executable,
         "-m",
         "hanlm.cli",
         "ppo",
-        *_ppo_argv(tiny_model_path, pref, zero, *fast, ds),
+        *test_alignment.ppo_argv(tiny_model_path, pref, zero, *fast, ds),
     ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -226,7 +199,7 @@ def test_two_nodes_on_one_machine_train_as_one_job(
     assert len(a) == len(b) == 4 and b == pytest.approx(a, rel=1e-5)
 
     out = tmp_path / "ppo"
-    logs = _two_nodes("ppo", _ppo_argv(tiny_model_path, pref, out))
+    logs = _two_nodes("ppo", test_alignment.ppo_argv(tiny_model_path, pref, out))
     assert sum(log.count("hanlm ppo: done ->") for log in logs) == 1
     s = read_run(out)["summary"]
     assert s["world_size"] == 2 and s["weights_equal_across_processes"] is True
