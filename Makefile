@@ -39,7 +39,7 @@ lint: setup
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
-# hanlm against the peers its users would run instead (benchmarks/bench.py; ~40 min on 2 cores).
+# hanlm against the peers its users would run instead (benchmarks/bench.py; ~95 min on 2 cores).
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 
