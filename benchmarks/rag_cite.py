@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import subprocess
 import sys
 import time
@@ -37,14 +36,20 @@ from hanlm.config import ModelConfig
 from hanlm.infer.engine import GenerationOptions
 from hanlm.infer.engine import generate as generate_answers
 from hanlm.modeling import load_model, load_tokenizer
-from hanlm.rag.answer import RagAskConfig, RetrievalOptions, Retriever, ask, grounded_prompt
+from hanlm.rag.answer import (
+    RagAskConfig,
+    RetrievalOptions,
+    Retriever,
+    ask,
+    citation_marks,
+    grounded_prompt,
+)
 from hanlm.rag.bm25 import BM25
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 K = 3
 MAX_CHARS = 120  # characters of one source in the prompt (the demo model was trained at 256 tokens)
-_CITE = re.compile(r"\[(\d)\]")
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -90,7 +95,7 @@ def training_examples(
 
 
 def judge(answer: str, right: int | None, name: str, k: int) -> dict[str, bool]:
-    marks = {int(m) for m in _CITE.findall(answer)}
+    marks = set(citation_marks(answer))
     return {
         "cites_right": right is not None and right in marks,
         "cites_only_right": right is not None and marks == {right},

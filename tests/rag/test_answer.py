@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hanlm.cli import main
-from hanlm.rag.answer import INSTRUCTION, citations, grounded_question
+from hanlm.rag.answer import INSTRUCTION, citation_marks, citations, grounded_question
 from hanlm.rag.chunking import Chunk
 from hanlm.rag.index import Hit
 
@@ -33,6 +33,7 @@ def test_citations_map_to_the_returned_sources():
     assert cited[1]["doc_id"] == "bio:0"
     assert unknown == [7]  # a mark naming no source is reported
     assert citations("不知道。", hits) == ([], [])
+    assert citation_marks("见[12]与[3]，又见[12]。") == [12, 3]  # several digits, each once
 
 
 def test_rag_ask_returns_answer_and_sources(tiny_model_path, bigram_index, capsys):

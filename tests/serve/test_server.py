@@ -31,6 +31,8 @@ def test_config_defaults_and_checks():
     )
     with pytest.raises(ConfigError, match="port"):
         load_config(ServeConfig, overrides=["port=70000"])
+    with pytest.raises(ConfigError, match="stream_interval_ms=-1"):
+        load_config(ServeConfig, overrides=["stream_interval_ms=-1"])
     with pytest.raises(ConfigError, match="max_queue"):
         load_config(ServeConfig, overrides=["max_queue=0"])
     with pytest.raises(ConfigError, match="unknown config key"):

@@ -52,16 +52,16 @@ def grounded_prompt(question: str, sources: list[str], max_chars: int = 300) -> 
     return "\n".join(lines)
 
 
+def citation_marks(answer: str) -> list[int]:
+    """The numbers cited as [n] in `answer`, in order of first mention, each once."""
+    return list(dict.fromkeys(int(m) for m in _CITE.findall(answer)))
+
+
 def citations(answer: str, hits: list[Hit]) -> tuple[list[dict[str, Any]], list[int]]:
     """(the cited sources in order of first mention, the marks that name no source)."""
     cited: list[dict[str, Any]] = []
     unknown: list[int] = []
-    seen: set[int] = set()
-    for m in _CITE.finditer(answer):
-        n = int(m.group(1))
-        if n in seen:
-            continue
-        seen.add(n)
+    for n in citation_marks(answer):
         if 1 <= n <= len(hits):
             cited.append({"n": n, **source_of(hits[n - 1])})
         else:
