@@ -8,7 +8,10 @@ import ast
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 PKG = SRC / "hanlm"
 
 # Floors, bottom to top; a module may import its own floor or lower ones.
@@ -166,3 +169,32 @@ def test_compat_shim_resets_accelerate_state():
     reset_accelerator_state()
     assert not AcceleratorState._shared_state  # the state the shim exists to clear
     Accelerator(cpu=True)  # and a new one can be built
+
+
+def test_library_caps_match_the_versions_compat_was_read_on():
+    """A fresh install must not pick a release whose internals nobody has read: each library
+    hanlm.compat reaches into is capped in pyproject.toml just above its checked range, and the
+    installed version lies inside that range (a raised cap without a re-read fails here)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from hanlm import compat
+
+    tomllib = pytest.importorskip("tomllib")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    reqs = {r.name: r for r in map(Requirement, deps["dependencies"])}
+    checked = {
+        "transformers": [compat.TRANSFORMERS_CHECKED, compat.CB_CHECKED],
+        "accelerate": [compat.ACCELERATE_CHECKED],
+        "trl": [compat.TRL_CHECKED],
+    }
+    for name, ranges in checked.items():
+        caps = [s.version for s in reqs[name].specifier if s.operator == "<"]
+        newest = max(compat._major_minor(hi) for _, hi in ranges)
+        assert caps == [f"{newest[0]}.{newest[1] + 1}"], (name, str(reqs[name].specifier), newest)
+        installed = compat._major_minor(metadata.version(name))
+        for lo, hi in ranges:
+            assert compat._major_minor(lo) <= installed <= compat._major_minor(hi), (name, lo, hi)
+        assert Version(metadata.version(name)) in reqs[name].specifier
