@@ -888,7 +888,7 @@ def main() -> None:
         cmd = [sys.executable, str(ROOT / "benchmarks" / "serve.py"), *targets]
         cmd += ["--out", str(serve_out)]
         if args.quick:
-            cmd += ["--rounds", "1", "--soak", "10", "--clients", "8"]
+            cmd += ["--rounds", "1", "--soak", "10", "--clients", "8", "--min-seconds", "2"]
         log("serving: benchmarks/serve.py")
         run_proc(cmd, work / "serve.log", fresh_env(work))
         extra["serve"] = json.loads(serve_out.with_suffix(".json").read_text())

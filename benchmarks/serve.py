@@ -14,7 +14,10 @@
 Each server runs alone in its own process; rounds alternate who goes first (A B, then B A) so a
 busy machine slows both alike, and the table gives medians and per-round ratios. Tokens are
 counted by tokenizing each answer with the model's tokenizer, the same way for both servers.
-A GGUF model is first written out as a plain HF directory, which both servers load.
+A GGUF model is first written out as a plain HF directory, which both servers load. Every timed
+run lasts at least `--min-seconds` (5): batch-1 runs repeat the prompts in whole passes (the same
+count for `generate` and both servers), clients keep sending until then (the demo model answers
+16 requests in under half a second, which one scheduler hiccup could halve).
 Writes benchmarks/results/serve.{json,md}.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -151,16 +155,24 @@ async def one(
     return {"text": "".join(parts), "ttft": (first or end) - t0, "seconds": end - t0}
 
 
-async def load(server: Server, clients: int, per_client: int, max_tokens: int) -> list[dict]:
-    """`clients` concurrent clients, each sending `per_client` requests one after another."""
+async def load(
+    server: Server, clients: int, per_client: int, max_tokens: int, min_seconds: float
+) -> list[dict]:
+    """`clients` concurrent clients, each sending requests one after another: at least
+    `per_client`, and more until `min_seconds` have passed since the load began (a load of the
+    demo model's 16 short answers lasts under half a second, too short to time)."""
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as s:
+        t0 = time.perf_counter()
 
         async def client(c: int) -> list[dict]:
-            qs = [QUESTIONS[(c + i) % len(QUESTIONS)] for i in range(per_client)]
-            return [await one(server, q, max_tokens, s) for q in qs]
+            out: list[dict] = []
+            while len(out) < per_client or time.perf_counter() - t0 < min_seconds:
+                out.append(
+                    await one(server, QUESTIONS[(c + len(out)) % len(QUESTIONS)], max_tokens, s)
+                )
+            return out
 
-        t0 = time.perf_counter()
         done = await asyncio.gather(*(client(c) for c in range(clients)))
         wall = time.perf_counter() - t0
     results = [r for rs in done for r in rs]
@@ -189,9 +201,17 @@ def summarise(results: list[dict], tok) -> dict:
     }
 
 
-def generate_rate(model_dir: str, tok, max_tokens: int) -> dict:
-    """Plain `model.generate`, batch 1, greedy, the same prompts: the batch-1 reference. Decode
-    tokens/s leaves out each prompt's first token, timed by a 1-token `generate` of it."""
+def questions_for(min_seconds: float, seconds_per_pass: float) -> list[str]:
+    """The prompts, whole passes over them, enough for `min_seconds` of batch-1 timing."""
+    passes = max(1, math.ceil(min_seconds / max(seconds_per_pass, 1e-3)))
+    return QUESTIONS * passes
+
+
+def generate_rate(model_dir: str, tok, max_tokens: int, min_seconds: float) -> dict:
+    """Plain `model.generate`, batch 1, greedy, the same prompts (whole passes over them, for at
+    least `min_seconds`): the batch-1 reference. Decode tokens/s leaves out each prompt's first
+    token, timed by a 1-token `generate` of it. Returns also `questions`, the prompt list the
+    servers' batch-1 runs then send (the same requests on every side)."""
     model = load_model(ModelConfig(path=model_dir, dtype="float32")).eval()
     stops = stop_token_ids(tok)
     tokens, seconds, first = 0, 0.0, 0.0
@@ -199,7 +219,10 @@ def generate_rate(model_dir: str, tok, max_tokens: int) -> dict:
     with torch.no_grad():
         warm = torch.tensor([prompt_ids(tok, [{"role": "user", "content": QUESTIONS[0]}])])
         model.generate(warm, max_new_tokens=4, do_sample=False)
-        for q in QUESTIONS:
+        t_one = time.perf_counter()  # one untimed full-length answer sizes the run
+        model.generate(warm, max_new_tokens=max_tokens, do_sample=False)
+        questions = questions_for(min_seconds, len(QUESTIONS) * (time.perf_counter() - t_one))
+        for q in questions:
             ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": q}])])
             kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
             t0 = time.perf_counter()
@@ -215,7 +238,8 @@ def generate_rate(model_dir: str, tok, max_tokens: int) -> dict:
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 2),
-        "decode_tokens_per_s": round((tokens - len(QUESTIONS)) / (seconds - first), 2),
+        "decode_tokens_per_s": round((tokens - len(questions)) / (seconds - first), 2),
+        "questions": len(questions),
     }
 
 
@@ -274,7 +298,10 @@ async def bench_model(path: str, args: argparse.Namespace, tmp: Path) -> dict:
     tok = load_tokenizer(model_dir)
     row: dict = {"model": path, "max_tokens": args.max_tokens, "rounds": []}
     for rnd in range(args.rounds):
-        result: dict = {"generate": generate_rate(model_dir, tok, args.max_tokens)}
+        result: dict = {
+            "generate": generate_rate(model_dir, tok, args.max_tokens, args.min_seconds)
+        }
+        questions = QUESTIONS * (result["generate"]["questions"] // len(QUESTIONS))
         kinds = ("hanlm", "transformers")  # who goes first alternates: A B, then B A
         for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
             server = Server(kind, model_dir)
@@ -282,14 +309,17 @@ async def bench_model(path: str, args: argparse.Namespace, tmp: Path) -> dict:
                 await server.wait()
                 res: dict = {}
                 seq = []
-                for q in QUESTIONS:  # batch 1: one request at a time
+                for q in questions:  # batch 1: one request at a time
                     seq.append(await one(server, q, args.max_tokens))
                 for r in seq:
                     r["wall"] = sum(x.get("seconds", 0) for x in seq)
                 res["batch1"] = summarise(seq, tok)
                 for clients in args.clients:
                     res[f"c{clients}"] = summarise(
-                        await load(server, clients, args.per_client, args.max_tokens), tok
+                        await load(
+                            server, clients, args.per_client, args.max_tokens, args.min_seconds
+                        ),
+                        tok,
                     )
                 if kind == "hanlm" and rnd == args.rounds - 1 and args.soak > 0:
                     row["soak"] = await soak(server, 16, args.soak, args.max_tokens, tok)
@@ -395,6 +425,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--per-client", type=int, default=2, help="requests per client per load")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--min-seconds",
+        type=float,
+        default=5,
+        help="shortest timed run: batch-1 runs repeat the prompts, clients keep sending until then",
+    )
     ap.add_argument("--soak", type=float, default=60, help="soak seconds (0 = skip)")
     ap.add_argument("--out", default="benchmarks/results/serve")
     args = ap.parse_args()
@@ -408,6 +444,7 @@ def main() -> None:
         "rounds": args.rounds,
         "per_client": args.per_client,
         "max_tokens": args.max_tokens,
+        "min_seconds": args.min_seconds,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
