@@ -1,8 +1,8 @@
 """`hanlm serve` against what its users would run instead, on the same model and requests:
 
 - batch 1: one streamed chat request at a time through `hanlm serve`, against plain
-  `model.generate` of the same prompt in this process (same greedy tokens: the server's greedy
-  output equals `generate`, which tests/serve checks);
+  `model.generate` of the same prompt in this process, pass by pass in turn (same greedy
+  tokens: the server's greedy output equals `generate`, which tests/serve checks);
 - concurrency: 8 and 32 clients streaming at once, against the same requests sent one after
   another (sequential), and against `transformers serve --continuous-batching`;
 - time to first token p50/p95 at those loads;
@@ -15,9 +15,10 @@ Each server runs alone in its own process; rounds alternate who goes first (A B,
 busy machine slows both alike, and the table gives medians and per-round ratios. Tokens are
 counted by tokenizing each answer with the model's tokenizer, the same way for both servers.
 A GGUF model is first written out as a plain HF directory, which both servers load. Every timed
-run lasts at least `--min-seconds` (5): batch-1 runs repeat the prompts in whole passes (the same
-count for `generate` and both servers), clients keep sending until then (the demo model answers
-16 requests in under half a second, which one scheduler hiccup could halve).
+run lasts at least `--min-seconds` (5): batch-1 runs repeat the prompts in whole passes, each
+pass through the server right after the same pass through `generate` (the reference beside each
+server is its own), and clients keep sending until then (the demo model answers 16 requests in
+under half a second, and this machine's speed drifts by ±15% from minute to minute).
 Writes benchmarks/results/serve.{json,md}.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import signal
 import socket
@@ -201,46 +201,46 @@ def summarise(results: list[dict], tok) -> dict:
     }
 
 
-def questions_for(min_seconds: float, seconds_per_pass: float) -> list[str]:
-    """The prompts, whole passes over them, enough for `min_seconds` of batch-1 timing."""
-    passes = max(1, math.ceil(min_seconds / max(seconds_per_pass, 1e-3)))
-    return QUESTIONS * passes
+class Reference:
+    """Plain `model.generate` in this process, batch 1, greedy, on the same prompts: the batch-1
+    reference. Decode time leaves out each prompt's first token, timed by a 1-token `generate`."""
+
+    def __init__(self, model_dir: str, tok, max_tokens: int) -> None:
+        self.tok, self.max_tokens = tok, max_tokens
+        self.model = load_model(ModelConfig(path=model_dir, dtype="float32")).eval()
+        self.stops = stop_token_ids(tok)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.stops[0]
+        self.ask(QUESTIONS[0], 4)  # warm-up
+
+    @torch.no_grad()
+    def ask(self, question: str, max_tokens: int) -> dict:
+        ids = torch.tensor([prompt_ids(self.tok, [{"role": "user", "content": question}])])
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=self.pad)
+        t0 = time.perf_counter()
+        self.model.generate(ids, max_new_tokens=1, **kw)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = self.model.generate(ids, max_new_tokens=max_tokens, eos_token_id=self.stops, **kw)
+        seconds = time.perf_counter() - t0
+        text = self.tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return {"text": text, "ttft": first, "seconds": seconds}
 
 
-def generate_rate(model_dir: str, tok, max_tokens: int, min_seconds: float) -> dict:
-    """Plain `model.generate`, batch 1, greedy, the same prompts (whole passes over them, for at
-    least `min_seconds`): the batch-1 reference. Decode tokens/s leaves out each prompt's first
-    token, timed by a 1-token `generate` of it. Returns also `questions`, the prompt list the
-    servers' batch-1 runs then send (the same requests on every side)."""
-    model = load_model(ModelConfig(path=model_dir, dtype="float32")).eval()
-    stops = stop_token_ids(tok)
-    tokens, seconds, first = 0, 0.0, 0.0
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    with torch.no_grad():
-        warm = torch.tensor([prompt_ids(tok, [{"role": "user", "content": QUESTIONS[0]}])])
-        model.generate(warm, max_new_tokens=4, do_sample=False)
-        t_one = time.perf_counter()  # one untimed full-length answer sizes the run
-        model.generate(warm, max_new_tokens=max_tokens, do_sample=False)
-        questions = questions_for(min_seconds, len(QUESTIONS) * (time.perf_counter() - t_one))
-        for q in questions:
-            ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": q}])])
-            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, **kw)
-            first += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=max_tokens, eos_token_id=stops, **kw)
-            seconds += time.perf_counter() - t0
-            text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-            tokens += len(tok.encode(text, add_special_tokens=False))
-    del model
-    return {
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 2),
-        "decode_tokens_per_s": round((tokens - len(questions)) / (seconds - first), 2),
-        "questions": len(questions),
-    }
+async def batch1(server: Server, ref: Reference, tok, min_seconds: float) -> tuple[dict, dict]:
+    """One request at a time through `server`, and the same prompts through `generate`,
+    interleaved pass by pass (a pass = every prompt once) for at least `min_seconds` each, so
+    that the machine's drift (its speed moved by ±15% from minute to minute here) falls on both
+    sides alike. Returns (server, generate) summaries."""
+    served: list[dict] = []
+    local: list[dict] = []
+    while not served or sum(r["seconds"] for r in served) < min_seconds:
+        local += [ref.ask(q, ref.max_tokens) for q in QUESTIONS]
+        served += [await one(server, q, ref.max_tokens) for q in QUESTIONS]
+    for rs in (served, local):
+        wall = sum(r.get("seconds", 0) for r in rs)
+        for r in rs:
+            r["wall"] = wall
+    return summarise(served, tok), summarise(local, tok)
 
 
 async def soak(server: Server, clients: int, seconds: float, max_tokens: int, tok) -> dict:
@@ -297,23 +297,16 @@ async def bench_model(path: str, args: argparse.Namespace, tmp: Path) -> dict:
     model_dir = as_hf_dir(path, tmp)
     tok = load_tokenizer(model_dir)
     row: dict = {"model": path, "max_tokens": args.max_tokens, "rounds": []}
+    ref = Reference(model_dir, tok, args.max_tokens)
     for rnd in range(args.rounds):
-        result: dict = {
-            "generate": generate_rate(model_dir, tok, args.max_tokens, args.min_seconds)
-        }
-        questions = QUESTIONS * (result["generate"]["questions"] // len(QUESTIONS))
+        result: dict = {}
         kinds = ("hanlm", "transformers")  # who goes first alternates: A B, then B A
         for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
             server = Server(kind, model_dir)
             try:
                 await server.wait()
                 res: dict = {}
-                seq = []
-                for q in questions:  # batch 1: one request at a time
-                    seq.append(await one(server, q, args.max_tokens))
-                for r in seq:
-                    r["wall"] = sum(x.get("seconds", 0) for x in seq)
-                res["batch1"] = summarise(seq, tok)
+                res["batch1"], res["generate"] = await batch1(server, ref, tok, args.min_seconds)
                 for clients in args.clients:
                     res[f"c{clients}"] = summarise(
                         await load(
@@ -360,17 +353,17 @@ def table(rows: list[dict], clients: list[int]) -> str:
     for row in rows:
         rs, name = row["rounds"], Path(row["model"]).name
         tps = ("hanlm", "batch1", "tokens_per_s")
-        ratio = _ratios(rs, tps, ("generate", "tokens_per_s"))
+        ratio = _ratios(rs, tps, ("hanlm", "generate", "tokens_per_s"))
         vs_t = _ratios(rs, tps, ("transformers", "batch1", "tokens_per_s"))
         dec = ("batch1", "decode_tokens_per_s")
         decode = [
-            _median(rs, "generate", "decode_tokens_per_s"),
+            _median(rs, "hanlm", "generate", "decode_tokens_per_s"),
             _median(rs, "hanlm", *dec),
             _median(rs, "transformers", *dec),
         ]
-        dec_ratio = _ratios(rs, ("hanlm", *dec), ("generate", "decode_tokens_per_s"))
+        dec_ratio = _ratios(rs, ("hanlm", *dec), ("hanlm", "generate", "decode_tokens_per_s"))
         lines.append(
-            f"| {name} | {_median(rs, 'generate', 'tokens_per_s'):.1f} |"
+            f"| {name} | {_median(rs, 'hanlm', 'generate', 'tokens_per_s'):.1f} |"
             f" {_median(rs, 'hanlm', 'batch1', 'tokens_per_s'):.1f} | {ratio} |"
             f" {_median(rs, 'transformers', 'batch1', 'tokens_per_s'):.1f} | {vs_t} |"
             f" {' / '.join(f'{d:.1f}' for d in decode)} | {dec_ratio} |"
