@@ -54,10 +54,11 @@ def reset_accelerator_state() -> None:
     reset()
 
 
-def accelerate_checked() -> bool:
-    """Whether the installed accelerate is within the versions this shim was checked on."""
-    v = _major_minor(metadata.version("accelerate"))
-    return _major_minor(ACCELERATE_CHECKED[0]) <= v <= _major_minor(ACCELERATE_CHECKED[1])
+def installed_within(package: str, checked: tuple[str, str]) -> bool:
+    """Whether the installed `package` is within `checked` (major.minor, both ends included):
+    the versions a shim here was read on."""
+    v = _major_minor(metadata.version(package))
+    return _major_minor(checked[0]) <= v <= _major_minor(checked[1])
 
 
 # transformers versions whose Trainer._load_from_checkpoint(path) was read and tested.
