@@ -175,7 +175,7 @@ info["versions"] = versions
 
 imports = {}
 for mod in ("transformers", "trl", "datasets", "peft", "accelerate", "dill", "multiprocess",
-            "pyarrow", "hanlm", "hanlm.cli", "hanlm.training", "hanlm.stages.pretrain"):
+            "pyarrow", "hanlm", "hanlm.pipeline.cli", "hanlm.trainer", "hanlm.train.pretrain"):
     t0 = time.time()
     try:
         m = importlib.import_module(mod)
@@ -274,7 +274,7 @@ run_demo() {
     fi
     rm -rf "$RUN_DIR"
     echo "hanlm run recipes/demo.yaml run_dir=$RUN_DIR, timeout ${limit}s; output in demo.log"
-    timeout -k 15 "$limit" "$PY" -m hanlm.cli run recipes/demo.yaml "run_dir=$RUN_DIR" \
+    timeout -k 15 "$limit" "$PY" -m hanlm run recipes/demo.yaml "run_dir=$RUN_DIR" \
         >"$OUT/demo.log" 2>&1
     rc=$?
     ((rc == 124)) && echo "demo: timed out after ${limit}s"
@@ -303,7 +303,7 @@ run_legal() {
         return 1
     fi
     rm -rf /tmp/hanlm_legal_gpu
-    timeout -k 15 "$limit" "$PY" -m hanlm.cli run recipes/legal-gpu.yaml \
+    timeout -k 15 "$limit" "$PY" -m hanlm run recipes/legal-gpu.yaml \
         run_dir=/tmp/hanlm_legal_gpu >"$OUT/legal.log" 2>&1
     rc=$?
     ((rc == 124)) && echo "legal: timed out after ${limit}s"
@@ -332,13 +332,13 @@ run_sharded() {
         echo "sft on $kind: accelerate launch --config_file configs/accelerate/$kind.yaml"
         timeout -k 10 "$limit" "$PY" -m accelerate.commands.launch \
             --config_file "configs/accelerate/$kind.yaml" --num_processes 1 \
-            -m hanlm.cli sft "${sft[@]}" "output_dir=$SHARD_DIR/sft_$kind" \
+            -m hanlm sft "${sft[@]}" "output_dir=$SHARD_DIR/sft_$kind" \
             >"$SHARD_DIR/sft_$kind.log" 2>&1 || rc=1
         tr '\r' '\n' <"$SHARD_DIR/sft_$kind.log" | grep -v '^\s*$' | grep -vE '[0-9]+%\|' | tail -n 8
     done
     echo "ppo on ZeRO-2: torchrun, train.deepspeed=configs/deepspeed/zero2.json"
     timeout -k 10 "$limit" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-        -m hanlm.cli ppo "model.path=$model" train.deepspeed=configs/deepspeed/zero2.json \
+        -m hanlm ppo "model.path=$model" train.deepspeed=configs/deepspeed/zero2.json \
         'rules.funcs=[token_share]' 'rules.target=床前明月光，疑是地上霜。' max_new_tokens=8 \
         rollout_batch=8 train.batch_size=4 train.max_steps=3 train.save_steps=2 eval_prompts=4 \
         eval_ptx_blocks=0 "output_dir=$SHARD_DIR/ppo_zero2" >"$SHARD_DIR/ppo_zero2.log" 2>&1 || rc=1
@@ -373,8 +373,8 @@ collect() {
         timeout -k 5 60 "$PY" - "$RUN_DIR" <<'PYEOF'
 import sys
 
-from hanlm.recipe import _read_state, load_recipe
-from hanlm.report import write_report
+from hanlm.pipeline.recipe import _read_state, load_recipe
+from hanlm.pipeline.report import write_report
 
 recipe = load_recipe("recipes/demo.yaml", sys.argv[1])
 recipe.report = {}  # no generation with each model: fast and safe on a partial run

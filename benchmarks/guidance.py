@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from hanlm.config import InferenceModelConfig
-from hanlm.infer.engine import GenerationOptions, generate
+from hanlm.generation import GenerationOptions, generate
 from hanlm.modeling import load_model, load_tokenizer
 
 SCALES = (1.0, 1.5, 2.0)

@@ -103,7 +103,7 @@ def main() -> int:
     if args.finetune:
         ft = Path(args.out) / "long_context_pi_model"
         cmd = [
-            sys.executable, "-m", "hanlm.cli", "pretrain", f"model.path={args.model}",
+            sys.executable, "-m", "hanlm.pipeline.cli", "pretrain", f"model.path={args.model}",
             "model.dtype=float32", "model.rope.type=linear", "model.rope.factor=4",
             f"model.rope.original_max_position_embeddings={args.trained}",
             f"block_size={4 * args.trained}", f"train.max_steps={args.finetune}",

@@ -23,9 +23,9 @@ import torch
 
 from hanlm import ASSETS
 from hanlm.config import InferenceModelConfig, load_config
+from hanlm.eval.evaluate import EvalConfig
+from hanlm.eval.evaluate import run as run_eval
 from hanlm.modeling import load_model, load_tokenizer
-from hanlm.stages.evaluate import EvalConfig
-from hanlm.stages.evaluate import run as run_eval
 
 VARIANTS = {  # name -> (dtype, quantize)
     "fp32": ("float32", "none"),

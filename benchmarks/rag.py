@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from hanlm.config import ModelConfig, load_config
-from hanlm.embedding import Embedder, EmbedOptions, decoder_of, hidden_states, pool
+from hanlm.embed.pooling import Embedder, EmbedOptions, decoder_of, hidden_states, pool
 from hanlm.modeling import load_model, load_tokenizer, pad_batch
 from hanlm.rag.bm25 import BM25, rrf
 
@@ -121,7 +121,7 @@ def eval_model(
 
 
 def embed_train(model: str, pairs: Path, out: Path, trainable: str, steps: int, lr: float) -> Path:
-    from hanlm.stages.embed import EmbedTrainConfig, run
+    from hanlm.embed.train import EmbedTrainConfig, run
 
     cfg = load_config(
         EmbedTrainConfig,

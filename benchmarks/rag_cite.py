@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from hanlm.config import ModelConfig
-from hanlm.infer.engine import GenerationOptions
-from hanlm.infer.engine import generate as generate_answers
+from hanlm.generation import GenerationOptions
+from hanlm.generation import generate as generate_answers
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.rag.answer import (
     RagAskConfig,

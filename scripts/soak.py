@@ -16,7 +16,7 @@ then one run that is killed `--kills` times. The kill of each attempt is one of
 - `before-marker`: every file of the checkpoint written, its complete marker not yet;
 - `final-save`: while the final model's files are being moved into the output directory.
 The checkpoint/final kinds use hooks installed by this script in the child process (it runs
-`hanlm.cli` itself): the hook writes a signal file and sleeps, the driver sees the file and
+`hanlm.pipeline.cli` itself): the hook writes a signal file and sleeps, the driver sees the file and
 kills the child at a random moment 0-50 ms later, so the kill lands inside that write.
 
 After every kill: each checkpoint that carries the complete marker must match its manifest
@@ -83,7 +83,7 @@ def _mark_training_start() -> None:
 
     wrap(transformers.Trainer, "train")
     try:
-        from hanlm.stages import ppo
+        from hanlm.align import ppo
 
         wrap(ppo.PPO, "prepare")
     except (ImportError, AttributeError):
@@ -107,7 +107,7 @@ def _install_hooks(spec: str) -> None:
     if kind == "mid":
         import transformers
 
-        import hanlm.training as training
+        import hanlm.align.loop as loop
 
         orig_opt = transformers.Trainer._save_optimizer_and_scheduler
 
@@ -116,7 +116,7 @@ def _install_hooks(spec: str) -> None:
             return orig_opt(self, output_dir)
 
         transformers.Trainer._save_optimizer_and_scheduler = save_opt
-        orig_state = training.trainable_state
+        orig_state = loop.trainable_state
         calls = {"n": 0}
 
         def state(model: Any) -> Any:  # PPO: policy.pt is written, value.pt not yet
@@ -125,10 +125,10 @@ def _install_hooks(spec: str) -> None:
                 tick("mid-checkpoint (policy.pt written, value.pt not)")
             return orig_state(model)
 
-        training.trainable_state = state
+        loop.trainable_state = state
     elif kind == "premark":
         import hanlm.runs as runs
-        import hanlm.training as training
+        import hanlm.trainer as trainer
 
         orig_mark = runs.mark_complete
 
@@ -137,7 +137,7 @@ def _install_hooks(spec: str) -> None:
             orig_mark(checkpoint, step)
 
         runs.mark_complete = mark
-        training.mark_complete = mark
+        trainer.mark_complete = mark
     elif kind == "final":
         import hanlm.modeling as modeling
         import hanlm.runs as runs
@@ -172,7 +172,7 @@ def child(argv: list[str]) -> int:
 
     torch.set_num_threads(1)  # tiny models, shared cores: no OpenMP spinning
     _install_hooks(os.environ.get("SOAK_HOOK", ""))
-    from hanlm import cli
+    from hanlm.pipeline import cli
 
     return cli.main(argv)
 

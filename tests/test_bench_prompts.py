@@ -15,14 +15,14 @@ import json
 
 import pytest
 
-from hanlm import cli
-from hanlm.bench import (
+from hanlm.eval.benchmarks import (
     build_prompt,
     canonical_split,
     load_benchmark,
     pick_style,
     subject_table,
 )
+from hanlm.pipeline import cli
 from hanlm.testing import write_csv
 
 Q1 = ("TCP 属于哪一层协议？", "应用层", "传输层", "网络层", "物理层", "B")

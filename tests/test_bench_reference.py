@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from hanlm import ASSETS, cli
+from hanlm import ASSETS
+from hanlm.pipeline import cli
 
 CEVAL_HEAD = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
 
@@ -126,7 +127,7 @@ def long_tiny(tiny_model_path, tmp_path_factory):
 
 
 def test_export_ceval_reads_back_as_the_embedded_benchmark(tmp_path):
-    from hanlm.bench import load_benchmark
+    from hanlm.eval.benchmarks import load_benchmark
 
     data = export_ceval(tmp_path / "demo_ceval")
     ours = load_benchmark(f"ceval:{data}", "val", shots=5)

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from hanlm import cli
 from hanlm.config import describe
+from hanlm.pipeline import cli
 
 
 def test_main_help_lists_every_command_once(capsys):
@@ -32,7 +32,7 @@ def test_each_command_has_run_config_and_full_help(name, capsys):
 
 def test_help_does_not_import_heavy_libraries():
     code = (
-        "import sys; from hanlm import cli; cli.main(['--help']);"
+        "import sys; from hanlm.pipeline import cli; cli.main(['--help']);"
         "[cli.main([*name.split(), '--help']) for name in cli.COMMANDS];"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules];"
         "assert not heavy, heavy"

@@ -139,9 +139,9 @@ def test_partial_section_keeps_the_fields_own_defaults():
 
 
 def test_renamed_keys_still_work_with_a_message(tmp_path, capsys):
-    from hanlm.stages.grpo import GRPOConfig
-    from hanlm.stages.ppo import PPOConfig
-    from hanlm.stages.sft import SFTConfig
+    from hanlm.align.grpo import GRPOConfig
+    from hanlm.align.ppo import PPOConfig
+    from hanlm.train.sft import SFTConfig
 
     cfg = load_config(SFTConfig, None, ["cutoff_len=77"])
     assert cfg.max_length == 77
@@ -158,7 +158,7 @@ def test_renamed_keys_still_work_with_a_message(tmp_path, capsys):
 
 
 def test_a_key_the_command_does_not_use_is_an_error():
-    from hanlm.stages.ppo import PPOConfig
+    from hanlm.align.ppo import PPOConfig
 
     with pytest.raises(ConfigError, match="'train.epochs' is not used by this command"):
         load_config(PPOConfig, None, ["train.epochs=3"])
@@ -169,7 +169,7 @@ def test_a_key_the_command_does_not_use_is_an_error():
 
 
 def test_stage_defaults_follow_the_papers():
-    from hanlm.stages.sft import SFTConfig
+    from hanlm.train.sft import SFTConfig
 
     assert load_config(SFTConfig).train.lr == 2e-5  # trl's SFT default, not pretraining's 1e-3
 
@@ -182,7 +182,7 @@ def test_gradient_checkpointing_is_one_setting_for_every_trainer(tmp_path, on):
     from trl import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 
     from hanlm.config import TrainConfig
-    from hanlm.training import training_args
+    from hanlm.trainer import training_args
 
     cfg = TrainConfig(precision="fp32", gradient_checkpointing=on)
     for cls in (TrainingArguments, SFTConfig, DPOConfig, RewardConfig, GRPOConfig):

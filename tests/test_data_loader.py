@@ -5,11 +5,11 @@ import tracemalloc
 
 import pytest
 
-from hanlm import cli
 from hanlm.config import DataConfig
 from hanlm.data import DataError, load, stream_with_stats
 from hanlm.data.check import DataCheckConfig, check
 from hanlm.data.quality import clean_text
+from hanlm.pipeline import cli
 from hanlm.runs import read_run
 
 

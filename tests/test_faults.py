@@ -218,7 +218,7 @@ def test_disk_full_names_the_directory_and_keeps_the_last_checkpoint(small_fs):
 
 
 def _pretrain_cfg(out: Path, data: Path, tok: str, cache: Path, *extra: str):
-    from hanlm.stages.pretrain import PretrainConfig
+    from hanlm.train.pretrain import PretrainConfig
 
     return load_config(
         PretrainConfig,
@@ -245,7 +245,7 @@ def test_pretrain_on_a_full_disk_fails_clearly_and_resumes_to_the_same_model(
 ):
     from safetensors.torch import load_file
 
-    from hanlm.stages.pretrain import run
+    from hanlm.train.pretrain import run
 
     rng = random.Random(0)
     data = tmp_path / "c.jsonl"
@@ -289,7 +289,7 @@ def test_resume_from_the_last_steps_checkpoint_takes_no_extra_step(tmp_path, tin
     """transformers would run step max_steps + 1 here; `run_trainer` loads and stops."""
     from safetensors.torch import load_file
 
-    from hanlm.stages.pretrain import run
+    from hanlm.train.pretrain import run
 
     data = tmp_path / "c.jsonl"
     data.write_text(
@@ -345,8 +345,8 @@ def test_a_resumed_trl_run_counts_tokens_on_and_keeps_its_initial_figures(
     tmp_path, tiny_model_path
 ):
     """trl does not checkpoint its token count (logged `num_tokens`): hanlm does."""
-    from hanlm.stages.reward import RewardConfig
-    from hanlm.stages.reward import run as reward
+    from hanlm.align.reward_model import RewardConfig
+    from hanlm.align.reward_model import run as reward
 
     rows = [
         {"prompt": f"床前明月光 #{i}", "chosen": "疑是地上霜。", "rejected": "0123456789"}

@@ -153,7 +153,7 @@ def test_glm_example_mix_and_determinism():
 
 def test_config_checks():
     with pytest.raises(ConfigError, match="glm.mask_ratio"):
-        from hanlm.stages.pretrain import PretrainConfig
+        from hanlm.train.pretrain import PretrainConfig
 
         load_config(PretrainConfig, None, ["tokenizer=x", "objective=glm", "glm.mask_ratio=1.5"])
 
@@ -173,7 +173,7 @@ def test_pretrain_glm_runs_and_saves_tokens(tmp_path, tiny_tokenizer):
     from transformers import AutoTokenizer
 
     from hanlm.runs import read_run
-    from hanlm.stages.pretrain import PretrainConfig, run
+    from hanlm.train.pretrain import PretrainConfig, run
 
     rng = random.Random(0)
     lines = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "白日依山尽，黄河入海流。"]
@@ -210,8 +210,8 @@ def test_pretrain_glm_runs_and_saves_tokens(tmp_path, tiny_tokenizer):
     assert "eval_bpc" in s
     assert glm_ids(AutoTokenizer.from_pretrained(out)) is not None
     # The cloze probe of `hanlm eval` asks a GLM-trained model both ways
-    from hanlm.stages.evaluate import EvalConfig
-    from hanlm.stages.evaluate import run as evaluate
+    from hanlm.eval.evaluate import EvalConfig
+    from hanlm.eval.evaluate import run as evaluate
 
     ecfg = load_config(
         EvalConfig,
@@ -231,7 +231,7 @@ def test_pretrain_glm_runs_and_saves_tokens(tmp_path, tiny_tokenizer):
 
 
 def test_cloze_items_and_scoring(tiny_tokenizer):
-    from hanlm.infer.cloze import cloze_accuracy, cloze_items
+    from hanlm.eval.cloze import cloze_accuracy, cloze_items
     from hanlm.modeling import build_model
 
     torch.manual_seed(0)

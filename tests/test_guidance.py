@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hanlm.data.templates import prompt_ids, stop_token_ids
-from hanlm.infer.engine import GenerationOptions, _generate_kwargs, generate, guidance_inputs
+from hanlm.generation import GenerationOptions, _generate_kwargs, generate, guidance_inputs
 
 Q = [[{"role": "user", "content": "床前明月光的下一句是什么？"}]]
 

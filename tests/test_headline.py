@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hanlm.headline import display_name, stage_headline
+from hanlm.pipeline.headline import display_name, stage_headline
 
 
 def head(command, summary, data=None, reports=None, metrics=None, status="complete"):
@@ -230,10 +230,10 @@ def test_a_gold_change_within_two_standard_errors_is_no_clear_change():
 
 
 def test_held_out_scores_give_the_gold_standard_error(tiny_model_path):
+    from hanlm.align.rollouts import held_out_scores
     from hanlm.config import ModelConfig
     from hanlm.data.templates import stop_token_ids
     from hanlm.modeling import load_model, load_tokenizer
-    from hanlm.rollouts import held_out_scores
 
     def gold(prompts, texts, ids, stopped, batch_size):  # a judge with known scores
         return [float(i + 1) for i in range(len(texts))], {}

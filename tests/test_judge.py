@@ -4,7 +4,7 @@ import gzip
 import json
 
 from hanlm import ASSETS
-from hanlm.judge import check_answer, collapse, judge_answers, warnings_for
+from hanlm.align.checks import check_answer, collapse, judge_answers, warnings_for
 
 
 def _pairs(n=1500):

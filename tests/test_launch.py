@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hanlm import cli, training
+from hanlm import trainer
+from hanlm.align import loop
 from hanlm.config import ConfigError, load_config
+from hanlm.pipeline import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
@@ -17,7 +19,7 @@ ZERO3 = ROOT / "configs" / "deepspeed" / "zero3.json"
 
 
 def _ppo_cfg(*overrides):
-    from hanlm.stages.ppo import PPOConfig
+    from hanlm.align.ppo import PPOConfig
 
     return load_config(PPOConfig, None, ["model.path=unused", "output_dir=unused", *overrides])
 
@@ -76,7 +78,7 @@ def test_combinations_that_cannot_work_are_refused_at_the_config():
         _ppo_cfg(f"train.deepspeed={ZERO3}", "keep_best=gold", "gold_reward_model=x")
     assert _ppo_cfg(f"train.deepspeed={ZERO2}", "lora.enabled=true").lora.enabled  # works
 
-    from hanlm.stages.sft import SFTConfig
+    from hanlm.train.sft import SFTConfig
 
     with pytest.raises(ConfigError, match=r"quantize=4bit \(QLoRA\) with ZeRO-3"):
         load_config(
@@ -103,7 +105,7 @@ def test_trainer_stage_sharding_on_cpu_is_refused_before_loading(
         monkeypatch.setenv(how, "true")
     assert cli.main(args) == 1
     err = capsys.readouterr().err
-    assert "needs GPUs" in err and "torchrun --nproc_per_node N -m hanlm.cli pretrain" in err
+    assert "needs GPUs" in err and "torchrun --nproc_per_node N -m hanlm pretrain" in err
     assert not (tmp_path / "o").exists()  # refused before the run directory or the tokenizer
 
 
@@ -111,14 +113,14 @@ def test_trainer_stage_sharding_on_cpu_is_refused_before_loading(
 def test_ppo_under_accelerate_sharding_is_refused_with_the_way_that_works(monkeypatch, env):
     monkeypatch.setenv(env, "true")
     with pytest.raises(ValueError, match=r"torchrun.*train.deepspeed=configs/deepspeed/zero2"):
-        training.loop_accelerator("fp32", "hanlm ppo")
+        loop.loop_accelerator("fp32", "hanlm ppo")
 
 
 def test_a_world_size_without_a_process_group_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"WORLD_SIZE=2\) but this one sees 1.*torchrun"):
-        training.check_world(1, "hanlm sft")
-    training.check_world(2, "hanlm sft")  # a real 2-process run passes
+        trainer.check_world(1, "hanlm sft")
+    trainer.check_world(2, "hanlm sft")  # a real 2-process run passes
 
     # the accelerate CPU trap: the launcher says 2, the Accelerator runs alone
     import accelerate
@@ -130,15 +132,15 @@ def test_a_world_size_without_a_process_group_is_refused(monkeypatch):
 
     monkeypatch.setattr(accelerate, "Accelerator", Alone)
     with pytest.raises(ValueError, match="hanlm ppo: the launcher started 2 processes"):
-        training.loop_accelerator("fp32", "hanlm ppo")
+        loop.loop_accelerator("fp32", "hanlm ppo")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert training.loop_accelerator("fp32", "hanlm ppo").num_processes == 1
+    assert loop.loop_accelerator("fp32", "hanlm ppo").num_processes == 1
 
 
 def test_a_loop_fills_the_auto_values_from_train(tmp_path, capsys):
     pytest.importorskip("deepspeed")
+    from hanlm.align.distributed import loop_deepspeed_config
     from hanlm.config import TrainConfig
-    from hanlm.distributed import loop_deepspeed_config
 
     with_opt = tmp_path / "opt.json"
     cfg = json.loads(ZERO3.read_text())

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from hanlm import cli
-from hanlm.bench import MissingSplit, build_prompt, load_benchmark, pick_style
 from hanlm.config import ConfigError, DataConfig, load_config
 from hanlm.data import load
 from hanlm.data.sources import DataError, iter_source, package_path, resolve
 from hanlm.datagen.law import LawDataConfig, build
-from hanlm.recipe import load_recipe, resolve_config
-from hanlm.stages.evaluate import EvalConfig
+from hanlm.eval.benchmarks import MissingSplit, build_prompt, load_benchmark, pick_style
+from hanlm.eval.evaluate import EvalConfig
+from hanlm.pipeline import cli
+from hanlm.pipeline.recipe import load_recipe, resolve_config
 from hanlm.testing import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,7 +329,7 @@ def test_legal_recipe_runs_on_a_tiny_model(tiny_model_path, tmp_path):
     recipe.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "hanlm.cli", "run", str(recipe)],
+        [sys.executable, "-m", "hanlm.pipeline.cli", "run", str(recipe)],
         env=env,
         capture_output=True,
         text=True,
@@ -340,7 +340,7 @@ def test_legal_recipe_runs_on_a_tiny_model(tiny_model_path, tmp_path):
 
 
 def test_report_tables_eval_stages_against_the_base_by_contamination_group(tmp_path):
-    from hanlm.report import write_report
+    from hanlm.pipeline.report import write_report
 
     recipe_file = tmp_path / "r.yaml"
     evals = {n: {"command": "eval", "config": {"model": {"path": "m"}}} for n in ("base", "after")}

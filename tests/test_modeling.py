@@ -46,7 +46,7 @@ def test_other_rope_types_load_and_change_long_positions(tiny_model_path, kind):
 
 
 def test_rope_is_a_config_key_of_every_model_taking_command():
-    from hanlm.stages.sft import SFTConfig
+    from hanlm.train.sft import SFTConfig
 
     cfg = load_config(SFTConfig, None, ["model.rope.type=yarn", "model.rope.factor=4"])
     assert cfg.model.rope == RopeConfig("yarn", 4.0)
@@ -73,9 +73,9 @@ def test_quantize_replaces_linear_weights_but_not_the_head(tiny_model_path, kind
 
 
 def test_quantize_is_for_inference_commands_only():
-    from hanlm.infer.chat import ChatConfig
-    from hanlm.stages.evaluate import EvalConfig
-    from hanlm.stages.sft import SFTConfig
+    from hanlm.eval.evaluate import EvalConfig
+    from hanlm.serve.chat import ChatConfig
+    from hanlm.train.sft import SFTConfig
 
     assert load_config(ChatConfig, None, ["model.quantize=int4"]).model.quantize == "int4"
     assert load_config(EvalConfig, None, ["model.quantize=int8"]).model.quantize == "int8"

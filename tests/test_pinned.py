@@ -125,7 +125,7 @@ def files(tmp_path_factory):
 
 
 def _run(stage: str, out, *overrides: str):
-    from hanlm import cli
+    from hanlm.pipeline import cli
 
     cmd = cli.COMMANDS[stage]
     module = __import__(cmd.module, fromlist=["run"])

@@ -52,7 +52,7 @@ def shortened_demo(tmp_path: Path, name: str) -> Path:
 
 
 def hanlm_run(recipe: Path, **kw):
-    cmd = [sys.executable, "-m", "hanlm.cli", "run", str(recipe)]
+    cmd = [sys.executable, "-m", "hanlm.pipeline.cli", "run", str(recipe)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1800, **kw)
 
 
@@ -74,7 +74,7 @@ def test_demo_end_to_end_skip_and_resume(tmp_path):
     killed = shortened_demo(tmp_path, "killed")
     pre = tmp_path / "killed" / "pretrain" / "checkpoints"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hanlm.cli", "run", str(killed)],
+        [sys.executable, "-m", "hanlm.pipeline.cli", "run", str(killed)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

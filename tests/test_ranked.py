@@ -141,7 +141,7 @@ def _ranked_rows(n: int, seed: int) -> list[dict]:
 def ranked_rm(tmp_path_factory, tiny_model_path):
     import torch
 
-    from hanlm.stages.reward import RewardConfig, run
+    from hanlm.align.reward_model import RewardConfig, run
 
     d = tmp_path_factory.mktemp("ranked")
     for name, rows in (("train", _ranked_rows(48, 0)), ("valid", _ranked_rows(16, 1))):
@@ -184,7 +184,7 @@ def test_reward_learns_a_known_ranking_from_ranked_data(ranked_rm):
 
 
 def test_reward_score_on_ranked_records(ranked_rm, tmp_path, capsys):
-    from hanlm import cli
+    from hanlm.pipeline import cli
 
     rows = _ranked_rows(16, 1)
     path = tmp_path / "ranked.jsonl"

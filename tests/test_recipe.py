@@ -6,8 +6,8 @@ import random
 import pytest
 import yaml
 
-from hanlm import cli
-from hanlm.recipe import RecipeError, RunConfig, load_recipe, plan
+from hanlm.pipeline import cli
+from hanlm.pipeline.recipe import RecipeError, RunConfig, load_recipe, plan
 from hanlm.runs import read_run
 
 LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "白日依山尽，黄河入海流。"]

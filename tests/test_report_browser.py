@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hanlm.recipe import Recipe, Stage
-from hanlm.report import write_report
+from hanlm.pipeline.recipe import Recipe, Stage
+from hanlm.pipeline.report import write_report
 
 WIDTH, HEIGHT = 1280, 900
 RED = (207, 34, 46)  # .warn{color:#cf222e}

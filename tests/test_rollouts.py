@@ -3,8 +3,8 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from hanlm.align.rollouts import answer_logits, rollout
 from hanlm.data.templates import stop_token_ids
-from hanlm.rollouts import answer_logits, rollout
 
 
 def test_a_shipped_generation_config_does_not_shape_rollouts(tiny_model_path):

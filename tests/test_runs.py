@@ -125,7 +125,7 @@ def test_save_model_merges_lora_and_writes_stop_tokens(tmp_path, tiny_model_path
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from hanlm.config import LoraConfig
-    from hanlm.training import apply_lora
+    from hanlm.trainer import apply_lora
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     model = apply_lora(

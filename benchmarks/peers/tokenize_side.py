@@ -28,7 +28,7 @@ def main() -> None:
 
     from hanlm.config import DataConfig
     from hanlm.data import load
-    from hanlm.stages.pretrain import _tokenize_and_pack  # the step `hanlm pretrain` runs
+    from hanlm.train.pretrain import _tokenize_and_pack  # the step `hanlm pretrain` runs
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     t0 = time.time()  # imports and the tokenizer load are outside the timing, for both sides

@@ -7,7 +7,7 @@ against and fails loudly, with what to do, on a version where the internal is go
   resets it the same way before building its own; accelerate offers no public call for it.
 - `load_trainer_checkpoint`: resuming from the checkpoint of the last step, transformers 5 takes
   one step more than `max_steps` (it checks the limit only after a step, unless the last step
-  ends an epoch); `training.train` loads such a checkpoint itself, with the Trainer's loader,
+  ends an epoch); `trainer.run_trainer` loads such a checkpoint itself, with the Trainer's loader,
   and takes no step. transformers has no public call that loads a checkpoint into a Trainer.
 - `trl_token_count` / `set_trl_token_count`: trl's trainers count training tokens in
   `_total_train_tokens` (logged as `num_tokens`) and do not checkpoint it, so a resumed run would

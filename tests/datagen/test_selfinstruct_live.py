@@ -17,7 +17,7 @@ from selfinstruct_script import (
     USER_PROMPT,
 )
 
-from hanlm import cli
+from hanlm.pipeline import cli
 from hanlm.runs import read_run
 
 

@@ -30,7 +30,7 @@ def bios():
 def bigram_index(docs_dir, tiny_model_path, tmp_path_factory):
     """An index of `docs_dir` built by `hanlm rag index` with the tiny model and BM25 bigrams
     (read-only for the tests that share it)."""
-    from hanlm.cli import main
+    from hanlm.pipeline.cli import main
 
     idx = tmp_path_factory.mktemp("rag-idx") / "idx"
     args = ["rag", "index", str(docs_dir), f"model.path={tiny_model_path}", f"output_dir={idx}"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hanlm.cli import main
+from hanlm.pipeline.cli import main
 from hanlm.rag.answer import INSTRUCTION, citation_marks, citations, grounded_question
 from hanlm.rag.chunking import Chunk
 from hanlm.rag.index import Hit
@@ -54,7 +54,7 @@ def test_chat_with_retrieval_grounds_the_prompt(tiny_model_path, bigram_index, t
     import io
 
     from hanlm.config import load_config
-    from hanlm.infer.chat import ChatConfig, run
+    from hanlm.serve.chat import ChatConfig, run
 
     idx = bigram_index
     cfg = load_config(

@@ -30,7 +30,7 @@ def pairs_file(tmp_path_factory):
 
 
 def _train(tiny_model_path, pairs_file, out, trainable, steps=25):
-    from hanlm.stages.embed import EmbedTrainConfig, run
+    from hanlm.embed.train import EmbedTrainConfig, run
 
     cfg = load_config(
         EmbedTrainConfig,
@@ -51,9 +51,9 @@ def _train(tiny_model_path, pairs_file, out, trainable, steps=25):
 
 
 def _loss(path, pairs_file):
-    from hanlm.embedding import Embedder
+    from hanlm.embed.pooling import Embedder
+    from hanlm.embed.train import info_nce, read_pairs
     from hanlm.modeling import load_tokenizer
-    from hanlm.stages.embed import info_nce, read_pairs
 
     model = load_model(ModelConfig(path=str(path))).eval()
     emb = Embedder(model, load_tokenizer(str(path)))
@@ -87,7 +87,7 @@ def test_lora_training_merges_into_a_plain_model(tiny_model_path, pairs_file, tm
 
 def test_bad_pairs_are_errors_naming_the_line(tmp_path):
     from hanlm.config import ConfigError
-    from hanlm.stages.embed import batches, read_pairs
+    from hanlm.embed.train import batches, read_pairs
 
     p = tmp_path / "p.jsonl"
     p.write_text('{"query": "a", "positive": "b"}\n{"query": "a"}\n', encoding="utf-8")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hanlm.config import ModelConfig
-from hanlm.embedding import Embedder, EmbedOptions, embed_ids, pool
+from hanlm.embed.pooling import Embedder, EmbedOptions, embed_ids, pool
 from hanlm.modeling import load_model, load_tokenizer
 
 
@@ -89,7 +89,7 @@ def test_embedder_batches_in_any_order_and_marks_queries(tiny_model_path):
 
 
 def test_embed_command_writes_vectors(tiny_model_path, tmp_path, capsys):
-    from hanlm.cli import main
+    from hanlm.pipeline.cli import main
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "你好"}\n{"text": "床前明月光"}\n', encoding="utf-8")

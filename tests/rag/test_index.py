@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from hanlm.cli import main
 from hanlm.config import InferenceModelConfig
-from hanlm.embedding import EmbedOptions, load_embedder
+from hanlm.embed.pooling import EmbedOptions, load_embedder
+from hanlm.pipeline.cli import main
 from hanlm.rag.bm25 import BM25, rrf, tokenize
 from hanlm.rag.chunking import Chunk
 from hanlm.rag.index import IndexMismatch, RagIndex, index_embedder

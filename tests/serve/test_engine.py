@@ -82,7 +82,7 @@ def test_a_solo_request_hands_off_to_the_batch_loop_and_stays_greedy(taught_mode
 def test_serial_threads_run_in_order_on_one_thread_that_ends_when_told():
     # One OpenMP team at a time: the worker's thread (and so its team) must end when the
     # batching loop needs the CPU, and not before (a new thread's first task is slower).
-    from hanlm.threads import SerialThreads
+    from hanlm.serve.threads import SerialThreads
 
     keep = threading.Event()
     keep.set()

@@ -26,7 +26,7 @@ QUESTIONS = [  # (question, four options, answer)
 
 def _hanlm_predictions(model_dir, tmp_path) -> list[dict]:
     from hanlm.config import load_config
-    from hanlm.stages.evaluate import EvalConfig, run
+    from hanlm.eval.evaluate import EvalConfig, run
 
     bench = tmp_path / "bench"
     bench.mkdir()

@@ -82,7 +82,14 @@ def test_cli_serves_with_the_key_from_the_environment(taught_model_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HANLM_API_KEY": "env-key", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "hanlm.cli", "serve", str(taught_model_dir), f"port={port}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hanlm.pipeline.cli",
+        "serve",
+        str(taught_model_dir),
+        f"port={port}",
+    ]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

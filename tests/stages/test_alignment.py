@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from hanlm import cli
+from hanlm.align.rewards import RuleConfig, build_rules, score_rules
 from hanlm.config import ConfigError, load_config
-from hanlm.rewards import RuleConfig, build_rules, score_rules
+from hanlm.pipeline import cli
 from hanlm.runs import read_metrics, read_run
 from hanlm.testing import SAMPLE_TEXT, tiny_tokenizer
 
@@ -57,7 +57,7 @@ def _data(pref):
 
 @pytest.fixture(scope="module")
 def reward_dir(tmp_path_factory, tiny_model_path, pref):
-    from hanlm.stages.reward import RewardConfig, run
+    from hanlm.align.reward_model import RewardConfig, run
 
     out = tmp_path_factory.mktemp("rm") / "out"
     cfg = load_config(
@@ -151,7 +151,7 @@ def test_builtin_and_imported_rule_rewards():
     tok = tiny_tokenizer()
     stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
     cfg = RuleConfig(
-        funcs=["length", "stop", "regex", "token_share", "hanlm.rewards:text_of"],
+        funcs=["length", "stop", "regex", "token_share", "hanlm.align.rewards:text_of"],
         length_min=2,
         length_max=4,
         regex="月",
@@ -215,7 +215,7 @@ def ppo_argv(model, pref, out, *extra, rules="token_share"):
 
 
 def _ppo(tmp, model, pref, *extra):
-    from hanlm.stages.ppo import PPOConfig, run
+    from hanlm.align.ppo import PPOConfig, run
 
     cfg = load_config(
         PPOConfig,
@@ -335,7 +335,7 @@ def test_ppo_data_parallel_under_torchrun(tmp_path, tiny_model_path, pref):
             "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
         }
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += ["--nproc_per_node", "2", "-m", "hanlm.cli", "ppo", *argv, *extra]
+        cmd += ["--nproc_per_node", "2", "-m", "hanlm.pipeline.cli", "ppo", *argv, *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         return proc
@@ -379,7 +379,7 @@ def test_ppo_data_parallel_under_torchrun(tmp_path, tiny_model_path, pref):
 
 
 def test_ppo_helpers():
-    from hanlm.rollouts import Cycler, prompts_of
+    from hanlm.align.rollouts import Cycler, prompts_of
 
     c = Cycler(5, seed=1)
     first = c.take(7)
@@ -399,7 +399,7 @@ def test_ppo_helpers():
 def test_dpo_margins_rise_and_reference_logprobs_are_cached(
     tmp_path, tiny_model_path, pref, reward_dir
 ):
-    from hanlm.stages.dpo import DPOConfig, run
+    from hanlm.align.dpo import DPOConfig, run
 
     cache = tmp_path / "cache"
 
@@ -439,7 +439,7 @@ def test_dpo_margins_rise_and_reference_logprobs_are_cached(
 
 
 def test_dpo_with_lora_and_hinge_needs_no_reference_copy(tmp_path, tiny_model_path, pref):
-    from hanlm.stages.dpo import DPOConfig, run
+    from hanlm.align.dpo import DPOConfig, run
 
     cfg = load_config(
         DPOConfig,
@@ -459,7 +459,7 @@ def test_dpo_with_lora_and_hinge_needs_no_reference_copy(tmp_path, tiny_model_pa
 
 
 def test_dpo_drops_pairs_whose_answers_are_identical(tmp_path, tiny_model_path, pref, capsys):
-    from hanlm.stages.dpo import DPOConfig, run
+    from hanlm.align.dpo import DPOConfig, run
 
     rows = [json.loads(x) for x in (pref / "train.jsonl").read_text().splitlines()]
     rows[0]["rejected"] = rows[0]["chosen"]
@@ -489,7 +489,7 @@ def test_dpo_drops_pairs_whose_answers_are_identical(tmp_path, tiny_model_path, 
 
 
 def test_grpo_raises_a_builtin_rule_reward(tmp_path, tiny_model_path, pref, reward_dir):
-    from hanlm.stages.grpo import GRPOConfig, run
+    from hanlm.align.grpo import GRPOConfig, run
 
     cfg = load_config(
         GRPOConfig,
@@ -522,7 +522,7 @@ def test_grpo_raises_a_builtin_rule_reward(tmp_path, tiny_model_path, pref, rewa
 
 
 def test_grpo_checks_whole_groups_and_a_reward(tiny_model_path):
-    from hanlm.stages.grpo import GRPOConfig
+    from hanlm.align.grpo import GRPOConfig
 
     with pytest.raises(ConfigError, match="must divide by num_generations=3"):
         load_config(GRPOConfig, None, ["num_generations=3", "rules.funcs=[stop]"])

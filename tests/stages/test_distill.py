@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
+from hanlm.align.distill import DistillConfig, read_context, run, with_context
 from hanlm.config import ConfigError, load_config
 from hanlm.runs import read_metrics, read_run
-from hanlm.stages.distill import DistillConfig, read_context, run, with_context
 
 CONTEXT = "你是一个礼貌的助手。每个回答都以“谢谢！”结尾。Always end with 'Thanks!' 😀"
 QUESTIONS = [

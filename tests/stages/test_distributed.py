@@ -43,7 +43,7 @@ def _env():
 
 
 def _torchrun(launch, command, argv):
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "hanlm.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "hanlm.pipeline.cli"]
     return subprocess.Popen(
         [*cmd, command, *argv],
         env=_env(),
@@ -107,7 +107,7 @@ def test_one_process_on_zero2_equals_the_plain_loop(tmp_path, tiny_model_path, p
     this one keeps no process group; the engine's micro-batch boundaries, loss scaling, clipping
     and steps give the plain loop's figures."""
     pytest.importorskip("deepspeed")
-    from hanlm import cli
+    from hanlm.pipeline import cli
 
     plain, zero = tmp_path / "plain", tmp_path / "zero2"
     fast = ["train.max_steps=2", "train.save_steps=0", "train.eval_steps=0", "eval_prompts=0"]
@@ -116,7 +116,7 @@ def test_one_process_on_zero2_equals_the_plain_loop(tmp_path, tiny_model_path, p
     cmd = [
         sys.executable,
         "-m",
-        "hanlm.cli",
+        "hanlm.pipeline.cli",
         "ppo",
         *test_alignment.ppo_argv(tiny_model_path, pref, zero, *fast, ds),
     ]
@@ -210,9 +210,9 @@ def test_two_nodes_on_one_machine_train_as_one_job(
 def test_partitioned_frozen_models_without_zero3_are_refused_before_loading(tmp_path, capsys):
     """Fast: `frozen=partition` needs ZeRO-3 engines; said at the config, with the fix."""
     pytest.importorskip("deepspeed")
-    from hanlm import cli
+    from hanlm.align.ppo import PPOConfig
     from hanlm.config import ConfigError, load_config
-    from hanlm.stages.ppo import PPOConfig
+    from hanlm.pipeline import cli
 
     base = [f"model.path={tmp_path / 'no-model'}", f"output_dir={tmp_path / 'out'}"]
     argv = ["ppo", *base, "frozen=partition"]

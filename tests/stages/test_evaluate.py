@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from hanlm import cli
-from hanlm.bench import STYLES, Item, build_prompt, detect_layout, load_benchmark
 from hanlm.config import load_config
 from hanlm.data.sources import DataError
-from hanlm.infer.scoring import letter_token_ids, perplexity, score_letters, score_options
-from hanlm.stages.contamination import ContaminationConfig, audit, ngrams
+from hanlm.eval.benchmarks import STYLES, Item, build_prompt, detect_layout, load_benchmark
+from hanlm.eval.contamination import ContaminationConfig, audit, ngrams
+from hanlm.eval.loglik import letter_token_ids, perplexity, score_letters, score_options
+from hanlm.pipeline import cli
 from hanlm.testing import write_csv
 
 Q1 = ("TCP 属于哪一层协议？", "应用层", "传输层", "网络层", "物理层", "B")
@@ -402,7 +402,7 @@ def test_fewer_shots_than_asked_is_warned_and_tabled(tiny_model_path, tmp_path, 
 
 
 def test_strict_shots_makes_too_few_shots_an_error(tiny_model_path, tmp_path, capsys):
-    from hanlm.bench import pick_style
+    from hanlm.eval.benchmarks import pick_style
     from hanlm.modeling import load_tokenizer
 
     bench = make_jsonl(tmp_path / "bench", [Q2, Q3])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hanlm.config import ConfigError, load_config
-from hanlm.stages.export import ExportConfig, ExportError, run
+from hanlm.export.export import ExportConfig, ExportError, run
 from hanlm.testing import SAMPLE_TEXT, sp_model_dir
 
 TEXTS = ["床前明月光，疑是地上霜。", "The quick brown fox jumps.", "长城是中国古代的军事防御工程。"]
@@ -195,7 +195,7 @@ def test_bad_options_fail_before_loading(tmp_path):
 def test_unsupported_architecture_for_gguf_is_named(tmp_path):
     from transformers import GPT2Config
 
-    from hanlm.gguf_writer import GGUFExportError, check_architecture
+    from hanlm.export.gguf import GGUFExportError, check_architecture
 
     with pytest.raises(GGUFExportError, match="gpt2|GPT2|Llama"):
         check_architecture(GPT2Config())

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from hanlm import cli
 from hanlm.config import ConfigError, load_config
+from hanlm.pipeline import cli
 from hanlm.runs import read_metrics, read_run
-from hanlm.stages.pretrain import PretrainConfig, run
+from hanlm.train.pretrain import PretrainConfig, run
 
 LINES = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -193,7 +193,7 @@ def test_torchrun_two_process_cpu(tmp_path, corpus, tok_dir):
         "--master_port",
         str(29500 + random.Random().randint(0, 400)),
         "-m",
-        "hanlm.cli",
+        "hanlm.pipeline.cli",
         "pretrain",
         f"tokenizer={tok_dir}",
         "preset=test",
@@ -255,7 +255,7 @@ def test_packing_matches_the_plain_definition(tmp_path, tiny_tokenizer, num_proc
     """Blocks are the documents' ids joined with EOS and cut every block_size tokens, the tail
     padded with labels ignored and a one-token tail dropped; both tokenizing paths agree."""
     from hanlm import IGNORE_INDEX
-    from hanlm.stages.pretrain import _tokenize_and_pack
+    from hanlm.train.pretrain import _tokenize_and_pack
 
     tok, size, eos = tiny_tokenizer, 7, tiny_tokenizer.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos

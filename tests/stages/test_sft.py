@@ -9,11 +9,11 @@ import pytest
 
 from hanlm import IGNORE_INDEX
 from hanlm.config import load_config
-from hanlm.infer.chat import ChatConfig, ChatSession
-from hanlm.infer.engine import GenerationOptions, generate, stream
+from hanlm.generation import GenerationOptions, generate, stream
 from hanlm.runs import read_run
-from hanlm.stages.sft import SFTConfig, fit_to_length, run
+from hanlm.serve.chat import ChatConfig, ChatSession
 from hanlm.testing import tiny_tokenizer
+from hanlm.train.sft import SFTConfig, fit_to_length, run
 
 QA = [
     ("床前明月光的下一句是什么？", "疑是地上霜。"),
@@ -113,7 +113,7 @@ def test_chat_session_keeps_history_and_commands(trained):
 
 
 def _hanlm(*args, stdin=""):
-    code = "import sys; from hanlm.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from hanlm.pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         input=stdin,

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from hanlm import cli
 from hanlm.config import load_config
 from hanlm.data import DataError
 from hanlm.modeling import ModelError
-from hanlm.stages.vocab import VocabConfig, VocabError, run
+from hanlm.pipeline import cli
 from hanlm.tokenizer import PROBE_TEXTS, expand_bytelevel, has_cjk_bytes, load_base_tokenizer
+from hanlm.tokenizer.vocab import VocabConfig, VocabError, run
 
 ASSETS = Path(__file__).resolve().parents[2] / "src" / "hanlm" / "assets" / "demo"
 MIXED = [

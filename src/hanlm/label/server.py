@@ -33,7 +33,7 @@ from typing import Any
 from hanlm.config import ConfigError, ModelConfig, OutputConfig, opt
 from hanlm.data.formats import RecordError, parse_ranking
 from hanlm.datagen.selfinstruct import seed_texts
-from hanlm.infer.engine import GenerationOptions, generate
+from hanlm.generation import GenerationOptions, generate
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.runs import Run, atomic_write_text
 

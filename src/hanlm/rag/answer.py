@@ -16,7 +16,7 @@ from typing import Any
 
 from hanlm.config import ConfigError, InferenceModelConfig, TemplateName, opt
 from hanlm.data.templates import require_template
-from hanlm.infer.engine import GenerationOptions, generate
+from hanlm.generation import GenerationOptions, generate
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.rag.index import Hit, Mode, RagIndex, index_embedder
 

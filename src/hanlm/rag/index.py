@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hanlm.config import ConfigError, InferenceModelConfig, OutputConfig, opt
-from hanlm.embedding import Embedder, EmbedOptions, load_embedder
+from hanlm.embed.pooling import Embedder, EmbedOptions, load_embedder
 from hanlm.rag.bm25 import BM25, rrf
 from hanlm.rag.chunking import Chunk, chunk_document, read_documents
 from hanlm.runs import Run, atomic_write_json, atomic_write_text

@@ -44,11 +44,11 @@ from typing import Any
 
 from hanlm.compat import batching_logits_processors
 from hanlm.data.templates import stop_token_ids
-from hanlm.embedding import embed_ids
-from hanlm.infer.engine import decoding_kwargs
+from hanlm.embed.pooling import embed_ids
+from hanlm.generation import decoding_kwargs
 from hanlm.serve.processors import InverseCdfSampler, LogprobRecorder, OpenAIPenalty
 from hanlm.serve.protocol import APIError, Sampling
-from hanlm.threads import SerialThreads
+from hanlm.serve.threads import SerialThreads
 
 PAGE = 64  # tokens per KV-cache page
 BATCH_TOKENS = 256  # most tokens in one forward pass (long prompts are prefilled in chunks)
@@ -568,7 +568,7 @@ class Engine:
 
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
         """SGPT position-weighted mean pooling (Muennighoff 2022), L2-normalised: the shared
-        code of `hanlm embed` and `hanlm rag` (hanlm.embedding), so vectors from the API match
+        code of `hanlm embed` and `hanlm rag` (hanlm.embed.pooling), so vectors from the API match
         an index built with the same model."""
         return embed_ids(self.model, batch, self.pad_id, "weighted_mean", batch_size=16)
 

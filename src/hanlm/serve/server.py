@@ -16,7 +16,7 @@ from hanlm.modeling import load_model, load_tokenizer, quantize_weights
 from hanlm.rag.answer import RetrievalOptions, Retriever
 from hanlm.serve.api import Limits, create_app
 from hanlm.serve.engine import Engine
-from hanlm.threads import in_fresh_thread
+from hanlm.serve.threads import in_fresh_thread
 
 
 @dataclass

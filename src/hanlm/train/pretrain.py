@@ -43,7 +43,7 @@ from hanlm.data.glm import (
 )
 from hanlm.modeling import build_model, load_model, load_tokenizer
 from hanlm.runs import Run
-from hanlm.training import (
+from hanlm.trainer import (
     apply_lora,
     check_launch,
     describe_trainable,

@@ -30,10 +30,10 @@ from hanlm.config import (
 from hanlm.data import load, or_demo, to_dataset
 from hanlm.data.formats import split_last_answer
 from hanlm.data.templates import apply_template, render, stop_token_ids
-from hanlm.infer.engine import GenerationOptions, generate
+from hanlm.generation import GenerationOptions, generate
 from hanlm.modeling import load_model, load_tokenizer, pad_batch
 from hanlm.runs import Run, atomic_write_text
-from hanlm.training import (
+from hanlm.trainer import (
     apply_lora,
     check_launch,
     describe_trainable,

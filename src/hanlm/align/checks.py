@@ -5,7 +5,7 @@ A proxy reward model that a policy is optimised against cannot judge that policy
 held-out answers with judges they were not trained on:
 
 - a gold reward model (`gold_reward_model=DIR`: trained on a disjoint half of the preferences;
-  scored by `hanlm.rewards.Scorer`, never part of the training reward);
+  scored by `hanlm.align.rewards.Scorer`, never part of the training reward);
 - `check_answer`: rule checks of the defects the embedded preference data was built from (echo of
   the question, truncation, looping, scrambled characters, off-topic, missing stop) and whether
   the answer contains the known correct line or explanation;

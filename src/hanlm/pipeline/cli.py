@@ -1,8 +1,8 @@
 """The command line: `hanlm <command> [CONFIG.yaml] [key.sub=value ...]`.
 
-The commands are the table in `hanlm.commands` (the recipe runner reads the same table). Their
-modules are imported only when the command runs (or its --help is asked for), so `hanlm --help`
-stays fast: torch, transformers and trl take seconds to import.
+The commands are the table in `hanlm.pipeline.commands` (the recipe runner reads the same table).
+Their modules are imported only when the command runs (or its --help is asked for), so `hanlm
+--help` stays fast: torch, transformers and trl take seconds to import.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from hanlm import __version__
-from hanlm.commands import COMMANDS, config_class
 from hanlm.config import ConfigError, describe, load_config, parse_value
 from hanlm.data.sources import DataError
 from hanlm.modeling import ModelError
+from hanlm.pipeline.commands import COMMANDS, config_class
 from hanlm.runs import OutputDirError, is_main_process
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")

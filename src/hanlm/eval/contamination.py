@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from hanlm import ASSETS
-from hanlm.bench import LETTERS, Item, MissingSplit, canonical_split, load_benchmark
 from hanlm.config import ConfigError, DataConfig, OutputConfig, opt
 from hanlm.data.loader import RecordReader
+from hanlm.eval.benchmarks import LETTERS, Item, MissingSplit, canonical_split, load_benchmark
 from hanlm.runs import Run, atomic_write_json
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f"

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hanlm import IGNORE_INDEX, losses
+from hanlm.align.rollouts import Messages, prompts_and_references, rollout
 from hanlm.config import (
     ConfigError,
     DataConfig,
@@ -50,9 +51,8 @@ from hanlm.config import (
 from hanlm.data import load, or_demo, to_dataset
 from hanlm.data.templates import prompt_ids, render, require_template, stop_token_ids
 from hanlm.modeling import load_model, load_tokenizer, pad_batch
-from hanlm.rollouts import Messages, prompts_and_references, rollout
 from hanlm.runs import Run, atomic_write_json, atomic_write_text
-from hanlm.training import (
+from hanlm.trainer import (
     apply_lora,
     check_launch,
     describe_trainable,

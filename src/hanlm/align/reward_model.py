@@ -21,6 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from hanlm.align.rewards import (
+    load_reward_model,
+    score_conversations,
+    score_ids,
+    trained_max_length,
+)
 from hanlm.config import (
     DataConfig,
     LoraConfig,
@@ -36,9 +42,8 @@ from hanlm.data.sources import BadJson, DataError, iter_source, resolve
 from hanlm.data.templates import apply_template, render
 from hanlm.losses import kendall_tau, ranked_ranking_loss
 from hanlm.modeling import load_tokenizer
-from hanlm.rewards import load_reward_model, score_conversations, score_ids, trained_max_length
 from hanlm.runs import Run, atomic_write_text
-from hanlm.training import (
+from hanlm.trainer import (
     apply_lora,
     check_launch,
     describe_trainable,

@@ -15,7 +15,7 @@ A recipe is YAML:
 `${recipe_dir}` and `${run_dir}` what they say. A stage is skipped when its fingerprint — its
 command, resolved config, the fingerprints of the stages it reads and the contents of the files
 it names — equals the one recorded at its last complete run. Each stage runs as a child process
-(`python -m hanlm.cli`), so its peak memory is measured and a crash is contained.
+(`python -m hanlm`), so its peak memory is measured and a crash is contained.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from typing import Any
 import yaml
 
 from hanlm import ASSETS
-from hanlm.commands import COMMANDS, config_class
 from hanlm.config import ConfigError, load_config, opt, to_dict
-from hanlm.report import write_report
+from hanlm.pipeline.commands import COMMANDS, config_class
+from hanlm.pipeline.report import write_report
 from hanlm.runs import atomic_write_json, atomic_write_text, read_run
 
 STATE_FILE = "recipe_state.json"
@@ -316,7 +316,7 @@ def _run_stage(recipe: Recipe, step: dict[str, Any], log: Any) -> dict[str, Any]
     cfg_dir = recipe.run_dir / ".stages"
     cfg_path = cfg_dir / f"{stage.name}.yaml"
     atomic_write_text(cfg_path, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
-    cmd = [sys.executable, "-m", "hanlm.cli", *stage.command.split(), str(cfg_path)]
+    cmd = [sys.executable, "-m", "hanlm.pipeline.cli", *stage.command.split(), str(cfg_path)]
     log(f"\n=== [{stage.name}] hanlm {stage.command} ({step['why']})")
     started = time.time()
     proc = subprocess.Popen(cmd)

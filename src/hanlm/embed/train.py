@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hanlm.config import ConfigError, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
-from hanlm.embedding import Embedder, EmbedOptions
+from hanlm.embed.pooling import Embedder, EmbedOptions
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.runs import Run
-from hanlm.training import apply_lora, describe_trainable, optimizer
+from hanlm.trainer import apply_lora, describe_trainable, optimizer
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from hanlm.config import InferenceModelConfig, TemplateName, opt
 from hanlm.data.templates import require_template
-from hanlm.infer.engine import GenerationOptions, stream
+from hanlm.generation import GenerationOptions, stream
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.rag.answer import RetrievalOptions, Retriever
 

@@ -1,8 +1,8 @@
 """`hanlm eval`: multiple-choice benchmarks, perplexity and generation samples for any causal LM.
 
-The benchmarks and their prompts come from `hanlm.bench` (C-Eval, CMMLU and MMLU in their
+The benchmarks and their prompts come from `hanlm.eval.benchmarks` (C-Eval, CMMLU and MMLU in their
 official layouts, hanlm's JSONL, or the hub; each benchmark's official wording, zero- or k-shot)
-and the model's scores from `hanlm.infer.scoring`. This module reads top to bottom: the config;
+and the model's scores from `hanlm.eval.loglik`. This module reads top to bottom: the config;
 one benchmark (its prompts fitted to the model, optionally inside the model's chat template,
 scored, summarised); perplexity and samples; and `run()`, which writes everything to the output
 directory:
@@ -28,7 +28,7 @@ Averaging. `accuracy` is over all questions (micro; the MMLU reference script's 
 `macro_accuracy` is the mean of the per-subject accuracies (each subject counts once, as in a
 per-subject leaderboard average). Both are given overall and per category: compare like with like.
 
-Cloze. `cloze=` files give a blank-infilling probe (`hanlm.infer.cloze`): held-out windows with
+Cloze. `cloze=` files give a blank-infilling probe (`hanlm.eval.cloze`): held-out windows with
 a span blanked, the true span against same-length spans from other texts, asked the causal way
 and, for a tokenizer with the GLM tokens (`hanlm pretrain objective=glm`), GLM's way.
 
@@ -46,16 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hanlm.bench import (
-    LETTERS,
-    Benchmark,
-    Item,
-    Style,
-    build_prompt,
-    canonical_split,
-    load_benchmark,
-    pick_style,
-)
 from hanlm.config import (
     ConfigError,
     DataConfig,
@@ -67,15 +57,25 @@ from hanlm.data import load
 from hanlm.data.glm import glm_ids
 from hanlm.data.sources import DataError
 from hanlm.data.templates import stop_token_ids
-from hanlm.infer.cloze import cloze_accuracy, cloze_items
-from hanlm.infer.recite import recite_probe
-from hanlm.infer.scoring import (
+from hanlm.eval.benchmarks import (
+    LETTERS,
+    Benchmark,
+    Item,
+    Style,
+    build_prompt,
+    canonical_split,
+    load_benchmark,
+    pick_style,
+)
+from hanlm.eval.cloze import cloze_accuracy, cloze_items
+from hanlm.eval.loglik import (
     common_prefix_len,
     letter_token_ids,
     perplexity,
     score_letters,
     score_options,
 )
+from hanlm.eval.recite import recite_probe
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.runs import Run, atomic_write_json
 

@@ -8,7 +8,7 @@ vocabulary to a corpus if asked (checked: same ids, same logits on the kept ids,
 on the corpus) -> write the GGUF (f32/f16/q8_0) and/or safetensors (fp32/fp16/bf16) -> load each
 back from disk — the GGUF through transformers' own GGUF reader — and compare it with the
 reference -> figures, sizes and times in hanlm.json. The GGUF writing and the pruning live in
-`hanlm.gguf_writer` and `hanlm.vocab_prune`.
+`hanlm.export.gguf` and `hanlm.export.prune`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any, ClassVar, Literal
 
 from hanlm.config import ConfigError, ModelConfig, OutputConfig, TemplateName, opt
 from hanlm.data.templates import TemplateError, stop_token_ids
-from hanlm.gguf_writer import check_architecture, gguf_vocab, source_pre, write_gguf
+from hanlm.export.gguf import check_architecture, gguf_vocab, source_pre, write_gguf
+from hanlm.export.prune import corpus_texts, plan_keep, prune_model, prune_tokenizer, size_saved
 from hanlm.modeling import ModelError, load_model, load_tokenizer, resolve_source, torch_dtype
 from hanlm.runs import Run
 from hanlm.tokenizer.base import PROBE_TEXTS
-from hanlm.vocab_prune import corpus_texts, plan_keep, prune_model, prune_tokenizer, size_saved
 
 DEFAULT_PROMPTS = [
     "用一句话介绍长城。",

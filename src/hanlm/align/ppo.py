@@ -2,8 +2,8 @@
 
 No maintained library ships PPO-ptx (trl dropped its PPO trainer in 1.13), so this is hanlm's
 own loop, written to be read top to bottom as torchtune's PPO recipe is: the math is in
-`hanlm.losses`, generation and scoring in `hanlm.rollouts` and `hanlm.rewards`; here the class
-`PPO` holds the models and does one thing per method (`experience`, `ppo_step`, `evaluate`,
+`hanlm.losses`, generation and scoring in `hanlm.align.rollouts` and `hanlm.align.rewards`; here the
+class `PPO` holds the models and does one thing per method (`experience`, `ppo_step`, `evaluate`,
 `save`/`load`), and `run()` is the loop:
 
   models    policy (full or LoRA) from the SFT model; a frozen reference (a copy, or the policy
@@ -33,8 +33,9 @@ rollout_batch x W, disjoint slices of one shared prompt order); the policy and v
 wrapped for DDP, so each optimiser step averages the gradients of all processes once; the score
 shift, advantage whitening, β and the logged metrics use statistics over all processes; only
 the main process evaluates and writes. With `train.deepspeed=` (torchrun) they are DeepSpeed
-ZeRO-2/3 engines instead (`hanlm.distributed`; `frozen`: the frozen models whole or partitioned);
-under ZeRO-3 generation runs on gathered weights, in step on every process, evaluation too.
+ZeRO-2/3 engines instead (`hanlm.align.distributed`; `frozen`: the frozen models whole or
+partitioned); under ZeRO-3 generation runs on gathered weights, in step on every process, evaluation
+too.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from hanlm import distributed, losses, rollouts, training
+from hanlm import losses, trainer
+from hanlm.align import distributed, loop, rollouts
+from hanlm.align.checks import warnings_for
+from hanlm.align.rewards import RuleConfig, Scorer, load_reward_model
+from hanlm.align.rollouts import Cycler, Rollout, answer_logits, lm_loss, rollout
 from hanlm.config import (
     ConfigError,
     DataConfig,
@@ -58,10 +63,7 @@ from hanlm.config import (
     opt,
 )
 from hanlm.data.templates import require_template, stop_token_ids
-from hanlm.judge import warnings_for
 from hanlm.modeling import load_model, load_tokenizer, pick_precision
-from hanlm.rewards import RuleConfig, Scorer, load_reward_model
-from hanlm.rollouts import Cycler, Rollout, answer_logits, lm_loss, rollout
 from hanlm.runs import Run
 
 if TYPE_CHECKING:
@@ -217,7 +219,7 @@ class PPO:
         self.device, self.world = accelerator.device, accelerator.num_processes
         self.rank, self.main = accelerator.process_index, accelerator.is_main_process
         self.micro = math.ceil(cfg.train.batch_size / cfg.train.grad_accum)
-        # DDP, or DeepSpeed engines when train.deepspeed is set (hanlm.distributed)
+        # DDP, or DeepSpeed engines when train.deepspeed is set (hanlm.align.distributed)
         self.engines = distributed.loop_engines(accelerator, cfg.train, self.micro)
 
         # models: policy, reference, value (from the reward model, InstructGPT), reward
@@ -238,8 +240,8 @@ class PPO:
                 " tokenizer; start it from a reward model trained on this SFT model"
             )
         if cfg.lora.enabled:
-            policy = training.apply_lora(policy, cfg.lora)
-            value = training.apply_lora(
+            policy = trainer.apply_lora(policy, cfg.lora)
+            value = trainer.apply_lora(
                 value,
                 replace(cfg.lora, modules_to_save=sorted({*cfg.lora.modules_to_save, "score"})),
                 task="SEQ_CLS",
@@ -268,12 +270,10 @@ class PPO:
         # optimisers (one step per minibatch) and schedulers
         total = cfg.train.max_steps * cfg.ppo_epochs
         total *= math.ceil(cfg.rollout_batch / cfg.train.batch_size)
-        self.opt_p, self.sched_p = training.optimizer(policy, cfg.train, total)
+        self.opt_p, self.sched_p = trainer.optimizer(policy, cfg.train, total)
         self.values = rollouts.token_value_module(value)  # the critic: value model + offset
         self.values.offset.requires_grad_(cfg.center_value)  # a bias only for a centred critic
-        self.opt_v, self.sched_v = training.optimizer(
-            self.values, cfg.train, total, lr=cfg.value_lr
-        )
+        self.opt_v, self.sched_v = trainer.optimizer(self.values, cfg.train, total, lr=cfg.value_lr)
         self.prompt_cycle = Cycler(n_prompts, cfg.train.seed)
         self.ptx_cycle = Cycler(max(n_ptx, 1), cfg.train.seed + 1)
         self.beta: float = cfg.kl_coef
@@ -552,7 +552,7 @@ def run(cfg: PPOConfig) -> Path:
     import torch
     from transformers import set_seed
 
-    acc = training.loop_accelerator(cfg.train.precision, "hanlm ppo")
+    acc = loop.loop_accelerator(cfg.train.precision, "hanlm ppo")
     world, main = acc.num_processes, acc.is_main_process
 
     with Run("ppo", cfg) as run:
@@ -585,7 +585,7 @@ def run(cfg: PPOConfig) -> Path:
 
         ppo = PPO(cfg, acc, tok, stops, len(train_prompts), len(ptx_train))
         summary: dict[str, Any] = {
-            "policy": training.describe_trainable(ppo.policy),
+            "policy": trainer.describe_trainable(ppo.policy),
             "value_init": ppo.value_path,
             "world_size": world,
             "global_rollout_batch": cfg.rollout_batch * world,
@@ -623,7 +623,7 @@ def run(cfg: PPOConfig) -> Path:
                 metrics.update({f"eval_{k}": v for k, v in ev.items()})
                 if cfg.keep_best == "gold" and main and ev["gold_score"] > best_gold:
                     best_gold, best_step = ev["gold_score"], step
-                    torch.save(training.trainable_state(ppo.policy), run.dir / ".best_policy.pt")
+                    torch.save(loop.trainable_state(ppo.policy), run.dir / ".best_policy.pt")
             run.log(step, **metrics)
             if main and (
                 step % max(cfg.train.logging_steps, 1) == 0 or step == cfg.train.max_steps
@@ -644,14 +644,14 @@ def run(cfg: PPOConfig) -> Path:
         # ZeRO-3: every process gathers the weights for the check and the save below
         with ppo.engines.full_weights(ppo.dp_policy, ppo.dp_values):
             if world > 1:
-                same = training.weights_equal_across_processes([ppo.policy, ppo.value])
+                same = loop.weights_equal_across_processes([ppo.policy, ppo.value])
                 summary["weights_equal_across_processes"] = same
                 if main and not same:
                     print("[hanlm] warning: the processes' weights differ", file=sys.stderr)
             acc.wait_for_everyone()
             if main:
                 if cfg.keep_best == "gold" and best_step and best_step != cfg.train.max_steps:
-                    training.load_trainable(ppo.policy, run.dir / ".best_policy.pt")
+                    loop.load_trainable(ppo.policy, run.dir / ".best_policy.pt")
                     summary.update(kept_step=best_step, kept_gold_score=best_gold)
                     print(f"[hanlm] keeping the step-{best_step} policy (best gold score)")
                     after.clear()

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hanlm.align.checks import check_answer, judge_answers
+from hanlm.align.rewards import Scorer
 from hanlm.config import DataConfig
 from hanlm.data import load, or_demo
 from hanlm.data.formats import split_last_answer
 from hanlm.data.templates import prompt_ids
-from hanlm.judge import check_answer, judge_answers
 from hanlm.modeling import pad_batch
-from hanlm.rewards import Scorer
 from hanlm.runs import atomic_write_text
 
 if TYPE_CHECKING:
@@ -332,7 +332,7 @@ def held_out_scores(
     """Greedy answers to held-out prompts, measured: the proxy `score` (the training reward, if
     a `scorer` is given:
     `rm_score` + rules + `stop_penalty`, each part also given), the `gold_score` of a judge that
-    was not the target, the rule checks and collapse detectors of `hanlm.judge` (with the
+    was not the target, the rule checks and collapse detectors of `hanlm.align.checks` (with the
     references a `HeldOut` carries), answer length in tokens and the stop rate. `samples`, if
     given, receives one row per answer."""
     held = prompts if isinstance(prompts, HeldOut) else HeldOut(prompts, [None] * len(prompts))

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hanlm.bench import LETTERS
+from hanlm.eval.benchmarks import LETTERS
 
 if TYPE_CHECKING:  # heavy imports stay lazy (hanlm eval --help must be fast)
     import torch

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hanlm import training
+from hanlm.align import loop
 from hanlm.config import ConfigError, TrainConfig, deepspeed_config, zero_stage
 from hanlm.modeling import pick_precision
 from hanlm.runs import Run
@@ -86,8 +86,9 @@ class DDPLoop:
 
     def freeze(self, how: str, ref_model: Any, *scorers: Any) -> Any:
         """The frozen models as the loop will call them: `replicate` leaves them whole;
-        `partition` swaps the reference and each scorer's reward models (a `hanlm.rewards.Scorer`
-        or None) for `frozen(model)`. Returns the reference (None stays None)."""
+        `partition` swaps the reference and each scorer's reward models (a
+        `hanlm.align.rewards.Scorer` or None) for `frozen(model)`. Returns the reference (None stays
+        None)."""
         wrap = self.frozen if how == "partition" else (lambda model: model)
         ref_model = None if ref_model is None else wrap(ref_model)
         for scorer in [s for s in scorers if s is not None]:
@@ -121,7 +122,7 @@ class DDPLoop:
         stateful: dict[str, Any],
         extra: dict[str, Any],
     ) -> None:
-        training.save_loop(run, step, keep, self.acc, modules, stateful, extra)
+        loop.save_loop(run, step, keep, self.acc, modules, stateful, extra)
 
     def load(self, ckpt: Path, modules: dict[str, Any], stateful: dict[str, Any]) -> dict[str, Any]:
         """Restore a checkpoint into the unprepared modules (call before `prepare`)."""
@@ -130,7 +131,7 @@ class DDPLoop:
                 f"{ckpt} holds DeepSpeed engine states: it was written with train.deepspeed;"
                 " resume it with the same train.deepspeed"
             )
-        return training.load_loop(ckpt, self.acc, modules, stateful)
+        return loop.load_loop(ckpt, self.acc, modules, stateful)
 
 
 class DeepSpeedLoop(DDPLoop):
@@ -233,7 +234,7 @@ class DeepSpeedLoop(DDPLoop):
         import torch
         from accelerate.utils import broadcast_object_list, gather_object
 
-        rng = gather_object([training.rng_state()])
+        rng = gather_object([loop.rng_state()])
         with contextlib.ExitStack() as stack:
             tmp = [None]
             if run.main:
@@ -260,7 +261,7 @@ class DeepSpeedLoop(DDPLoop):
                 f"{ckpt} holds no DeepSpeed engine states ({', '.join(modules)}): it was written"
                 " without train.deepspeed; resume it without train.deepspeed"
             )
-        return training.load_loop(ckpt, self.acc, {}, stateful)
+        return loop.load_loop(ckpt, self.acc, {}, stateful)
 
 
 def _free_port() -> int:

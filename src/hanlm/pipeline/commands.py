@@ -1,7 +1,8 @@
 """The command table: every `hanlm` command, its module, its config class and a one-line help.
 
-`hanlm.cli` parses arguments against it and `hanlm.recipe` runs recipe stages through it, so a
-command is added in one place. Modules are named, not imported: importing one pulls in torch.
+`hanlm.pipeline.cli` parses arguments against it and `hanlm.pipeline.recipe` runs recipe stages
+through it, so a command is added in one place. Modules are named, not imported: importing one pulls
+in torch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "vocab": Command(
-        "hanlm.stages.vocab",
+        "hanlm.tokenizer.vocab",
         "VocabConfig",
         "train a Chinese tokenizer, or merge one into a base model's vocabulary and resize it",
     ),
@@ -63,12 +64,12 @@ COMMANDS: dict[str, Command] = {
         usage="PROMPTS MODEL[,MODEL2...]",
     ),
     "sft": Command(
-        "hanlm.stages.sft",
+        "hanlm.train.sft",
         "SFTConfig",
         "instruction-tune with a chat template and answer-only loss (full, LoRA, QLoRA)",
     ),
     "chat": Command(
-        "hanlm.infer.chat",
+        "hanlm.serve.chat",
         "ChatConfig",
         "chat with a model in the terminal, streaming (or answer one --prompt and exit)",
         positional="model.path",
@@ -82,7 +83,7 @@ COMMANDS: dict[str, Command] = {
         usage="MODEL_DIR",
     ),
     "run": Command(
-        "hanlm.recipe",
+        "hanlm.pipeline.recipe",
         "RunConfig",
         "run a recipe's stages (skip unchanged, resume interrupted) and write a report",
         positional="recipe",
@@ -90,17 +91,17 @@ COMMANDS: dict[str, Command] = {
         aliases=(("from", "from_stage"),),
     ),
     "pretrain": Command(
-        "hanlm.stages.pretrain",
+        "hanlm.train.pretrain",
         "PretrainConfig",
         "pretrain from scratch or continue pretraining (full, or LoRA + embeddings), packed",
     ),
     "reward": Command(
-        "hanlm.stages.reward",
+        "hanlm.align.reward_model",
         "RewardConfig",
         "train a reward model on preference pairs or ranked answers (InstructGPT's C(K,2) loss)",
     ),
     "reward score": Command(
-        "hanlm.stages.reward",
+        "hanlm.align.reward_model",
         "RewardScoreConfig",
         "print a reward model's score of an answer (--prompt/--response) or of a JSONL file",
         positional="model.path",
@@ -108,48 +109,48 @@ COMMANDS: dict[str, Command] = {
         func="score",
     ),
     "ppo": Command(
-        "hanlm.stages.ppo",
+        "hanlm.align.ppo",
         "PPOConfig",
         "PPO against a reward model or rule rewards, KL penalty to the SFT model, PPO-ptx mix",
     ),
     "dpo": Command(
-        "hanlm.stages.dpo",
+        "hanlm.align.dpo",
         "DPOConfig",
         "direct preference optimisation (sigmoid, IPO, hinge) with cached reference log-probs",
     ),
     "grpo": Command(
-        "hanlm.stages.grpo",
+        "hanlm.align.grpo",
         "GRPOConfig",
         "GRPO with rewards from a reward model and/or rule functions (module:function)",
     ),
     "distill": Command(
-        "hanlm.stages.distill",
+        "hanlm.align.distill",
         "DistillConfig",
         "context distillation: match the model prompted with a context, without it (KL, LoRA)",
     ),
     "eval": Command(
-        "hanlm.stages.evaluate",
+        "hanlm.eval.evaluate",
         "EvalConfig",
         "score a model on C-Eval/CMMLU/MMLU-style benchmarks, perplexity and samples",
         positional="model.path",
         usage="MODEL_DIR",
     ),
     "eval contamination": Command(
-        "hanlm.stages.contamination",
+        "hanlm.eval.contamination",
         "ContaminationConfig",
         "audit training data for benchmark items (n-gram overlap) before trusting a score",
         positional="train",
         usage="TRAIN_PATH [TRAIN_PATH ...]",
     ),
     "embed": Command(
-        "hanlm.embedding",
+        "hanlm.embed.pooling",
         "EmbedConfig",
         "sentence embeddings from a decoder (SGPT weighted-mean, mean or last-token pooling)",
         positional="model.path",
         usage="MODEL_DIR",
     ),
     "embed train": Command(
-        "hanlm.stages.embed",
+        "hanlm.embed.train",
         "EmbedTrainConfig",
         "contrastive fine-tuning of the embeddings (SGPT-BE: in-batch InfoNCE; bias, LoRA, full)",
     ),
@@ -185,7 +186,7 @@ COMMANDS: dict[str, Command] = {
         usage="IDX MODEL_DIR QUESTION [QUESTION ...]",
     ),
     "export": Command(
-        "hanlm.stages.export",
+        "hanlm.export.export",
         "ExportConfig",
         "merge LoRA, prune the vocabulary, write safetensors or GGUF (llama.cpp), check parity",
         positional="model.path",

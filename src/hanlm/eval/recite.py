@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hanlm.bench import Item
-from hanlm.infer.scoring import common_prefix_len, score_options
+from hanlm.eval.benchmarks import Item
+from hanlm.eval.loglik import common_prefix_len, score_options
 
 # (question, answer) -> (ids of the prompt, ids of prompt + answer)
 Encode = Callable[[str, str], tuple[list[int], list[int]]]
@@ -37,7 +37,8 @@ def recite_probe(
 ) -> dict[str, Any]:
     """Probe `per_group` items of each contamination group (file order; every item is in group
     `unaudited` without a status map), write one row per item to `out_path`, return pooled bpc
-    overall and per group. The answer is option A of a `qa` item (`hanlm.bench.read_qa`)."""
+    overall and per group. The answer is option A of a `qa` item
+    (`hanlm.eval.benchmarks.read_qa`)."""
     from tqdm.auto import tqdm
 
     status = status or {}

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from hanlm.align.checks import warnings_for
+from hanlm.align.rewards import RuleConfig, Scorer
+from hanlm.align.rollouts import HeldOut, held_out_scores, prompts_and_references, write_samples
 from hanlm.config import (
     ConfigError,
     DataConfig,
@@ -39,12 +42,9 @@ from hanlm.config import (
 )
 from hanlm.data import load, or_demo, to_dataset
 from hanlm.data.templates import render, require_template, stop_token_ids
-from hanlm.judge import warnings_for
 from hanlm.modeling import load_model, load_tokenizer, pad_batch, resolve_source
-from hanlm.rewards import RuleConfig, Scorer
-from hanlm.rollouts import HeldOut, held_out_scores, prompts_and_references, write_samples
 from hanlm.runs import Run, atomic_dir, atomic_write_json
-from hanlm.training import (
+from hanlm.trainer import (
     apply_lora,
     check_launch,
     describe_trainable,

@@ -2,7 +2,7 @@
 
 Reads top to bottom: tokenizer and template -> prompts (preference or chat records) -> rewards:
 reward-model directories (trl scores the re-rendered conversation with each) and rule rewards
-(`hanlm.rewards`: built-ins and `module:function` names) -> policy (full or LoRA) -> trl's
+(`hanlm.align.rewards`: built-ins and `module:function` names) -> policy (full or LoRA) -> trl's
 GRPOTrainer: `num_generations` sampled answers per prompt, advantages relative to the group ->
 held-out greedy answers scored by the same rewards before and after -> an HF directory.
 
@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from hanlm.align.checks import warnings_for
+from hanlm.align.rewards import RuleConfig, Scorer
+from hanlm.align.rollouts import held_out_scores, load_prompts, write_samples
 from hanlm.config import (
     ConfigError,
     DataConfig,
@@ -29,12 +32,9 @@ from hanlm.config import (
 )
 from hanlm.data import to_dataset
 from hanlm.data.templates import require_template, stop_token_ids
-from hanlm.judge import warnings_for
 from hanlm.modeling import load_model, load_tokenizer
-from hanlm.rewards import RuleConfig, Scorer
-from hanlm.rollouts import held_out_scores, load_prompts, write_samples
 from hanlm.runs import Run
-from hanlm.training import (
+from hanlm.trainer import (
     apply_lora,
     check_launch,
     describe_trainable,

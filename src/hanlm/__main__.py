@@ -1,0 +1,8 @@
+"""`python -m hanlm ...` runs the command line (also what launchers such as torchrun start)."""
+
+import sys
+
+from hanlm.pipeline.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sentence embeddings from a decoder: pooling (`hanlm embed`) and contrastive training."""

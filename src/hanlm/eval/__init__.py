@@ -1,0 +1,2 @@
+"""Evaluation: `hanlm eval` (benchmarks, perplexity, probes, samples) and the contamination
+audit."""

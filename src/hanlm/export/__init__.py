@@ -1,0 +1,1 @@
+"""`hanlm export`: merged safetensors or GGUF for llama.cpp and Ollama, vocabulary pruning."""

@@ -1,1 +1,0 @@
-"""Inference: generation engine and terminal chat."""

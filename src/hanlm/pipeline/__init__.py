@@ -1,0 +1,1 @@
+"""The command line, the recipe runner and the run report."""

@@ -1,1 +1,0 @@
-"""Pipeline stages: one module each, with a config class and run(cfg)."""

@@ -1,0 +1,1 @@
+"""Training a model on text and conversations: `hanlm pretrain` and `hanlm sft`."""
