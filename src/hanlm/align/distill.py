@@ -12,8 +12,9 @@ Reads top to bottom: tokenizer and template -> the context (a file or the text) 
 (chat or preference records; teacher prompt = student prompt with the context as a system
 message) -> answers (sampled from the teacher, cached in answers.jsonl so a resumed run trains
 on the same ones; or the data's own) -> the teacher's top-k log-probs when `topk` > 0 (computed
-once; no teacher is then held while training) -> held-out measures before -> transformers'
-Trainer with the KL loss of `hanlm.losses` -> held-out measures after -> an HF directory.
+once; no teacher is then held while training) -> held-out measures before -> the student and
+its teacher -> transformers' Trainer with the KL loss of `hanlm.align.distill_kl` -> held-out
+measures after -> an HF directory.
 
 Held-out measures (prompts the training never saw), each named by its judge:
 - `kl`: KL(teacher with context ‖ model without) per answer token, full distribution, on answers
@@ -30,13 +31,19 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from hanlm import IGNORE_INDEX, losses
+from hanlm.align.distill_kl import (
+    Collator,
+    Teacher,
+    answer_logits,
+    encode,
+    held_out_kl,
+    make_trainer,
+)
 from hanlm.align.rollouts import Messages, prompts_and_references, rollout
 from hanlm.config import (
     ConfigError,
@@ -50,7 +57,7 @@ from hanlm.config import (
 )
 from hanlm.data import load, or_demo, to_dataset
 from hanlm.data.templates import prompt_ids, render, require_template, stop_token_ids
-from hanlm.modeling import load_model, load_tokenizer, pad_batch
+from hanlm.modeling import load_model, load_tokenizer
 from hanlm.runs import Run, atomic_write_json, atomic_write_text
 from hanlm.trainer import (
     apply_lora,
@@ -144,91 +151,6 @@ def given_answer(tok: Any, prompt: Messages, answer: str, where: str) -> list[in
     return ids[len(start) : last + 1]
 
 
-# --------------------------------------------------------------------------- batches
-
-
-def encode(tok: Any, student: Messages, teacher: Messages, answer: list[int]) -> dict[str, Any]:
-    s, t = prompt_ids(tok, student), prompt_ids(tok, teacher)
-    return {
-        "student_ids": s + answer,
-        "teacher_ids": t + answer,
-        "student_start": len(s),
-        "teacher_start": len(t),
-        "n": len(answer),
-    }
-
-
-class Collator:
-    """Right-pads both views of each row and indexes the positions that predict the answer."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        width = max(r["n"] for r in rows)
-        out: dict[str, Any] = {}
-        for who in ("student", "teacher"):
-            ids, attn = pad_batch([r[f"{who}_ids"] for r in rows], self.pad_id, "right")
-            pos = [[r[f"{who}_start"] - 1 + min(j, r["n"] - 1) for j in range(width)] for r in rows]
-            out[f"{who}_ids"], out[f"{who}_attn"] = ids, attn
-            out[f"{who}_pos"] = torch.tensor(pos)
-        out["mask"] = torch.tensor([[1.0] * r["n"] + [0.0] * (width - r["n"]) for r in rows])
-        if "topk_ids" in rows[0]:
-            k = len(rows[0]["topk_ids"][0])
-            fill = width
-
-            def pad3(key: str, value: float) -> Any:
-                return torch.tensor(
-                    [r[key] + [[value] * k] * (fill - r["n"]) for r in rows],
-                    dtype=torch.float32 if key == "topk_logp" else torch.long,
-                )
-
-            out["topk_logp"], out["topk_ids"] = pad3("topk_logp", 0.0), pad3("topk_ids", 0)
-        return out
-
-
-def answer_logits(model: Any, ids: Any, attn: Any, pos: Any) -> Any:
-    """Logits at the positions that predict the answer tokens: [B, N, V]."""
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    index = pos.to(logits.device).unsqueeze(-1).expand(-1, -1, logits.size(-1))
-    return logits.gather(1, index)
-
-
-TeacherOf = Callable[[Any], AbstractContextManager[Any]]
-
-
-def batch_kl(student: Any, teacher_of: TeacherOf, b: dict[str, Any]) -> Any:
-    """Per-token KL [B, N] of a collated batch: to the stored top-k, or to the full distribution
-    of the teacher `teacher_of(student)` yields (run without gradients, and after the student:
-    under LoRA the teacher is the student with its adapter disabled)."""
-    import torch
-
-    device = next(student.parameters()).device
-    b = {k: v.to(device) for k, v in b.items()}
-    s_logits = answer_logits(student, b["student_ids"], b["student_attn"], b["student_pos"])
-    if "topk_ids" in b:
-        return losses.distill_kl_topk(b["topk_logp"], b["topk_ids"], s_logits, b["mask"])
-    with torch.no_grad(), teacher_of(student) as teacher:
-        t_logits = answer_logits(teacher, b["teacher_ids"], b["teacher_attn"], b["teacher_pos"])
-    return losses.distill_kl(t_logits, s_logits, b["mask"])
-
-
-def make_trainer(teacher_of: TeacherOf, **kw: Any) -> Any:
-    """A transformers Trainer whose loss is the distillation KL (mean per answer token)."""
-    from transformers import Trainer
-
-    class DistillTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            unwrapped = self.accelerator.unwrap_model(model)
-            kl = batch_kl(model, lambda _: teacher_of(unwrapped), inputs)
-            loss = kl.sum() / inputs["mask"].sum().clamp(min=1)
-            return (loss, None) if return_outputs else loss
-
-    return DistillTrainer(**kw)
-
-
 # --------------------------------------------------------------------------- measures
 
 
@@ -251,25 +173,6 @@ def behaviour(answers: list[dict[str, Any]], check: str) -> float | None:
     return sum(bool(re.search(check, a["text"])) for a in answers) / len(answers)
 
 
-def held_out_kl(
-    student: Any, teacher_of: TeacherOf, rows: list[dict[str, Any]], pad_id: int, batch: int
-) -> float:
-    """KL(teacher with context ‖ student without) per answer token, full distributions."""
-    import torch
-
-    collate = Collator(pad_id)
-    total, count = 0.0, 0.0
-    student.eval()
-    with torch.no_grad():
-        for i in range(0, len(rows), batch):
-            chunk = rows[i : i + batch]
-            b = collate([{k: v for k, v in r.items() if not k.startswith("topk")} for r in chunk])
-            kl = batch_kl(student, teacher_of, b)
-            total += float(kl.sum())
-            count += float(b["mask"].sum())
-    return total / max(count, 1.0)
-
-
 # --------------------------------------------------------------------------- run
 
 
@@ -281,122 +184,16 @@ def run(cfg: DistillConfig) -> Path:
     check_launch(cfg.train, "hanlm distill")  # before anything loads
     with Run("distill", cfg) as run:
         set_seed(cfg.train.seed)
-        tok = load_tokenizer(cfg.model.path)
-        require_template(tok, cfg.template, cfg.model.path, "distill")
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        stops = stop_token_ids(tok, cfg.template)
-
-        # Prompts: the student's (as in the data) and the teacher's (with the context).
-        data = load(or_demo(cfg.data, "sft"))
-        if data.kind == "text":
-            raise ValueError("distill prompts come from chat or preference data, not plain text")
-
-        def pairs(records: list[dict[str, Any]], limit: int) -> list[tuple[Messages, Any]]:
-            kept = []
-            for p, ref in prompts_and_references(records):
-                if len(prompt_ids(tok, with_context(p, context))) <= cfg.max_prompt_length:
-                    kept.append((p, ref))
-            return kept[:limit] if limit else kept
-
-        train = pairs(data.train, cfg.max_prompts)
-        held = pairs(data.valid, cfg.eval_prompts)
-        if not train:
-            raise ValueError(
-                f"no prompt fits max_prompt_length={cfg.max_prompt_length} with the context"
-                f" ({len(prompt_ids(tok, with_context([], context)))} tokens alone); raise it"
-            )
-        if not held and run.main:  # say so: the figures that judge the run would be missing
-            print(
-                "[hanlm] note: no held-out prompts, so nothing is measured before and after;"
-                " set data.valid_paths or data.valid_fraction",
-                file=sys.stderr,
-            )
-        ctx_tokens = [
-            len(prompt_ids(tok, with_context(p, context))) - len(prompt_ids(tok, p))
-            for p, _ in held or train
-        ]
-        run.set(
-            "data",
-            {
-                **data.stats.as_dict(),
-                "train_prompts": len(train),
-                "eval_prompts": len(held),
-                "context_chars": len(context),
-            },
-        )
-
+        tok, stops = _tokenizer(cfg)
+        train, held, ctx_tokens = _prompts(cfg, run, tok, context)
         model = load_model(cfg.model)
         model.config.pad_token_id = tok.pad_token_id
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
-
-        # Answers: sampled from the prompted teacher once (cached for resume), or given.
-        cache = run.dir / "answers.jsonl"
-        if cache.is_file() and cfg.resume:
-            answers = [json.loads(x) for x in cache.read_text(encoding="utf-8").splitlines()]
-            print(f"[hanlm] reusing {len(answers)} teacher answers from {cache}")
-        elif cfg.answers == "given":
-            answers = []
-            for i, (p, ref) in enumerate(train):
-                if ref is None:
-                    raise ValueError(f"training record {i}: answers=given, but it has no answer")
-                answers.append({"prompt": i, "ids": given_answer(tok, p, ref, f"record {i}")})
-        else:
-            from tqdm.auto import tqdm
-
-            answers = []
-            jobs = [i for i in range(len(train)) for _ in range(cfg.samples_per_prompt)]
-            bs = max(cfg.train.batch_size, 1)
-            for start in tqdm(range(0, len(jobs), bs), desc="teacher answers", mininterval=1.0):
-                idx = jobs[start : start + bs]
-                r = rollout(
-                    model,
-                    tok,
-                    [with_context(train[i][0], context) for i in idx],
-                    stops,
-                    cfg.max_new_tokens,
-                    cfg.temperature,
-                )
-                answers += [
-                    {"prompt": i, "ids": ids, "text": t} for i, ids, t in zip(idx, r.ids, r.texts)
-                ]
-        if run.main:
-            text = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
-            atomic_write_text(cache, text)
-        rows = [
-            encode(
-                tok, train[a["prompt"]][0], with_context(train[a["prompt"]][0], context), a["ids"]
-            )
-            for a in answers
-            if a["ids"]
-        ]
-        empty = len(answers) - len(rows)
-        if not rows:
-            raise ValueError("every teacher answer is empty: nothing to distil")
-
-        # The teacher's top-k, once, with the starting model (= the teacher).
+        answers = _answers(cfg, run, model, tok, train, context, stops)
+        rows, empty = _answer_rows(tok, train, context, answers)
         if cfg.topk:
-            model.eval()
-            collate = Collator(tok.pad_token_id)
-            with torch.no_grad():
-                for i in range(0, len(rows), cfg.train.batch_size):
-                    chunk = rows[i : i + cfg.train.batch_size]
-                    b = collate(chunk)
-                    t_logits = answer_logits(
-                        model,
-                        b["teacher_ids"].to(device),
-                        b["teacher_attn"].to(device),
-                        b["teacher_pos"],
-                    )
-                    logp, ids = losses.teacher_topk(t_logits, cfg.topk)
-                    for r, lp, ix in zip(chunk, logp.tolist(), ids.tolist()):
-                        r["topk_logp"], r["topk_ids"] = lp[: r["n"]], ix[: r["n"]]
-
-        # Held-out: the teacher's sampled answers (for the KL), its greedy ones (the target's
-        # behaviour), the student's greedy ones without the context; all cached with the
-        # figures before training, so that a resumed run reports the same starting point.
-        initial_file = run.dir / "initial.json"
+            _store_teacher_topk(cfg, model, tok, rows, device)
         summary: dict[str, Any] = {
             "context_tokens": sum(ctx_tokens) / max(len(ctx_tokens), 1),
             "tokens_saved_per_request": sum(ctx_tokens) / max(len(ctx_tokens), 1),
@@ -404,115 +201,295 @@ def run(cfg: DistillConfig) -> Path:
             "empty_answers_dropped": empty,
             "answer_tokens": sum(r["n"] for r in rows),
         }
-        held_rows: list[dict[str, Any]] = []
-        before: list[dict[str, Any]] = []
         held_prompts = [p for p, _ in held]
-        if cfg.resume and initial_file.is_file():
-            saved = json.loads(initial_file.read_text(encoding="utf-8"))
-            held_rows, before = saved["held_rows"], saved["before"]
-            summary.update(saved["summary"])
-        elif held:
-            set_seed(cfg.train.seed + 1)
-            t_prompts = [with_context(p, context) for p in held_prompts]
-            sampled = []
-            bs = max(cfg.train.batch_size, 1)
-            for i in range(0, len(held), bs):
-                r = rollout(
-                    model, tok, t_prompts[i : i + bs], stops, cfg.max_new_tokens, cfg.temperature
-                )
-                sampled += r.ids
-            held_rows = [
-                encode(tok, p, tp, ids)
-                for p, tp, ids in zip(held_prompts, t_prompts, sampled)
-                if ids
-            ]
-            teacher_greedy = greedy_answers(model, tok, t_prompts, stops, cfg)
-            before = greedy_answers(model, tok, held_prompts, stops, cfg)
-            first = {
-                "initial_eval_kl": held_out_kl(
-                    model, contextlib.nullcontext, held_rows, tok.pad_token_id, bs
-                ),
-                "initial_eval_answer_tokens": sum(len(a["ids"]) for a in before) / len(before),
-                "teacher_eval_answer_tokens": sum(len(a["ids"]) for a in teacher_greedy)
-                / len(before),
-            }
-            if cfg.check:
-                first["initial_behaviour_rate"] = behaviour(before, cfg.check)
-                first["teacher_behaviour_rate"] = behaviour(teacher_greedy, cfg.check)
-            summary.update(first)
-            for b, t, p in zip(before, teacher_greedy, held_prompts):
-                b["prompt"], b["teacher"] = p[-1]["content"], t["text"]
-            if run.main:
-                atomic_write_json(
-                    initial_file, {"summary": first, "held_rows": held_rows, "before": before}
-                )
-            _report("before", summary, cfg.check)
-
-        # The student, and its teacher: a frozen copy, or the adapter disabled (LoRA).
-        frozen = None
-        if cfg.lora.enabled:
-            model = apply_lora(model, cfg.lora)
-        elif not cfg.topk:
-            frozen = load_model(cfg.model).to(device).requires_grad_(False).eval()
-
-        @contextlib.contextmanager
-        def teacher_of(student: Any) -> Iterator[Any]:
-            if frozen is not None:
-                yield frozen
-            elif hasattr(student, "disable_adapter"):
-                with student.disable_adapter():
-                    yield student
-            else:  # top-k: the teacher is in the rows
-                yield None
-
-        summary.update(describe_trainable(model))
-        args = training_args(cfg.train, run.dir, has_eval=False)
-        trainer = make_trainer(
-            teacher_of,
-            model=model,
-            args=args,
-            train_dataset=to_dataset(rows),
-            data_collator=Collator(tok.pad_token_id),
-            processing_class=tok,
-            callbacks=[metrics_callback(run)],
+        held_rows, before = _held_out_before(
+            cfg, run, model, tok, held_prompts, context, stops, summary
         )
-        result = run_trainer(trainer, run.resume_from())
-        summary.update(train_loss=result.training_loss, steps=result.global_step)
-
-        # After: the same held-out measures, against the teacher (reloaded if not held).
-        model = trainer.model
+        model, teacher = _student_and_teacher(cfg, model, device)
+        model = _train(cfg, run, model, tok, teacher, rows, summary)
         if held_rows:
-            if frozen is None and not cfg.lora.enabled:
-                frozen = load_model(cfg.model).to(device).requires_grad_(False).eval()
-            summary["eval_kl"] = held_out_kl(
-                model, teacher_of, held_rows, tok.pad_token_id, cfg.train.batch_size
-            )
-            after = greedy_answers(model, tok, held_prompts, stops, cfg)
-            summary["eval_answer_tokens"] = sum(len(a["ids"]) for a in after) / len(after)
-            if cfg.check:
-                summary["behaviour_rate"] = behaviour(after, cfg.check)
-            if run.main:
-                rows_out = [
-                    {
-                        "prompt": b.get("prompt"),
-                        "teacher_with_context": b.get("teacher"),
-                        "before": b["text"],
-                        "after": a["text"],
-                        **(
-                            {"after_matches": bool(re.search(cfg.check, a["text"]))}
-                            if cfg.check
-                            else {}
-                        ),
-                    }
-                    for b, a in zip(before, after)
-                ]
-                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_out)
-                atomic_write_text(run.dir / "samples.jsonl", text)
+            measured = (held_rows, held_prompts, before)
+            _held_out_after(cfg, run, model, tok, teacher, measured, stops, device, summary)
         model = run.save_model(model, tok, cfg.lora, stops)
         run.finish(summary)
         if held_rows:
             _report("after", summary, cfg.check)
     return run.dir
+
+
+def _tokenizer(cfg: DistillConfig) -> tuple[Any, list[int]]:
+    """The tokenizer (with a pad token) and the template's stop tokens."""
+    tok = load_tokenizer(cfg.model.path)
+    require_template(tok, cfg.template, cfg.model.path, "distill")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, stop_token_ids(tok, cfg.template)
+
+
+def _prompts(
+    cfg: DistillConfig, run: Run, tok: Any, context: str
+) -> tuple[list[tuple[Messages, Any]], list[tuple[Messages, Any]], list[int]]:
+    """Training and held-out (prompt, reference) pairs whose teacher prompt (the student's, with
+    the context) fits, and the tokens the context adds to each held-out (else training) prompt."""
+    data = load(or_demo(cfg.data, "sft"))
+    if data.kind == "text":
+        raise ValueError("distill prompts come from chat or preference data, not plain text")
+
+    def pairs(records: list[dict[str, Any]], limit: int) -> list[tuple[Messages, Any]]:
+        kept = []
+        for p, ref in prompts_and_references(records):
+            if len(prompt_ids(tok, with_context(p, context))) <= cfg.max_prompt_length:
+                kept.append((p, ref))
+        return kept[:limit] if limit else kept
+
+    train = pairs(data.train, cfg.max_prompts)
+    held = pairs(data.valid, cfg.eval_prompts)
+    if not train:
+        raise ValueError(
+            f"no prompt fits max_prompt_length={cfg.max_prompt_length} with the context"
+            f" ({len(prompt_ids(tok, with_context([], context)))} tokens alone); raise it"
+        )
+    if not held and run.main:  # say so: the figures that judge the run would be missing
+        print(
+            "[hanlm] note: no held-out prompts, so nothing is measured before and after;"
+            " set data.valid_paths or data.valid_fraction",
+            file=sys.stderr,
+        )
+    ctx_tokens = [
+        len(prompt_ids(tok, with_context(p, context))) - len(prompt_ids(tok, p))
+        for p, _ in held or train
+    ]
+    run.set(
+        "data",
+        {
+            **data.stats.as_dict(),
+            "train_prompts": len(train),
+            "eval_prompts": len(held),
+            "context_chars": len(context),
+        },
+    )
+    return train, held, ctx_tokens
+
+
+def _answers(
+    cfg: DistillConfig,
+    run: Run,
+    model: Any,
+    tok: Any,
+    train: list[tuple[Messages, Any]],
+    context: str,
+    stops: list[int],
+) -> list[dict[str, Any]]:
+    """The training answers: sampled from the prompted teacher once (cached in answers.jsonl, so
+    a resumed run reuses them), or the data's own."""
+    cache = run.dir / "answers.jsonl"
+    if cache.is_file() and cfg.resume:
+        answers = [json.loads(x) for x in cache.read_text(encoding="utf-8").splitlines()]
+        print(f"[hanlm] reusing {len(answers)} teacher answers from {cache}")
+    elif cfg.answers == "given":
+        answers = []
+        for i, (p, ref) in enumerate(train):
+            if ref is None:
+                raise ValueError(f"training record {i}: answers=given, but it has no answer")
+            answers.append({"prompt": i, "ids": given_answer(tok, p, ref, f"record {i}")})
+    else:
+        from tqdm.auto import tqdm
+
+        answers = []
+        jobs = [i for i in range(len(train)) for _ in range(cfg.samples_per_prompt)]
+        bs = max(cfg.train.batch_size, 1)
+        for start in tqdm(range(0, len(jobs), bs), desc="teacher answers", mininterval=1.0):
+            idx = jobs[start : start + bs]
+            r = rollout(
+                model,
+                tok,
+                [with_context(train[i][0], context) for i in idx],
+                stops,
+                cfg.max_new_tokens,
+                cfg.temperature,
+            )
+            answers += [
+                {"prompt": i, "ids": ids, "text": t} for i, ids, t in zip(idx, r.ids, r.texts)
+            ]
+    if run.main:
+        text = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
+        atomic_write_text(cache, text)
+    return answers
+
+
+def _answer_rows(
+    tok: Any, train: list[tuple[Messages, Any]], context: str, answers: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """The training rows (both views of each non-empty answer) and how many answers were empty."""
+    rows = [
+        encode(tok, train[a["prompt"]][0], with_context(train[a["prompt"]][0], context), a["ids"])
+        for a in answers
+        if a["ids"]
+    ]
+    if not rows:
+        raise ValueError("every teacher answer is empty: nothing to distil")
+    return rows, len(answers) - len(rows)
+
+
+def _store_teacher_topk(
+    cfg: DistillConfig, model: Any, tok: Any, rows: list[dict[str, Any]], device: Any
+) -> None:
+    """The teacher's top-k log-probs into each row, once, with the starting model (= the
+    teacher)."""
+    import torch
+
+    model.eval()
+    collate = Collator(tok.pad_token_id)
+    with torch.no_grad():
+        for i in range(0, len(rows), cfg.train.batch_size):
+            chunk = rows[i : i + cfg.train.batch_size]
+            b = collate(chunk)
+            t_logits = answer_logits(
+                model,
+                b["teacher_ids"].to(device),
+                b["teacher_attn"].to(device),
+                b["teacher_pos"],
+            )
+            logp, ids = losses.teacher_topk(t_logits, cfg.topk)
+            for r, lp, ix in zip(chunk, logp.tolist(), ids.tolist()):
+                r["topk_logp"], r["topk_ids"] = lp[: r["n"]], ix[: r["n"]]
+
+
+def _held_out_before(
+    cfg: DistillConfig,
+    run: Run,
+    model: Any,
+    tok: Any,
+    held_prompts: list[Messages],
+    context: str,
+    stops: list[int],
+    summary: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The held-out rows (the teacher's sampled answers, for the KL) and the student's greedy
+    answers without the context, the figures before training added to `summary`.
+
+    All are cached in initial.json with the teacher's greedy answers (the target's behaviour),
+    so that a resumed run reports the same starting point.
+    """
+    from transformers import set_seed
+
+    initial_file = run.dir / "initial.json"
+    if cfg.resume and initial_file.is_file():
+        saved = json.loads(initial_file.read_text(encoding="utf-8"))
+        summary.update(saved["summary"])
+        return saved["held_rows"], saved["before"]
+    if not held_prompts:
+        return [], []
+    set_seed(cfg.train.seed + 1)
+    t_prompts = [with_context(p, context) for p in held_prompts]
+    sampled = []
+    bs = max(cfg.train.batch_size, 1)
+    for i in range(0, len(held_prompts), bs):
+        r = rollout(model, tok, t_prompts[i : i + bs], stops, cfg.max_new_tokens, cfg.temperature)
+        sampled += r.ids
+    held_rows = [
+        encode(tok, p, tp, ids) for p, tp, ids in zip(held_prompts, t_prompts, sampled) if ids
+    ]
+    teacher_greedy = greedy_answers(model, tok, t_prompts, stops, cfg)
+    before = greedy_answers(model, tok, held_prompts, stops, cfg)
+    first = {
+        "initial_eval_kl": held_out_kl(
+            model, contextlib.nullcontext, held_rows, tok.pad_token_id, bs
+        ),
+        "initial_eval_answer_tokens": sum(len(a["ids"]) for a in before) / len(before),
+        "teacher_eval_answer_tokens": sum(len(a["ids"]) for a in teacher_greedy) / len(before),
+    }
+    if cfg.check:
+        first["initial_behaviour_rate"] = behaviour(before, cfg.check)
+        first["teacher_behaviour_rate"] = behaviour(teacher_greedy, cfg.check)
+    summary.update(first)
+    for b, t, p in zip(before, teacher_greedy, held_prompts):
+        b["prompt"], b["teacher"] = p[-1]["content"], t["text"]
+    if run.main:
+        atomic_write_json(
+            initial_file, {"summary": first, "held_rows": held_rows, "before": before}
+        )
+    _report("before", summary, cfg.check)
+    return held_rows, before
+
+
+def _frozen_copy(cfg: DistillConfig, device: Any) -> Any:
+    return load_model(cfg.model).to(device).requires_grad_(False).eval()
+
+
+def _student_and_teacher(cfg: DistillConfig, model: Any, device: Any) -> tuple[Any, Teacher]:
+    """The student (LoRA adapters on the model, or the model itself) and its teacher: the adapter
+    disabled, a frozen copy (full tuning with the full KL), or none (top-k)."""
+    if cfg.lora.enabled:
+        return apply_lora(model, cfg.lora), Teacher()
+    if not cfg.topk:
+        return model, Teacher(_frozen_copy(cfg, device))
+    return model, Teacher()
+
+
+def _train(
+    cfg: DistillConfig,
+    run: Run,
+    model: Any,
+    tok: Any,
+    teacher: Teacher,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> Any:
+    """Train the student on the KL to its teacher; the trained model."""
+    summary.update(describe_trainable(model))
+    args = training_args(cfg.train, run.dir, has_eval=False)
+    trainer = make_trainer(
+        teacher,
+        model=model,
+        args=args,
+        train_dataset=to_dataset(rows),
+        data_collator=Collator(tok.pad_token_id),
+        processing_class=tok,
+        callbacks=[metrics_callback(run)],
+    )
+    result = run_trainer(trainer, run.resume_from())
+    summary.update(train_loss=result.training_loss, steps=result.global_step)
+    return trainer.model
+
+
+def _held_out_after(
+    cfg: DistillConfig,
+    run: Run,
+    model: Any,
+    tok: Any,
+    teacher: Teacher,
+    measured: tuple[list[dict[str, Any]], list[Messages], list[dict[str, Any]]],
+    stops: list[int],
+    device: Any,
+    summary: dict[str, Any],
+) -> None:
+    """The same held-out measures after training, against the teacher (reloaded if not held),
+    into `summary`; the answers before and after side by side in samples.jsonl. `measured`: the
+    held-out rows, prompts and greedy answers before."""
+    held_rows, held_prompts, before = measured
+    if teacher.frozen is None and not cfg.lora.enabled:
+        teacher.frozen = _frozen_copy(cfg, device)
+    summary["eval_kl"] = held_out_kl(
+        model, teacher, held_rows, tok.pad_token_id, cfg.train.batch_size
+    )
+    after = greedy_answers(model, tok, held_prompts, stops, cfg)
+    summary["eval_answer_tokens"] = sum(len(a["ids"]) for a in after) / len(after)
+    if cfg.check:
+        summary["behaviour_rate"] = behaviour(after, cfg.check)
+    if run.main:
+        rows_out = [
+            {
+                "prompt": b.get("prompt"),
+                "teacher_with_context": b.get("teacher"),
+                "before": b["text"],
+                "after": a["text"],
+                **({"after_matches": bool(re.search(cfg.check, a["text"]))} if cfg.check else {}),
+            }
+            for b, a in zip(before, after)
+        ]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_out)
+        atomic_write_text(run.dir / "samples.jsonl", text)
 
 
 def _report(when: str, s: dict[str, Any], check: str) -> None:
