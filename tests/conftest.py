@@ -29,3 +29,20 @@ def tiny_model_path(tmp_path_factory):
     from hanlm.testing import tiny_model_dir
 
     return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def summary_declared():
+    """`check(run_dir, absent=())`: the summary a run wrote holds every key its command declares
+    for the report (`Command.summary`), except those its settings do not produce (`absent`)."""
+    from hanlm.pipeline.commands import COMMANDS
+    from hanlm.runs import read_run
+    from hanlm.stage import missing_summary_keys
+
+    def check(run_dir, absent=()):
+        info = read_run(run_dir)
+        cmd = COMMANDS[info["command"].removeprefix("hanlm ")]
+        missing = missing_summary_keys(cmd, info["summary"], tuple(absent))
+        assert not missing, f"`hanlm {cmd.name}` declares {missing} but its run did not write them"
+
+    return check

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hanlm.pipeline.headline import display_name, stage_headline
+from hanlm.headline import display_name
+from hanlm.pipeline.headline import stage_headline
 
 
 def head(command, summary, data=None, reports=None, metrics=None, status="complete"):

@@ -21,6 +21,7 @@ PKG = SRC / "hanlm"
 FLOORS = [
     {"hanlm", "hanlm.config", "hanlm.losses", "hanlm.compat"},
     {"hanlm.runs", "hanlm.modeling", "hanlm.trainer", "hanlm.generation", "hanlm.stage"}
+    | {"hanlm.headline"}
     | {"hanlm.testing", "hanlm.data"},
     {"hanlm.tokenizer", "hanlm.embed", "hanlm.datagen"},
     {"hanlm.train", "hanlm.align", "hanlm.eval", "hanlm.export", "hanlm.rag", "hanlm.label"},

@@ -13,6 +13,9 @@ from hanlm.testing import SAMPLE_TEXT, tiny_tokenizer
 # Rule reward for the RL tests: the share of answer tokens that occur in these poems. A random
 # model starts near 3% (19 of 550 tokens), so the signal is dense enough to learn in a few steps.
 POEMS = "".join(SAMPLE_TEXT[:4])
+# Summary keys a run leaves out by its settings (the report shows what is there):
+NO_WARNINGS = ("warnings",)  # written only when a judge raised one
+NO_REWARD_MODEL = ("eval_rm_score", "eval_gold_score", "eval_gold_score_sem", *NO_WARNINGS)
 GOOD = ["疑是地上霜。", "黄河入海流。", "处处闻啼鸟。", "Hello, world!"]
 BAD = ["The quick brown fox.", "0123456789", "😀😀😀", "不亦乐乎？不亦乐乎？"]
 QUESTIONS = ["床前明月光的下一句？", "白日依山尽的下一句？", "春眠不觉晓的下一句？", "Say hello."]
@@ -78,8 +81,9 @@ def reward_dir(tmp_path_factory, tiny_model_path, pref):
 # --------------------------------------------------------------------------- reward
 
 
-def test_reward_model_learns_the_preferences_and_loads(reward_dir):
+def test_reward_model_learns_the_preferences_and_loads(reward_dir, summary_declared):
     s = read_run(reward_dir)["summary"]
+    summary_declared(reward_dir, absent=["gold_split"])  # no gold model split off here
     assert s["accuracy"] >= 0.9 and s["reward_gap"] > s["initial_reward_gap"] + 1.0
     from transformers import AutoModelForSequenceClassification
 
@@ -236,7 +240,9 @@ def _ppo(tmp, model, pref, *extra):
     return run(cfg)
 
 
-def test_ppo_raises_a_rule_reward_within_a_few_dozen_steps(tmp_path, tiny_model_path, pref):
+def test_ppo_raises_a_rule_reward_within_a_few_dozen_steps(
+    tmp_path, tiny_model_path, pref, summary_declared
+):
     out = _ppo(
         tmp_path / "ppo",
         tiny_model_path,
@@ -256,6 +262,7 @@ def test_ppo_raises_a_rule_reward_within_a_few_dozen_steps(tmp_path, tiny_model_
         assert key in rows[-1]
     s = read_run(out)["summary"]
     assert s["eval_score"] > s["initial_eval_score"]
+    summary_declared(out, absent=NO_REWARD_MODEL)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).generation_config.eos_token_id
@@ -397,7 +404,7 @@ def test_ppo_helpers():
 
 
 def test_dpo_margins_rise_and_reference_logprobs_are_cached(
-    tmp_path, tiny_model_path, pref, reward_dir
+    tmp_path, tiny_model_path, pref, reward_dir, summary_declared
 ):
     from hanlm.align.dpo import DPOConfig, run
 
@@ -422,6 +429,7 @@ def test_dpo_margins_rise_and_reference_logprobs_are_cached(
         return read_run(run(cfg))["summary"]
 
     first = dpo("one", f"gold_reward_model={reward_dir}")
+    summary_declared(tmp_path / "one", absent=NO_WARNINGS)
     assert first["ref_cache"] == "miss"
     assert first["reward_margin"] > 0.05 and first["reward_accuracy"] >= 0.9
     # the start through the same path as the end: the policy is the reference, every pair a
@@ -488,7 +496,9 @@ def test_dpo_drops_pairs_whose_answers_are_identical(tmp_path, tiny_model_path, 
 # --------------------------------------------------------------------------- GRPO
 
 
-def test_grpo_raises_a_builtin_rule_reward(tmp_path, tiny_model_path, pref, reward_dir):
+def test_grpo_raises_a_builtin_rule_reward(
+    tmp_path, tiny_model_path, pref, reward_dir, summary_declared
+):
     from hanlm.align.grpo import GRPOConfig, run
 
     cfg = load_config(
@@ -515,6 +525,7 @@ def test_grpo_raises_a_builtin_rule_reward(tmp_path, tiny_model_path, pref, rewa
     out = run(cfg)
     s = read_run(out)["summary"]
     assert s["last_train_reward"] > s["first_train_reward"] + 0.2
+    summary_declared(out, absent=("eval_rm_score", *NO_WARNINGS))  # rule rewards only
     assert s["eval_score"] > s["initial_eval_score"]
     # judged apart from its target: the gold reward model, rule checks, collapse detectors
     assert {"initial_eval_gold_score", "eval_gold_score", "eval_distinct_answers"} <= set(s)

@@ -541,7 +541,9 @@ def test_bad_record_hint_names_a_key_the_audit_accepts(tmp_path):
     assert report["train"]["bad_records"] == 1 and report["train"]["records"] == 1
 
 
-def test_eval_scores_partial_and_too_short_items_apart_from_clean(tiny_model_path, tmp_path):
+def test_eval_scores_partial_and_too_short_items_apart_from_clean(
+    tiny_model_path, tmp_path, summary_declared
+):
     bench = make_jsonl(tmp_path / "bench", [Q3, LEAKED, PARTIAL, TINY])
     train = _write_jsonl(
         tmp_path / "train" / "t.jsonl",
@@ -554,8 +556,10 @@ def test_eval_scores_partial_and_too_short_items_apart_from_clean(tiny_model_pat
     )
     audit_report = json.loads((out / "contamination.json").read_text())["benchmarks"]["bench"]
     assert audit_report["partial_ids"] == ["poetry-test-2"]
+    summary_declared(out)
     report = _run_eval(tiny_model_path, tmp_path / "ev", f"bench=[{bench}]", f"contamination={out}")
     split = report["benchmarks"]["bench"]["contamination"]
+    summary_declared(tmp_path / "ev")
     assert {g: split[g]["n"] for g in ("clean", "contaminated", "partial", "too_short")} == {
         "clean": 1,
         "contaminated": 1,

@@ -62,8 +62,9 @@ def state(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_from_scratch_loss_falls_and_output_loads(tmp_path, corpus, tok_dir):
+def test_from_scratch_loss_falls_and_output_loads(tmp_path, corpus, tok_dir, summary_declared):
     out = run(config(tmp_path, corpus, f"tokenizer={tok_dir}", "preset=test"))
+    summary_declared(out)
     info = read_run(out)
     s = info["summary"]
     assert info["status"] == "complete"

@@ -61,8 +61,9 @@ def trained(tmp_path_factory, sft_data, tiny_model_path):
     return run(cfg)
 
 
-def test_answer_loss_falls_and_stop_tokens_are_saved(trained):
+def test_answer_loss_falls_and_stop_tokens_are_saved(trained, summary_declared):
     s = read_run(trained)["summary"]
+    summary_declared(trained)
     assert s["answer_loss"] < s["initial_answer_loss"] - 1.0
     assert 0 <= s["stop_rate"] <= 1 and "initial_stop_rate" in s
     from transformers import AutoTokenizer, GenerationConfig

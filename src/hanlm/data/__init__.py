@@ -10,6 +10,7 @@ from hanlm.data.loader import (
     to_dataset,
 )
 from hanlm.data.sources import DataError, Location
+from hanlm.stage import Command
 
 __all__ = [
     "DataError",
@@ -22,3 +23,22 @@ __all__ = [
     "stream_with_stats",
     "to_dataset",
 ]
+
+COMMANDS = (
+    Command(
+        "data check",
+        "hanlm.data.check",
+        "DataCheckConfig",
+        "detect the format of data files, count and list bad records, show lengths and samples",
+        positional="paths",
+        usage="PATH [PATH ...]",
+    ),
+    Command(
+        "data prepare",
+        "hanlm.data.prepare",
+        "DataPrepareConfig",
+        "clean, dedup, mix and split data into train/valid JSONL with counts in hanlm.json",
+        positional="data.paths",
+        usage="PATH [PATH ...]",
+    ),
+)

@@ -41,8 +41,6 @@ from hanlm.runs import atomic_write_json, atomic_write_text, read_run
 
 STATE_FILE = "recipe_state.json"
 _REF = re.compile(r"\$\{([^}]+)\}")
-# Stages whose command can continue from a checkpoint after an interruption.
-RESUMABLE = {"pretrain", "sft", "reward", "ppo", "dpo", "grpo"}
 # Config keys the runner sets itself; they do not change what a stage computes.
 _RUNNER_KEYS = ("output_dir", "overwrite", "resume")
 _WRITTEN = ("cache_dir", "output_dir")
@@ -277,7 +275,7 @@ def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
         elif (
             prev.get("fingerprint") == fp
             and info
-            and stage.command in RESUMABLE
+            and COMMANDS[stage.command].resumable
             and info.get("status") in ("running", "interrupted", "failed")
         ):
             action, why = (

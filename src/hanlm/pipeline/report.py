@@ -24,8 +24,10 @@ from hanlm.config import DataConfig, ModelConfig
 from hanlm.data import load
 from hanlm.data.formats import split_last_answer
 from hanlm.generation import GenerationOptions, generate
+from hanlm.headline import Headline, display_name
 from hanlm.modeling import load_model, load_tokenizer
-from hanlm.pipeline.headline import Headline, display_name, load_reports, stage_headline
+from hanlm.pipeline.commands import COMMANDS
+from hanlm.pipeline.headline import load_reports, stage_headline
 from hanlm.runs import atomic_write_json, atomic_write_text, read_metrics, read_run
 
 SAMPLES_FILE = "report_samples.json"
@@ -39,7 +41,6 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 h1{margin:.2em 0 .3em} h2.first{margin-top:.5em}
 """
-_RL = ("ppo", "grpo")  # stages whose gold and proxy score are plotted over KL
 # Curves worth a plot, grouped per figure.
 _CURVES = {
     "loss": ["loss", "eval_loss"],
@@ -81,6 +82,11 @@ table.headline td{padding:3px 8px} table.headline ul{margin:0;padding-left:1.1em
 .warn{color:#cf222e;font-weight:600;margin-top:2px}
 details{margin:.3em 0 1.2em} summary{cursor:pointer;color:#555;font-size:13px}
 """
+
+
+def _plots_over_kl(command: str) -> bool:
+    cmd = COMMANDS.get(command)
+    return bool(cmd and cmd.plot_over_kl)
 
 
 def _headline_html(rows: list[Headline]) -> str:
@@ -450,7 +456,7 @@ def write_report(recipe: Any, state: dict[str, Any]) -> tuple[Path, Path]:
             s.name,
             s.command,
             infos[s.name],
-            load_reports(run_dir / s.name),
+            load_reports(run_dir / s.name, s.command),
             metrics[s.name],
             state.get(s.name, {}).get("status", ""),
         )
@@ -460,7 +466,7 @@ def write_report(recipe: Any, state: dict[str, Any]) -> tuple[Path, Path]:
     doc.html.append(_headline_html(heads))
     doc.md += _headline_md(heads)
     doc.p(f"Recipe {recipe.path} — run directory {run_dir}")
-    png = _kl_plot({s.name: metrics[s.name] for s in recipe.stages if s.command in _RL})
+    png = _kl_plot({s.name: metrics[s.name] for s in recipe.stages if _plots_over_kl(s.command)})
     if png:
         doc.h2("Gold and proxy score over KL")
         doc.image(png, "gold and proxy score over KL")

@@ -9,3 +9,24 @@ model directory.
 - `text.py`: incremental detokenising and stop strings (never split a character).
 - `page.html`: the self-contained chat page served at `/`.
 """
+
+from hanlm.stage import Command
+
+COMMANDS = (
+    Command(
+        "chat",
+        "hanlm.serve.chat",
+        "ChatConfig",
+        "chat with a model in the terminal, streaming (or answer one --prompt and exit)",
+        positional="model.path",
+        usage="MODEL_DIR",
+    ),
+    Command(
+        "serve",
+        "hanlm.serve.server",
+        "ServeConfig",
+        "serve an OpenAI-compatible API (continuous batching) and a web chat page",
+        positional="model.path",
+        usage="MODEL_DIR",
+    ),
+)

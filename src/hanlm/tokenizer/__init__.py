@@ -9,6 +9,7 @@ The layer under `hanlm vocab` (the stage reads the corpus, calls these and write
 Every base id is kept; text without CJK tokenizes exactly as with the base.
 """
 
+from hanlm.stage import Command
 from hanlm.tokenizer.base import (
     PROBE_TEXTS,
     Merged,
@@ -42,3 +43,22 @@ __all__ = [
     "top_new_pieces",
     "train_scratch",
 ]
+
+COMMANDS = (
+    Command(
+        "vocab",
+        "hanlm.tokenizer.vocab",
+        "VocabConfig",
+        "train a Chinese tokenizer, or merge one into a base model's vocabulary and resize it",
+        headline="hanlm.tokenizer.headlines:vocab",
+        summary=(
+            "chinese_held_out_tokens_per_char",
+            "chinese_held_out_ratio",
+            "chinese_train_tokens_per_char",
+            "chinese_train_ratio",
+            "english_tokens_per_char",
+            "english_ratio",
+        ),
+        reports=("vocab_report.json",),
+    ),
+)

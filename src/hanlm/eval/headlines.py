@@ -1,0 +1,91 @@
+"""The headlines of `hanlm eval` (benchmark accuracy against chance, contamination) and of the
+contamination audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hanlm.headline import Figure, Headline, Outcome, band, is_num, num
+
+
+def evaluate(h: Headline, o: Outcome) -> None:
+    s = o.summary
+    reports = o.reports
+    report = reports.get("eval_report.json") or {}
+    benches = report.get("benchmarks") or {
+        k[: -len("/accuracy")]: {"accuracy": v} for k, v in s.items() if k.endswith("/accuracy")
+    }
+    parts, tones = [], []
+    for name, b in benches.items():
+        acc, chance, n = b.get("accuracy"), b.get("chance"), b.get("n")
+        if not is_num(acc):
+            continue
+        note = ", ".join(
+            x
+            for x in (
+                f"chance {num(chance)}" if is_num(chance) else "",
+                f"n={n}" if is_num(n) else "",
+            )
+            if x
+        )
+        key = f"benchmarks.{name}.accuracy" if report else f"{name}/accuracy"
+        h.figures.append(Figure(f"{name} accuracy", acc, note=note, keys=(key,)))
+        if is_num(chance):
+            if acc > chance + band(n, chance):
+                parts.append(f"{name}: above chance ({num(acc)} vs {num(chance)})")
+                tones.append("good")
+            else:
+                parts.append(f"{name}: no better than chance ({num(acc)} vs {num(chance)})")
+                tones.append("bad")
+        else:
+            parts.append(f"{name}: accuracy {num(acc)}")
+        c = b.get("contamination") or {}
+        dirty, clean = c.get("contaminated") or {}, c.get("clean") or {}
+        if is_num(dirty.get("n")) and dirty["n"] > 0:
+            total = n if is_num(n) else dirty["n"] + (clean.get("n") or 0)
+            h.warnings.append(
+                f"contamination: {dirty['n']} of {total} {name} items appear in the training"
+                f" data (accuracy {num(clean.get('accuracy'))} on the clean items,"
+                f" {num(dirty.get('accuracy'))} on the contaminated)"
+            )
+            if is_num(clean.get("accuracy")):
+                h.figures.append(Figure(f"{name} accuracy on clean items", clean["accuracy"]))
+    for path, v in (report.get("perplexity") or {}).items():
+        if is_num((v or {}).get("bpc")):
+            h.figures.append(Figure(f"bits per character on {Path(path).name}", v["bpc"]))
+    for name, v in (report.get("recite") or {}).items():  # the memorisation probe, per group
+        for group, g in (v.get("groups") or {}).items():
+            if is_num(g.get("bpc")):
+                label = f"{name} reference answers, {group}: bits per character (n={g['n']})"
+                h.figures.append(Figure(label, g["bpc"]))
+    h.verdict = "; ".join(parts) or "no benchmark accuracy in this stage's summary"
+    if tones:
+        h.tone = "good" if all(t == "good" for t in tones) else "bad"
+
+
+def audit(h: Headline, o: Outcome) -> None:
+    s = o.summary
+    reports = o.reports
+    benches = (reports.get("contamination.json") or {}).get("benchmarks") or {
+        k[: -len("/contaminated")]: {"contaminated": v}
+        for k, v in s.items()
+        if k.endswith("/contaminated")
+    }
+    found = 0
+    for name, b in benches.items():
+        c, items = b.get("contaminated"), b.get("items")
+        if not is_num(c):
+            continue
+        found += c
+        of = f" of {items}" if is_num(items) else ""
+        h.figures.append(Figure(f"{name} items found in the training data", f"{c}{of}"))
+        if c:
+            h.warnings.append(f"contamination: {c}{of} {name} items appear in the training data")
+    if not benches:
+        h.verdict = "no audit figures in this stage's summary"
+    elif found:
+        h.verdict = f"{found} benchmark items found in the training data"
+        h.tone = "bad"
+    else:
+        h.verdict = "no benchmark item found in the training data"
+        h.tone = "good"
