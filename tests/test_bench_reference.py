@@ -7,7 +7,7 @@ reads each subject's CSVs; the prompt is `history + format_example(row)`, where 
 zero-shot and, k-shot, the header `以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。` (the
 subject as its file name) and k dev examples; the answer is the argmax over A-D of the next-token
 logit of "A" plus that of the last token of "：A". It uses pandas and transformers only, no hanlm
-code. The agreement of the two, question by question, is the figure of issue 22 (goal 100%):
+code. The agreement of the two, question by question, is the figure that matters (goal 100%):
 
     HANLM_SLOW=1 .venv/bin/python -m pytest tests/test_bench_reference.py -s -k agreement_full
 

@@ -1,4 +1,4 @@
-"""Launch settings refused before anything loads (issue 17): train.deepspeed files, combinations
+"""Launch settings refused before anything loads: train.deepspeed files, combinations
 that cannot work, DeepSpeed/FSDP on CPU through accelerate, and a world size without a process
 group. Plus the shipped DeepSpeed/accelerate configs and how a loop fills their "auto" values."""
 

@@ -1,8 +1,7 @@
 """Pinned numbers, as torchtune pins its recipes: the first five losses of pretrain, SFT, reward,
 DPO and PPO on the tiny fp32 model at a fixed seed, and batch 4x1 against 1x4 accumulation.
 
-These were written before the stages were restructured (issue 19) and must not move when code
-is only moved. A change that is meant to change the numbers (a fixed defect, a new default)
+They must not move when code is only moved or restructured. A change that is meant to change the numbers (a fixed defect, a new default)
 updates them in the same commit and says why.
 """
 
@@ -76,7 +75,7 @@ PINNED = {
         0.008109884103760123,
     ],
     "ppo_score": [-1.0, -1.0, -0.45, -0.9583333333333334, -0.9583333333333334],
-    # issue 21: the critic is centred on the first rollout's shifted scores (a trainable offset)
+    # with the critic centred on the first rollout's shifted scores (a trainable offset)
     "ppo_centered_loss": [
         0.0034509794786572456,
         0.002700202167034149,
@@ -226,7 +225,7 @@ def test_dpo_first_losses(tmp_path, tiny_model_path, files):
 
 @pytest.mark.parametrize("center", [False, True])
 def test_ppo_first_losses(tmp_path, tiny_model_path, files, center):
-    """Without the critic's centring (issue 21) PPO repeats wave 1's numbers exactly."""
+    """PPO's first losses with the critic centred on the first scores and without (`center`)."""
     from hanlm.testing import SAMPLE_TEXT
 
     out = _run(

@@ -433,7 +433,7 @@ def test_dpo_margins_rise_and_reference_logprobs_are_cached(
     assert first["ref_cache"] == "miss"
     assert first["reward_margin"] > 0.05 and first["reward_accuracy"] >= 0.9
     # the start through the same path as the end: the policy is the reference, every pair a
-    # tie, so chance (it was 0.0 when the reference was compared with itself)
+    # tie, so chance (comparing the reference with itself through another path would give 0.0)
     assert first["initial_reward_accuracy"] == 0.5 and first["reward_accuracy_chance"] == 0.5
     # greedy held-out answers before and after, judged by the gold RM and the rule checks
     for key in ("gold_score", "distinct_answers", "defect_rate", "correct"):

@@ -1,4 +1,4 @@
-"""hanlm ppo on DeepSpeed ZeRO-2/3 and multi-node launches, on CPU with gloo (issue 17).
+"""hanlm ppo on DeepSpeed ZeRO-2/3 and multi-node launches, on CPU with gloo.
 
 ZeRO-2 and ZeRO-3 (`train.deepspeed=`) give the metrics of the DDP path (fp32, 2 processes),
 the same weights in both processes, and a resume that repeats the interrupted step exactly.
