@@ -230,138 +230,24 @@ def preference_metrics(
 
 def run(cfg: DPOConfig) -> Path:
     from transformers import set_seed
-    from trl import DPOConfig as TrlDPOConfig
-    from trl import DPOTrainer
 
     check_launch(cfg.train, "hanlm dpo")  # before anything loads
     with Run("dpo", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
         require_template(tok, cfg.template, cfg.model.path, "DPO")
-
-        dcfg = or_demo(cfg.data, "preference")
-        data = load(dcfg, kind="preference")
-        print(data.stats.summary())
-        # Lengths are enforced here, not by trl: its length filter closes over the whole trainer
-        # config, which would tie the reference cache to every training argument.
-        train, dropped, same = fitting_pairs(data.train, tok, cfg.max_length)
-        valid, dropped_valid, same_valid = fitting_pairs(data.valid, tok, cfg.max_length)
-        if same + same_valid:
-            print(
-                f"[hanlm] dropped {same + same_valid} pairs whose chosen and rejected answers are"
-                " identical",
-                file=sys.stderr,
-            )
-        if not train:
-            raise ValueError(f"no preference pair fits max_length={cfg.max_length}; raise it")
-        splits = {"train": train}
-        if valid:
-            splits["valid"] = valid[: cfg.eval_pairs] if cfg.eval_pairs > 0 else valid
-        run.set(
-            "data",
-            {
-                **data.stats.as_dict(),
-                "dropped_too_long": dropped + dropped_valid,
-                "dropped_identical": same + same_valid,
-            },
-        )
+        data, splits = _pairs(cfg, run, tok)
+        datasets_, cache = _datasets(cfg, tok, splits)
+        model, ref_model = _policy_and_reference(cfg, tok)
         summary: dict[str, Any] = {}
-
-        # Reference log-probs: trl's precompute, on disk-backed datasets in a stable place.
-        ref_path = cfg.ref_model or cfg.model.path
-        cache_root = before_files = None
-        if cfg.precompute_ref:
-            key, model_hash, data_hash = ref_cache_key(ref_path, tok, splits, cfg.max_length)
-            base = cfg.ref_cache_dir or os.path.expanduser("~/.cache/hanlm/ref_logps")
-            cache_root = Path(base) / key
-            info = {"ref_model": ref_path, "model_hash": model_hash, "data_hash": data_hash}
-            datasets_ = cached_splits(cache_root, splits, info)
-            before_files = _cache_files(cache_root)
-        else:
-            datasets_ = {name: to_dataset(recs) for name, recs in splits.items()}
-
-        model = load_model(cfg.model)
-        model.config.pad_token_id = tok.pad_token_id
-        ref_model = None
-        if cfg.lora.enabled:
-            if cfg.ref_model:
-                raise ConfigError(
-                    "with LoRA the reference is the adapter-free model; drop ref_model"
-                )
-            model = apply_lora(model, cfg.lora)
-        elif cfg.ref_model or not cfg.precompute_ref:
-            # An explicit frozen copy: trl would otherwise rebuild one from config._name_or_path.
-            ref_model = load_model(replace(cfg.model, path=ref_path)).requires_grad_(False).eval()
         summary.update(describe_trainable(model))
-
-        args = training_args(
-            cfg.train,
-            run.dir,
-            has_eval="valid" in datasets_,
-            args_cls=TrlDPOConfig,
-            beta=cfg.beta,
-            loss_type=[cfg.loss_type],
-            label_smoothing=cfg.label_smoothing,
-            max_length=None,
-            precompute_ref_log_probs=cfg.precompute_ref,
-        )
-        t0 = time.time()
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=datasets_["train"],
-            eval_dataset=datasets_.get("valid"),
-            processing_class=tok,
-            callbacks=[metrics_callback(run)],
-        )
-        summary["trainer_setup_seconds"] = time.time() - t0
-        if cache_root is not None:
-            created = _cache_files(cache_root) - before_files
-            hit = not created
-            manifest = json.loads((cache_root / "manifest.json").read_text(encoding="utf-8"))
-            manifest["runs"] = manifest.get("runs", 0) + 1
-            manifest["hits"] = manifest.get("hits", 0) + hit
-            atomic_write_json(cache_root / "manifest.json", manifest)
-            summary.update(ref_cache="hit" if hit else "miss", ref_cache_dir=str(cache_root))
-            print(
-                f"[hanlm] reference log-probs {'reused from' if hit else 'computed and cached in'}"
-                f" {cache_root} ({summary['trainer_setup_seconds']:.1f}s)"
-            )
-
-        # Held-out pairs as trl tokenized them; the reference side comes from the cache if any.
-        eval_ds = trainer.eval_dataset
-        eval_rows = (
-            [
-                {k: eval_ds[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-                for i in range(len(eval_ds))
-            ]
-            if eval_ds is not None
-            else []
-        )
-        # Before and after through the same path: the reference's and the policy's log-probs by
-        # `completion_logps` (at the start the policy is the reference: every pair a tie, 0.5).
-        ref_logps: list[list[float]] = []
-        if eval_rows:
-            ref_logps = completion_logps(ref_model or model, eval_rows, cfg.train.batch_size)
-            start = (
-                completion_logps(model, eval_rows, cfg.train.batch_size) if ref_model else ref_logps
-            )
-            before = preference_metrics(start, ref_logps, cfg.beta)
-            summary.update({f"initial_{k}": v for k, v in before.items()})
-            summary["reward_accuracy_chance"] = 0.5
-            print(
-                f"[hanlm] before DPO: held-out reward accuracy {before['reward_accuracy']:.3f}"
-                f" (chance 0.5), log-prob accuracy {before['logp_accuracy']:.3f}"
-            )
+        trainer = _trainer(cfg, run, model, ref_model, tok, datasets_, summary)
+        if cache is not None:
+            _count_cache_use(cache, summary)
+        eval_rows = _eval_rows(trainer)
+        ref_logps = _preferences_before(cfg, model, ref_model, eval_rows, summary)
         stops = stop_token_ids(tok, cfg.template)
-        held_out = HeldOut([], [])
-        if cfg.eval_prompts > 0:
-            held = prompts_and_references(data.valid)[: cfg.eval_prompts]
-            held_out = HeldOut([p for p, _ in held], [r for _, r in held])
-        gold = None
-        if cfg.gold_reward_model and held_out:
-            gold = Scorer.build([cfg.gold_reward_model], RuleConfig(), tok, stops, base=cfg.model)
+        held_out, gold = _held_out(cfg, data, tok, stops)
         answers_before: list[dict[str, Any]] = []
         # measured once, kept across a resume
         initial = {k[13:]: v for k, v in run.initial.items() if k.startswith("initial_eval_")}
@@ -377,16 +263,7 @@ def run(cfg: DPOConfig) -> Path:
 
         model = run.save_model(trainer.model, tok, cfg.lora, stops)
         if eval_rows:
-            after = preference_metrics(
-                completion_logps(model, eval_rows, cfg.train.batch_size), ref_logps, cfg.beta
-            )
-            summary.update(after)
-            print(
-                f"[hanlm] dpo: held-out reward accuracy"
-                f" {summary['initial_reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}"
-                f" (chance 0.5), margin {after['reward_margin']:.4f}; log-prob accuracy"
-                f" {summary['initial_logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
-            )
+            _preferences_after(cfg, model, eval_rows, ref_logps, summary)
         if held_out:
             answers_after: list[dict[str, Any]] = []
             final = held_out_scores(
@@ -402,3 +279,197 @@ def run(cfg: DPOConfig) -> Path:
                 )
         run.finish(summary)
     return run.dir
+
+
+def _pairs(cfg: DPOConfig, run: Run, tok: Any) -> tuple[Any, dict[str, list[dict[str, Any]]]]:
+    """The loaded data and its pairs that fit, by split (`valid` cut to `eval_pairs`).
+
+    Lengths are enforced here, not by trl: its length filter closes over the whole trainer
+    config, which would tie the reference cache to every training argument.
+    """
+    dcfg = or_demo(cfg.data, "preference")
+    data = load(dcfg, kind="preference")
+    print(data.stats.summary())
+    train, dropped, same = fitting_pairs(data.train, tok, cfg.max_length)
+    valid, dropped_valid, same_valid = fitting_pairs(data.valid, tok, cfg.max_length)
+    if same + same_valid:
+        print(
+            f"[hanlm] dropped {same + same_valid} pairs whose chosen and rejected answers are"
+            " identical",
+            file=sys.stderr,
+        )
+    if not train:
+        raise ValueError(f"no preference pair fits max_length={cfg.max_length}; raise it")
+    splits = {"train": train}
+    if valid:
+        splits["valid"] = valid[: cfg.eval_pairs] if cfg.eval_pairs > 0 else valid
+    run.set(
+        "data",
+        {
+            **data.stats.as_dict(),
+            "dropped_too_long": dropped + dropped_valid,
+            "dropped_identical": same + same_valid,
+        },
+    )
+    return data, splits
+
+
+@dataclass
+class RefCache:
+    """Where the reference log-probs of a run's pairs are cached, and its files before the run."""
+
+    root: Path
+    files_before: set[str]
+
+
+def _datasets(
+    cfg: DPOConfig, tok: Any, splits: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, Any], RefCache | None]:
+    """The splits as datasets: with `precompute_ref`, disk-backed in the reference cache (trl's
+    precomputed reference log-probs land beside them), else in memory."""
+    if not cfg.precompute_ref:
+        return {name: to_dataset(recs) for name, recs in splits.items()}, None
+    ref_path = cfg.ref_model or cfg.model.path
+    key, model_hash, data_hash = ref_cache_key(ref_path, tok, splits, cfg.max_length)
+    base = cfg.ref_cache_dir or os.path.expanduser("~/.cache/hanlm/ref_logps")
+    cache_root = Path(base) / key
+    info = {"ref_model": ref_path, "model_hash": model_hash, "data_hash": data_hash}
+    datasets_ = cached_splits(cache_root, splits, info)
+    return datasets_, RefCache(cache_root, _cache_files(cache_root))
+
+
+def _policy_and_reference(cfg: DPOConfig, tok: Any) -> tuple[Any, Any]:
+    """The policy (LoRA adapters on the start model, or the model itself) and its frozen
+    reference: None where trl has it otherwise (the adapter disabled, or the precomputed
+    log-probs of the start model)."""
+    model = load_model(cfg.model)
+    model.config.pad_token_id = tok.pad_token_id
+    ref_model = None
+    if cfg.lora.enabled:
+        if cfg.ref_model:
+            raise ConfigError("with LoRA the reference is the adapter-free model; drop ref_model")
+        model = apply_lora(model, cfg.lora)
+    elif cfg.ref_model or not cfg.precompute_ref:
+        # An explicit frozen copy: trl would otherwise rebuild one from config._name_or_path.
+        ref_path = cfg.ref_model or cfg.model.path
+        ref_model = load_model(replace(cfg.model, path=ref_path)).requires_grad_(False).eval()
+    return model, ref_model
+
+
+def _trainer(
+    cfg: DPOConfig,
+    run: Run,
+    model: Any,
+    ref_model: Any,
+    tok: Any,
+    datasets_: dict[str, Any],
+    summary: dict[str, Any],
+) -> Any:
+    """trl's DPOTrainer (which computes the precomputed reference log-probs as it is built)."""
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    args = training_args(
+        cfg.train,
+        run.dir,
+        has_eval="valid" in datasets_,
+        args_cls=TrlDPOConfig,
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        label_smoothing=cfg.label_smoothing,
+        max_length=None,
+        precompute_ref_log_probs=cfg.precompute_ref,
+    )
+    t0 = time.time()
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=datasets_["train"],
+        eval_dataset=datasets_.get("valid"),
+        processing_class=tok,
+        callbacks=[metrics_callback(run)],
+    )
+    summary["trainer_setup_seconds"] = time.time() - t0
+    return trainer
+
+
+def _count_cache_use(cache: RefCache, summary: dict[str, Any]) -> None:
+    """A hit (trl created no files in the cache) or a miss, in the manifest and the summary."""
+    created = _cache_files(cache.root) - cache.files_before
+    hit = not created
+    manifest = json.loads((cache.root / "manifest.json").read_text(encoding="utf-8"))
+    manifest["runs"] = manifest.get("runs", 0) + 1
+    manifest["hits"] = manifest.get("hits", 0) + hit
+    atomic_write_json(cache.root / "manifest.json", manifest)
+    summary.update(ref_cache="hit" if hit else "miss", ref_cache_dir=str(cache.root))
+    print(
+        f"[hanlm] reference log-probs {'reused from' if hit else 'computed and cached in'}"
+        f" {cache.root} ({summary['trainer_setup_seconds']:.1f}s)"
+    )
+
+
+def _eval_rows(trainer: Any) -> list[dict[str, Any]]:
+    """The held-out pairs as trl tokenized them."""
+    eval_ds = trainer.eval_dataset
+    if eval_ds is None:
+        return []
+    return [
+        {k: eval_ds[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        for i in range(len(eval_ds))
+    ]
+
+
+def _preferences_before(
+    cfg: DPOConfig,
+    model: Any,
+    ref_model: Any,
+    eval_rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> list[list[float]]:
+    """The reference's log-probs of the held-out pairs, and the preference figures before training
+    into `summary`. Before and after go through the same path, `completion_logps` (at the start
+    the policy is the reference: every pair a tie, 0.5)."""
+    if not eval_rows:
+        return []
+    ref_logps = completion_logps(ref_model or model, eval_rows, cfg.train.batch_size)
+    start = completion_logps(model, eval_rows, cfg.train.batch_size) if ref_model else ref_logps
+    before = preference_metrics(start, ref_logps, cfg.beta)
+    summary.update({f"initial_{k}": v for k, v in before.items()})
+    summary["reward_accuracy_chance"] = 0.5
+    print(
+        f"[hanlm] before DPO: held-out reward accuracy {before['reward_accuracy']:.3f}"
+        f" (chance 0.5), log-prob accuracy {before['logp_accuracy']:.3f}"
+    )
+    return ref_logps
+
+
+def _preferences_after(
+    cfg: DPOConfig,
+    model: Any,
+    eval_rows: list[dict[str, Any]],
+    ref_logps: list[list[float]],
+    summary: dict[str, Any],
+) -> None:
+    after = preference_metrics(
+        completion_logps(model, eval_rows, cfg.train.batch_size), ref_logps, cfg.beta
+    )
+    summary.update(after)
+    print(
+        f"[hanlm] dpo: held-out reward accuracy"
+        f" {summary['initial_reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}"
+        f" (chance 0.5), margin {after['reward_margin']:.4f}; log-prob accuracy"
+        f" {summary['initial_logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
+    )
+
+
+def _held_out(cfg: DPOConfig, data: Any, tok: Any, stops: list[int]) -> tuple[HeldOut, Any]:
+    """The held-out prompts answered greedily before and after, and their gold judge if any."""
+    held_out = HeldOut([], [])
+    if cfg.eval_prompts > 0:
+        held = prompts_and_references(data.valid)[: cfg.eval_prompts]
+        held_out = HeldOut([p for p, _ in held], [r for _, r in held])
+    gold = None
+    if cfg.gold_reward_model and held_out:
+        gold = Scorer.build([cfg.gold_reward_model], RuleConfig(), tok, stops, base=cfg.model)
+    return held_out, gold
