@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo legal test test-slow test-all lint format data bench bench-quick
+.PHONY: setup demo legal test test-slow test-all lint format docs docs-check data bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,7 @@ legal:
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@$(MAKE) --no-print-directory docs-check
 	$(BIN)/python -m pytest -q
 
 # The slow tests include the legal recipe on a tiny model, which reads the real law database and
@@ -38,6 +39,19 @@ lint: setup
 
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# The documentation site (mkdocs.yml; docs/ -> build/site/). Strict: a broken link or anchor, or a
+# page missing from the nav, fails. `docs` regenerates docs/reference/commands.md from the config
+# classes first; `docs-check` (run by `make test`) fails if the committed page is out of date.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+docs: setup
+	$(BIN)/python scripts/gen_reference.py
+	$(MKDOCS)
+
+docs-check: setup
+	$(BIN)/python scripts/gen_reference.py --check
+	$(MKDOCS)
 
 # hanlm against the peers its users would run instead (benchmarks/bench.py; ~95 min on 2 cores).
 bench: setup
