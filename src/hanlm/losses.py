@@ -1,6 +1,6 @@
 """The alignment math as pure tensor functions: reward ranking, KL estimates, GAE, PPO clipping.
 
-Formulas follow shared/METHODS.md (InstructGPT, Ziegler et al. 2019, Schulman's KL estimators).
+Formulas follow InstructGPT (Ouyang et al. 2022), Ziegler et al. 2019 and Schulman's KL estimators.
 Every function takes plain tensors, no models, so each is unit-tested against hand-computed
 values (tests/test_losses.py) and the PPO loop in `hanlm.align.ppo` reads as their composition.
 
