@@ -186,7 +186,25 @@ def model_config_for(cfg: ModelConfig, src: Source | None = None) -> Any:
         )
     except (OSError, ValueError, KeyError) as e:
         raise _offline_hint(src, e) from None
+    if src.gguf_file:
+        gguf_head_dim(config, Path(src.path) / src.gguf_file)
     return apply_rope(config, cfg.rope)
+
+
+def gguf_head_dim(config: Any, path: str | Path) -> Any:
+    """Set `config.head_dim` from a GGUF file's `attention.key_length`, where the file has one.
+
+    transformers' GGUF reader maps no head size for some architectures (qwen3 keeps its config
+    default of 128 whatever the file says), so a model with another head size would load with
+    wrong shapes; llama.cpp reads the key length. Returns `config`."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    arch = fields.get("general.architecture")
+    key = fields.get(f"{arch.contents()}.attention.key_length") if arch is not None else None
+    if key is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key.contents())
+    return config
 
 
 def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:

@@ -61,6 +61,91 @@ def tiny_model_dir(path: str | Path, template: str = "chatml", seed: int = 0, **
     return save_model(model, tok, path)
 
 
+# Qwen2 / Qwen2.5's pre-tokenizer: its split regex, then bytes to characters (no regex of its own).
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2.5-Instruct's own chat template (tool use left out): a default system prompt when the
+# conversation has none, ChatML turns, `<|im_start|>assistant\n` as the generation prompt.
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful"
+    " assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def qwen_tokenizer(vocab_size: int = 600, texts: list[str] | None = None) -> Any:
+    """A byte-level BPE tokenizer laid out like Qwen's: Qwen's split regex, no BOS, the special
+    tokens after the vocabulary (`<|endoftext|>` pads, `<|im_end|>` ends a turn and is EOS), and
+    Qwen2.5-Instruct's chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((texts or SAMPLE_TEXT) * 20, trainer)
+    tok.add_special_tokens(QWEN_SPECIAL)  # in Qwen's order, right after the vocabulary
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = QWEN_TEMPLATE
+    return fast
+
+
+def tiny_qwen_dir(path: str | Path, arch: str = "qwen2", seed: int = 0) -> Path:
+    """Save a random tiny Qwen2 (attention biases) or Qwen3 (q/k norms, explicit head_dim)
+    model with tied embeddings and a Qwen-like tokenizer (`qwen_tokenizer`) to `path`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer()
+    dims = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**dims))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **dims))
+    else:
+        raise ValueError(f"arch must be qwen2 or qwen3, not {arch!r}")
+    return save_model(model, tok, path)
+
+
 def sp_model_dir(path: str | Path, texts: list[str], vocab_size: int = 400) -> Path:
     """Save a LLaMA-style SentencePiece BPE tokenizer (byte fallback, identity normaliser, the
     `LlamaTokenizer` class) trained on `texts`, and a random `test`-preset model, to `path`."""

@@ -24,7 +24,14 @@ from hanlm.config import ConfigError, ModelConfig, OutputConfig, TemplateName, o
 from hanlm.data.templates import TemplateError, stop_token_ids
 from hanlm.export.gguf import check_architecture, gguf_vocab, source_pre, write_gguf
 from hanlm.export.prune import corpus_texts, plan_keep, prune_model, prune_tokenizer, size_saved
-from hanlm.modeling import ModelError, load_model, load_tokenizer, resolve_source, torch_dtype
+from hanlm.modeling import (
+    ModelError,
+    gguf_head_dim,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    torch_dtype,
+)
 from hanlm.runs import Run
 from hanlm.tokenizer.base import PROBE_TEXTS
 
@@ -318,7 +325,7 @@ def _dir_bytes(path: str, patterns: tuple[str, ...]) -> int:
 
 def run(cfg: ExportConfig) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
     base, adapter, tok_path = resolve_inputs(cfg)
@@ -417,8 +424,11 @@ def run(cfg: ExportConfig) -> Path:
             written = time.time() - t2
             with tempfile.TemporaryDirectory(prefix=".reload.", dir=run.dir) as d:
                 (Path(d) / gguf_name).symlink_to((run.dir / gguf_name).resolve())
+                g_config = gguf_head_dim(
+                    AutoConfig.from_pretrained(d, gguf_file=gguf_name), Path(d) / gguf_name
+                )
                 g_model = AutoModelForCausalLM.from_pretrained(
-                    d, gguf_file=gguf_name, dtype=torch.float32
+                    d, gguf_file=gguf_name, config=g_config, dtype=torch.float32
                 )
                 g_tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf_name)
             reader_space = vocab.model == "llama" and not vocab.add_space_prefix

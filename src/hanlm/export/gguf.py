@@ -1,8 +1,10 @@
-"""Writing a Llama-architecture model and its tokenizer as a GGUF file for llama.cpp / Ollama.
+"""Writing a Llama, Qwen2 or Qwen3 model and its tokenizer as a GGUF file for llama.cpp / Ollama.
 
 The `gguf` package's writer does the file format; this module decides what goes in it the way
-llama.cpp's own converter does: llama.cpp's tensor names, the q/k projections permuted into its
-rotary layout, 1-D tensors kept in f32, and the tokenizer as metadata. llama.cpp's converter
+llama.cpp's own converter does: the architecture's tensor names (Qwen2's q/k/v biases and Qwen3's
+q/k norms included), a Llama's q/k projections permuted into llama.cpp's rotary layout (Qwen's
+are written as they are, as llama.cpp's converter does), 1-D tensors kept in f32, and the
+tokenizer as metadata. llama.cpp's converter
 refuses a tokenizer whose pre-tokenizer it does not recognise by hash (an expanded vocabulary is
 always unknown to it); here the pre-tokenizer is read from `tokenizer.json` itself and named
 explicitly, so hanlm's expanded byte-level and SentencePiece vocabularies both export.
@@ -26,6 +28,8 @@ from typing import Any
 from hanlm.modeling import ModelError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
+# model_type -> (llama.cpp architecture, whether q/k are permuted into llama.cpp's rotary layout)
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
 
 # gguf TokenType values (kept here so the tokenizer logic needs no heavy import).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -243,24 +247,35 @@ def source_pre(path: str | Path) -> str | None:
 # --------------------------------------------------------------------------- tensors
 
 
-def check_architecture(config: Any) -> None:
-    """Refuse, before any slow work, what llama.cpp's `llama` architecture cannot hold."""
+def check_architecture(config: Any) -> str:
+    """llama.cpp's name for the model's architecture; refuses, before any slow work, what that
+    architecture cannot hold."""
     mtype = getattr(config, "model_type", "")
-    if mtype != "llama":
+    if mtype not in ARCHITECTURES:
         raise GGUFExportError(
-            f"GGUF export writes the Llama architecture hanlm trains; this model is '{mtype}'."
-            " Export safetensors (format=safetensors) and convert it with llama.cpp's"
+            f"GGUF export writes the {', '.join(ARCHITECTURES)} architectures; this model is"
+            f" '{mtype}'. Export safetensors (format=safetensors) and convert it with llama.cpp's"
             " convert_hf_to_gguf.py"
         )
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+    if mtype == "llama" and (
+        getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
+    ):
         raise GGUFExportError("a Llama with attention/MLP biases: llama.cpp's llama has none")
+    if mtype == "qwen3" and getattr(config, "attention_bias", False):
+        raise GGUFExportError("a Qwen3 with attention biases: llama.cpp's qwen3 has none")
+    if getattr(config, "use_sliding_window", False):
+        raise GGUFExportError(
+            f"a {mtype} model with sliding-window attention: llama.cpp's {mtype} attends to the"
+            " whole context, so its answers would differ; export as safetensors"
+        )
     rope = dict(getattr(config, "rope_parameters", None) or {})
     rtype = rope.get("rope_type", "default")
     if rtype not in ("default", "linear", "yarn"):
         raise GGUFExportError(
-            f"RoPE scaling '{rtype}' has no GGUF metadata llama.cpp reads for a llama model;"
+            f"RoPE scaling '{rtype}' has no GGUF metadata llama.cpp reads for a {mtype} model;"
             " export without it (model.rope.type=none) or as safetensors"
         )
+    return ARCHITECTURES[mtype][0]
 
 
 def _permute(w: Any, n_head: int) -> Any:
@@ -290,7 +305,8 @@ def write_gguf(
     name: str = "",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write `model` (an HF LlamaForCausalLM, any dtype) and `vocab` to `path`, atomically.
+    """Write `model` (an HF Llama, Qwen2 or Qwen3 causal LM, any dtype) and `vocab` to `path`,
+    atomically.
 
     Returns what was written: size, tensor count and the count per GGML type.
     """
@@ -301,7 +317,8 @@ def write_gguf(
     if gtype not in GGUF_TYPES:
         raise GGUFExportError(f"gguf_type={gtype!r}: choose one of {', '.join(GGUF_TYPES)}")
     config = model.config
-    check_architecture(config)
+    arch = check_architecture(config)
+    permute = ARCHITECTURES[config.model_type][1]
     n_layers = config.num_hidden_layers
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
@@ -318,7 +335,7 @@ def write_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, arch)
     try:
         writer.add_name(name or path.stem)
         writer.add_context_length(int(config.max_position_embeddings))
@@ -331,7 +348,9 @@ def write_gguf(
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(len(vocab.tokens))
         writer.add_rope_dimension_count(int(head_dim))
-        if head_dim * n_head != config.hidden_size:
+        # as llama.cpp's converter: whenever the config names head_dim (Qwen3's readers
+        # otherwise assume its default of 128), or it differs from hidden_size / heads
+        if config.to_dict().get("head_dim") or head_dim * n_head != config.hidden_size:
             writer.add_key_length(int(head_dim))
             writer.add_value_length(int(head_dim))
         rtype = rope.get("rope_type", "default")
@@ -347,7 +366,8 @@ def write_gguf(
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_vocab(writer, vocab)
 
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+        arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+        names = gguf.get_tensor_name_map(arch_id, n_layers)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         state = model.state_dict()
         counts: dict[str, int] = {}
@@ -355,11 +375,11 @@ def write_gguf(
         for key, value in tqdm(items, desc=f"gguf {gtype}", leave=False, disable=not progress):
             gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise GGUFExportError(f"tensor {key} has no llama.cpp name: not a Llama weight")
+                raise GGUFExportError(f"tensor {key} has no llama.cpp name in its {arch}")
             arr = value.detach().float().cpu().numpy()
-            if key.endswith("q_proj.weight"):
+            if permute and key.endswith("q_proj.weight"):
                 arr = _permute(arr, n_head)
-            elif key.endswith("k_proj.weight"):
+            elif permute and key.endswith("k_proj.weight"):
                 arr = _permute(arr, n_kv)
             qtype = _tensor_type(arr, gtype)
             data = gguf.quants.quantize(np.ascontiguousarray(arr), qtype)
