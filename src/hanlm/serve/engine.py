@@ -26,9 +26,7 @@ that lives only while nothing is batched, and the manager's loop thread runs onl
 requests are in flight: it is stopped (its state kept) when the last one finishes and started
 again, instantly, when one arrives, after the worker's idle thread has been told to end.
 
-Each request gets a `Job`: events (`Token`, `End`, `Failed`) arrive on an asyncio queue in the
-event loop that submitted it; `Job.cancel()` stops its generation (a closed connection, a stop
-string).
+Each request gets a `Job` (hanlm.serve.jobs) whose events reach the event loop that submitted it.
 """
 
 from __future__ import annotations
@@ -36,97 +34,30 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-import time
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 from hanlm.compat import batching_logits_processors
 from hanlm.data.templates import stop_token_ids
 from hanlm.embed.pooling import embed_ids
 from hanlm.generation import decoding_kwargs
-from hanlm.serve.processors import InverseCdfSampler, LogprobRecorder, OpenAIPenalty
-from hanlm.serve.protocol import APIError, Sampling
+from hanlm.serve.errors import APIError
+from hanlm.serve.jobs import End, Failed, Job, Token
+from hanlm.serve.processors import (
+    CancelCriterion,
+    InverseCdfSampler,
+    JobStreamer,
+    LogprobRecorder,
+    OpenAIPenalty,
+)
+from hanlm.serve.sampling import Sampling
 from hanlm.serve.threads import SerialThreads
 
 PAGE = 64  # tokens per KV-cache page
 BATCH_TOKENS = 256  # most tokens in one forward pass (long prompts are prefilled in chunks)
 CACHE_TOKENS_PER_SEQ = 1024  # KV-cache room per concurrent request (at least one full context)
 GREEDY_TEMPERATURE = 1e-20  # logits / 1e-20: softmax is one-hot on the arg-max (fp32-safe)
-
-
-@dataclass
-class Token:
-    row: int  # which of the request's n answers
-    id: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-
-
-@dataclass
-class End:
-    row: int
-    reason: str  # "stop" (end-of-turn token) or "length"
-
-
-@dataclass
-class Failed:
-    message: str
-
-
-class Job:
-    """One generation request's link between the engine's threads and the event loop.
-
-    Events reach the loop in batches: waking the loop costs the generating thread a write to
-    the loop's self-pipe and, worse, the GIL while the loop turns the token into an SSE chunk
-    (py-spy: 16% of a small model's decode time at one wake per token). A token waits (at most
-    `interval` seconds, until the next event) unless the loop was last woken longer ago than
-    that; the first token, `End` and `Failed` always wake it."""
-
-    def __init__(
-        self, rid: str, prompt: list[int], sampling: Sampling, interval: float = 0.0
-    ) -> None:
-        self.id, self.prompt, self.sampling = rid, prompt, sampling
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[Token | End | Failed] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.finished = False  # set by the reader when every row has ended
-        self.generated = False  # set by the generating thread once every row has ended
-        self._on_cancel: list[Any] = []
-        self.interval = interval
-        self._held: list[Token | End | Failed] = []  # emitted, not yet handed to the loop
-        self._held_lock = threading.Lock()
-        self._woken = False  # a delivery is scheduled on the loop
-        self._last_wake = float("-inf")
-
-    def emit(self, event: Token | End | Failed) -> None:
-        """Thread-safe: deliver an event to the job's event loop."""
-        if self.cancelled.is_set():
-            return
-        now = time.monotonic()
-        with self._held_lock:
-            self._held.append(event)
-            if self._woken or (isinstance(event, Token) and now - self._last_wake < self.interval):
-                return
-            self._woken, self._last_wake = True, now
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled.set()
-
-    def _deliver(self) -> None:
-        with self._held_lock:
-            events, self._held, self._woken = self._held, [], False
-        for event in events:
-            self.events.put_nowait(event)
-
-    def cancel(self) -> None:
-        """Stop generating (a no-op once the reader has seen every answer end)."""
-        if not self.cancelled.is_set() and not self.finished:
-            self.cancelled.set()
-            for fn in self._on_cancel:
-                fn()
 
 
 class Ticket:
@@ -335,7 +266,7 @@ class Engine:
         plus the tokens already sent, `max_tokens` what is left, under request id `rid`)."""
         with self._lock:
             self._pending.append((job, list(prompt), max_tokens, rid))
-        job._on_cancel.append(lambda: self._cancel_batch(rid))
+        job.on_cancel(lambda: self._cancel_batch(rid))
         self._flush()
 
     def _flush(self) -> None:
@@ -509,7 +440,7 @@ class Engine:
         recorder = LogprobRecorder(s.logprobs) if s.logprobs is not None else None
         if recorder is not None:
             processors.append(recorder)
-        streamer = _JobStreamer(job, s, self.stop_ids, recorder)
+        streamer = JobStreamer(job, s, self.stop_ids, recorder)
         handoff = self._contended if job is self._solo else None
         if s.seed is not None:
             torch.manual_seed(s.seed)
@@ -520,7 +451,7 @@ class Engine:
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 logits_processor=LogitsProcessorList(processors),
-                stopping_criteria=StoppingCriteriaList([_Cancelled(job, streamer, handoff)]),
+                stopping_criteria=StoppingCriteriaList([CancelCriterion(job, streamer, handoff)]),
                 streamer=streamer,
                 **kw,
             )
@@ -571,75 +502,3 @@ class Engine:
         code of `hanlm embed` and `hanlm rag` (hanlm.embed.pooling), so vectors from the API match
         an index built with the same model."""
         return embed_ids(self.model, batch, self.pad_id, "weighted_mean", batch_size=16)
-
-
-# --------------------------------------------------------------------------- generate helpers
-# Duck-typed logits processor, stopping criterion and streamer (what `generate` calls), kept
-# free of transformers base classes so this module imports without torch.
-
-
-class _Cancelled:
-    """Stops `generate` when the job is cancelled, every row has finished on its own, or (a
-    solo request) `handoff` is set because another request is waiting."""
-
-    def __init__(
-        self, job: Job, streamer: _JobStreamer, handoff: threading.Event | None = None
-    ) -> None:
-        self.job, self.streamer, self.handoff = job, streamer, handoff
-
-    def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
-        import torch
-
-        stop = self.job.cancelled.is_set() or all(self.streamer.done)
-        if not stop and self.handoff is not None and self.handoff.is_set():
-            self.streamer.handed_off = stop = True
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
-class _JobStreamer:
-    """Receives each step's tokens from `generate` and emits them to the job, row by row."""
-
-    def __init__(
-        self, job: Job, s: Sampling, stop_ids: list[int], recorder: LogprobRecorder | None
-    ) -> None:
-        self.job, self.stop_ids, self.recorder = job, set(stop_ids), recorder
-        self.max_tokens = s.max_tokens
-        self.done = [False] * s.n
-        self.count = [0] * s.n
-        self.tokens: list[int] = []  # row 0's tokens so far (a solo request's handoff)
-        self.handed_off = False  # stopped to continue in the batching loop: no End here
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # the first call hands over the prompt
-            self.prompt_seen = True
-            return
-        tokens = value.reshape(-1).tolist()
-        lp = self.recorder.last if self.recorder is not None else None
-        for row, t in enumerate(tokens):
-            if self.done[row]:
-                continue
-            event = Token(row, int(t))
-            if lp is not None:
-                event.logprob = float(lp[row, t])
-                if self.recorder.top > 0:
-                    v, i = lp[row].topk(self.recorder.top)
-                    event.top = list(zip(i.tolist(), v.tolist()))
-            self.job.emit(event)
-            self.count[row] += 1
-            if row == 0:
-                self.tokens.append(int(t))
-            if t in self.stop_ids or self.count[row] >= self.max_tokens:
-                self.done[row] = True
-                # before the End: a request that arrives on it finds the engine free
-                self.job.generated = all(self.done)
-                self.job.emit(End(row, "stop" if t in self.stop_ids else "length"))
-
-    def end(self) -> None:
-        if self.handed_off:
-            return
-        left = [row for row, done in enumerate(self.done) if not done]
-        self.done = [True] * len(self.done)
-        self.job.generated = True
-        for row in left:
-            self.job.emit(End(row, "length"))

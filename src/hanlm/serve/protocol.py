@@ -1,251 +1,90 @@
-"""Request bodies of the OpenAI API read into typed records, and OpenAI-shaped errors.
+"""Request bodies of the OpenAI API as pydantic models, and the records the handlers use.
 
-Bodies are read by hand rather than by pydantic models: OpenAI ignores fields it does not know
-(clients send `user`, `logit_bias`, vendor extensions), and a type error must come back as
-OpenAI's `{"error": {...}}` with status 400 naming the field, never a framework's 422.
+The models keep OpenAI's rules: fields they do not name are ignored (clients send `user`,
+`logit_bias`, vendor extensions), `null` means the default, and numbers are JSON numbers (never
+strings or booleans; an integer field takes 2.0 but not 2.5). `parse_chat`, `parse_completion`
+and `parse_embedding` validate a decoded JSON body and then apply the rules that need the
+server's limits or several fields at once; every failure is an `APIError` (400) naming the field
+in `param`. The models' JSON Schemas are the request bodies of the OpenAPI document.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
+
+from hanlm.serve.errors import APIError, invalid_body
+from hanlm.serve.sampling import Sampling
 
 MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy decoding
-ROLES = ("system", "user", "assistant", "developer", "tool")
+MAX_STOP = 16  # stop strings per request
+Role = Literal["system", "user", "assistant", "developer", "tool"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+# --------------------------------------------------------------------------- field types
 
 
-class APIError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
+def _number(kind: type) -> Callable[[Any], Any]:
+    """A JSON number as `kind`: no strings or booleans, and an integer only if whole."""
+    name = "an integer" if kind is int else "a number"
 
-    def __init__(
-        self,
-        message: str,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message, self.status, self.type, self.param, self.code = (
-            message,
-            status,
-            type,
-            param,
-            code,
-        )
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and ok and isinstance(value, float) and not value.is_integer():
+            ok = False
+        if not ok:
+            raise PydanticCustomError("number_type", f"Input should be {name}")
+        return kind(value)
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    return check
 
 
-@dataclass
-class Sampling:
-    """How one request is decoded; `route()` says which engine path can honour it."""
-
-    max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    guidance_scale: float = 1.0
-    negative_ids: list[int] | None = None  # CFG's unconditional prompt (None = last prompt token)
-    n: int = 1
-    logprobs: int | None = None  # None = off; k = how many alternatives per token
-    stop: list[str] = field(default_factory=list)
-
-    def route(self, truncation: bool = False) -> str:
-        """'batch' (continuous batching) or 'generate' (`model.generate` on the worker).
-
-        The continuous-batching manager takes the temperature per request (and top-k/top-p
-        when its warpers are on: `truncation`); it has no per-request seed, penalties, guidance
-        (it refuses negative prompts), log-probs of the unprocessed distribution, or several
-        answers per prompt.
-        """
-        truncated = self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
-        plain = (
-            self.seed is None
-            and self.presence_penalty == 0
-            and self.frequency_penalty == 0
-            and self.repetition_penalty == 1
-            and self.guidance_scale == 1
-            and self.n == 1
-            and self.logprobs is None
-            and (truncation or not truncated)
-        )
-        return "batch" if plain else "generate"
-
-
-@dataclass
-class ChatRequest:
-    messages: list[dict[str, str]]
-    sampling: Sampling
-    stream: bool = False
-    include_usage: bool = False
-    negative_prompt: str = ""
-    max_tokens_given: bool = False
-
-
-@dataclass
-class CompletionRequest:
-    prompts: list[list[int] | str]
-    sampling: Sampling
-    stream: bool = False
-    include_usage: bool = False
-    echo: bool = False
-    max_tokens_given: bool = False
-
-
-@dataclass
-class EmbeddingRequest:
-    inputs: list[list[int] | str]
-    encoding_format: str = "float"
-    dimensions: int | None = None
-
-
-# --------------------------------------------------------------------------- field readers
-
-_MISSING = object()
-
-
-def _num(body: dict[str, Any], key: str, kind: type, lo: float, hi: float, default: Any) -> Any:
-    value = body.get(key, _MISSING)
-    if value is _MISSING or value is None:
-        return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and ok and isinstance(value, float) and not value.is_integer():
-        ok = False
-    if not ok:
-        raise APIError(f"'{key}' must be a {kind.__name__}, got {value!r}", param=key)
-    if not lo <= value <= hi:
-        raise APIError(f"'{key}' must be between {lo} and {hi}, got {value!r}", param=key)
-    return kind(value)
-
-
-def _bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
-    value = body.get(key)
+def _stop(value: Any) -> list[str]:
     if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(f"'{key}' must be true or false, got {value!r}", param=key)
-    return value
-
-
-def _stop(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
         return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError("'stop' must be a string or a list of strings", param="stop")
-    if len(stop) > 16:
-        raise APIError("'stop' takes at most 16 strings", param="stop")
-    return [s for s in stop if s]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise PydanticCustomError("stop_type", "Input should be a string or a list of strings")
+    if len(value) > MAX_STOP:
+        raise PydanticCustomError("too_long", f"Input should have at most {MAX_STOP} strings")
+    return [s for s in value if s]
 
 
-def _include_usage(body: dict[str, Any]) -> bool:
-    opts = body.get("stream_options")
-    if opts is None:
-        return False
-    if not isinstance(opts, dict):
-        raise APIError("'stream_options' must be an object", param="stream_options")
-    return _bool(opts, "include_usage")
-
-
-def _max_tokens(body: dict[str, Any], keys: tuple[str, ...], lo: int, cap: int) -> tuple[int, bool]:
-    for key in keys:
-        if body.get(key) is not None:
-            return _num(body, key, int, lo, 1 << 31, 0), True
-    return cap, False
-
-
-def _sampling(body: dict[str, Any], max_tokens: int, max_n: int) -> Sampling:
-    top_k = _num(body, "top_k", int, -1, 1 << 31, 0)
-    temperature = _num(body, "temperature", float, 0.0, 2.0, 1.0)
-    if temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf and NaN: greedy
-        temperature = 0.0
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=_num(body, "top_p", float, 0.0, 1.0, 1.0) or 1.0,
-        top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both mean off
-        seed=_num(body, "seed", int, -(1 << 63), (1 << 63) - 1, None),
-        presence_penalty=_num(body, "presence_penalty", float, -2.0, 2.0, 0.0),
-        frequency_penalty=_num(body, "frequency_penalty", float, -2.0, 2.0, 0.0),
-        repetition_penalty=_num(body, "repetition_penalty", float, 0.01, 10.0, 1.0),
-        guidance_scale=_num(body, "guidance_scale", float, 0.0, 20.0, 1.0),
-        n=_num(body, "n", int, 1, max_n, 1),
-        stop=_stop(body),
-    )
-
-
-def _content(message: dict[str, Any], i: int) -> str:
-    content = message.get("content")
-    if content is None:
+def _text(value: Any) -> str:
+    """A message's content: a string, or a list of text parts (`[{"type": "text", ...}]`)."""
+    if value is None:
         return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise APIError(
-                    f"messages[{i}].content: only text parts are supported",
-                    param=f"messages[{i}].content",
-                )
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
-    raise APIError(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
-
-
-def parse_chat(body: Any, max_tokens: int, max_n: int) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise APIError("'messages' must be a non-empty list", param="messages")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise APIError(
-                f"messages[{i}] needs a 'role' of {', '.join(ROLES)}", param=f"messages[{i}].role"
-            )
-        role = "system" if m["role"] == "developer" else m["role"]
-        messages.append({"role": role, "content": _content(m, i)})
-    tokens, given = _max_tokens(body, ("max_completion_tokens", "max_tokens"), 1, max_tokens)
-    sampling = _sampling(body, tokens, max_n)
-    if _bool(body, "logprobs"):
-        sampling.logprobs = _num(body, "top_logprobs", int, 0, 20, 0)
-    elif body.get("top_logprobs") is not None:
-        raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    negative = body.get("negative_prompt") or ""
-    if not isinstance(negative, str):
-        raise APIError("'negative_prompt' must be a string", param="negative_prompt")
-    return ChatRequest(
-        messages=messages,
-        sampling=sampling,
-        stream=_bool(body, "stream"),
-        include_usage=_include_usage(body),
-        negative_prompt=negative,
-        max_tokens_given=given,
-    )
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+            raise PydanticCustomError("content_type", "only text parts are supported")
+        return "".join(str(p.get("text", "")) for p in value)
+    raise PydanticCustomError("content_type", "Input should be a string or a list of text parts")
 
 
 def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def _inputs(value: Any, key: str) -> list[list[int] | str]:
+def _inputs(value: Any) -> list[list[int] | str]:
     """A string, a list of strings, a list of token ids or a list of such lists."""
     if isinstance(value, str):
         return [value]
@@ -256,128 +95,266 @@ def _inputs(value: Any, key: str) -> list[list[int] | str]:
             return list(value)
         if all(_is_ids(v) and v for v in value):
             return [list(v) for v in value]
-    raise APIError(
-        f"'{key}' must be a string, a list of strings, a list of token ids or a list of"
-        " lists of token ids (none empty)",
-        param=key,
+    raise PydanticCustomError(
+        "input_type",
+        "Input should be a string, a list of strings, a list of token ids or a list of lists"
+        " of token ids (none empty)",
+    )
+
+
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+
+Float = Annotated[float | None, BeforeValidator(_number(float))]
+Int = Annotated[int | None, BeforeValidator(_number(int))]
+Bool = StrictBool | None
+Stop = Annotated[
+    list[str],
+    BeforeValidator(_stop),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+Content = Annotated[
+    str,
+    BeforeValidator(_text),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}
+    ),
+]
+Inputs = Annotated[
+    list[list[int] | str],
+    PlainValidator(_inputs),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                _IDS,
+                {"type": "array", "items": _IDS, "minItems": 1},
+            ]
+        }
+    ),
+]
+# null and "" mean the default, as OpenAI's clients send them
+NegativePrompt = Annotated[str, BeforeValidator(lambda v: v or "")]
+EncodingFormat = Annotated[Literal["float", "base64"], BeforeValidator(lambda v: v or "float")]
+MAX_COUNT = 1 << 31
+
+# --------------------------------------------------------------------------- bodies
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI does
+
+    model: str | None = None  # one model is served: any name will do
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Role
+    content: Content = ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: Bool = None
+
+
+class SampledBody(Body):
+    """Decoding fields of chat and text completions: OpenAI's, vLLM's `top_k` and
+    `repetition_penalty`, and `guidance_scale` (classifier-free guidance)."""
+
+    temperature: Float = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Float = Field(None, ge=0, le=1, allow_inf_nan=False)
+    top_k: Int = Field(None, ge=-1, le=MAX_COUNT, description="-1 or 0: off")
+    seed: Int = Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
+    presence_penalty: Float = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Float = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: Float = Field(None, ge=0.01, le=10, allow_inf_nan=False)
+    guidance_scale: Float = Field(None, ge=0, le=20, allow_inf_nan=False)
+    n: Int = Field(None, ge=1, description="at most the server's max_n")
+    stop: Stop = Field(default_factory=list)
+    stream: Bool = None
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options is not None and self.stream_options.include_usage)
+
+    def sampling(self, max_tokens: int, max_n: int) -> Sampling:
+        n = 1 if self.n is None else self.n
+        if n > max_n:
+            raise APIError(f"'n' must be between 1 and {max_n}, got {n}", param="n")
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf and NaN: greedy
+            temperature = 0.0
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=self.top_p or 1.0,
+            top_k=max(self.top_k or 0, 0),  # -1 (vLLM's "off") and 0 both mean off
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=_default(self.repetition_penalty, 1.0),
+            guidance_scale=_default(self.guidance_scale, 1.0),
+            n=n,
+            stop=self.stop,
+        )
+
+
+class ChatCompletionBody(SampledBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int = Field(None, ge=1, le=MAX_COUNT)
+    max_tokens: Int = Field(None, ge=1, le=MAX_COUNT, description="max_completion_tokens' old name")
+    logprobs: Bool = None
+    top_logprobs: Int = Field(None, ge=0, le=20, description="needs logprobs: true")
+    negative_prompt: NegativePrompt = Field("", description="guidance's unconditional prompt")
+
+
+class CompletionBody(SampledBody):
+    prompt: Inputs
+    max_tokens: Int = Field(None, ge=0, le=MAX_COUNT, description="0 only with echo: true")
+    echo: Bool = None
+    logprobs: Int = Field(None, ge=0, le=20)
+
+
+class EmbeddingBody(Body):
+    input: Inputs
+    encoding_format: EncodingFormat = "float"
+    dimensions: Int = Field(None, ge=1, le=1 << 20, description="the model's hidden size")
+
+
+class TokenizeBody(Body):
+    """`prompt` (or its alias `text`) as a string, or chat `messages` through the template."""
+
+    prompt: str | None = None
+    text: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: Bool = None
+    add_generation_prompt: Bool = None
+
+
+class DetokenizeBody(Body):
+    tokens: list[StrictInt]
+
+
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, str]]
+    sampling: Sampling
+    stream: bool = False
+    include_usage: bool = False
+    negative_prompt: str = ""
+
+
+@dataclass
+class CompletionRequest:
+    prompts: list[list[int] | str]
+    sampling: Sampling
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+
+
+@dataclass
+class EmbeddingRequest:
+    inputs: list[list[int] | str]
+    encoding_format: str = "float"
+    dimensions: int | None = None
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def validate(model: type[B], body: Any) -> B:
+    """`body` (decoded JSON) as `model`, or the 400 naming the first field that failed."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise invalid_body(e.errors(include_url=False)) from None
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them (`developer` is OpenAI's newer `system`)."""
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        for m in messages
+    ]
+
+
+def parse_chat(body: Any, max_tokens: int, max_n: int) -> ChatRequest:
+    b = validate(ChatCompletionBody, body)
+    given = b.max_completion_tokens if b.max_completion_tokens is not None else b.max_tokens
+    sampling = b.sampling(max_tokens if given is None else given, max_n)
+    if b.logprobs:
+        sampling.logprobs = b.top_logprobs or 0
+    elif b.top_logprobs is not None:
+        raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return ChatRequest(
+        messages=chat_messages(b.messages),
+        sampling=sampling,
+        stream=bool(b.stream),
+        include_usage=b.include_usage,
+        negative_prompt=b.negative_prompt,
     )
 
 
 def parse_completion(body: Any, max_tokens: int, max_n: int) -> CompletionRequest:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    prompts = _inputs(body.get("prompt"), "prompt")
-    tokens, given = _max_tokens(body, ("max_tokens",), 0, min(max_tokens, 16))
-    sampling = _sampling(body, tokens, max_n)
-    sampling.logprobs = _num(body, "logprobs", int, 0, 20, None)
-    echo = _bool(body, "echo")
-    if tokens == 0 and not echo:
+    b = validate(CompletionBody, body)
+    tokens = min(max_tokens, 16) if b.max_tokens is None else b.max_tokens
+    sampling = b.sampling(tokens, max_n)
+    sampling.logprobs = b.logprobs
+    if tokens == 0 and not b.echo:
         raise APIError("'max_tokens' may be 0 only with 'echo': true", param="max_tokens")
     return CompletionRequest(
-        prompts=prompts,
+        prompts=b.prompt,
         sampling=sampling,
-        stream=_bool(body, "stream"),
-        include_usage=_include_usage(body),
-        echo=echo,
-        max_tokens_given=given,
+        stream=bool(b.stream),
+        include_usage=b.include_usage,
+        echo=bool(b.echo),
     )
 
 
 def parse_embedding(body: Any) -> EmbeddingRequest:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
-        raise APIError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    return EmbeddingRequest(
-        inputs=_inputs(body.get("input"), "input"),
-        encoding_format=fmt,
-        dimensions=_num(body, "dimensions", int, 1, 1 << 20, None),
-    )
+    b = validate(EmbeddingBody, body)
+    return EmbeddingRequest(b.input, b.encoding_format, b.dimensions)
 
 
-# JSON Schemas of the bodies, for the OpenAPI document (clients and schemathesis read them).
-_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-_INPUT = {
-    "oneOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "string"}, "minItems": 1},
-        _IDS,
-        {"type": "array", "items": _IDS, "minItems": 1},
-    ]
-}
-_SAMPLING = {
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": -1},
-    "n": {"type": "integer", "minimum": 1},
-    "seed": {"type": "integer"},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 10},
-    "guidance_scale": {"type": "number", "minimum": 0, "maximum": 20},
-    "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "model": {"type": "string"},
-}
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "chat": {
-        "type": "object",
-        "required": ["messages"],
-        "properties": {
-            "messages": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["role", "content"],
-                    "properties": {
-                        "role": {"enum": list(ROLES)},
-                        "content": {"type": "string"},
-                    },
-                },
-            },
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "max_completion_tokens": {"type": "integer", "minimum": 1},
-            "logprobs": {"type": "boolean"},
-            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-            "negative_prompt": {"type": "string"},
-            **_SAMPLING,
-        },
-    },
-    "completion": {
-        "type": "object",
-        "required": ["prompt"],
-        "properties": {
-            "prompt": _INPUT,
-            "max_tokens": {"type": "integer", "minimum": 0},
-            "echo": {"type": "boolean"},
-            "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-            **_SAMPLING,
-        },
-    },
-    "embedding": {
-        "type": "object",
-        "required": ["input"],
-        "properties": {
-            "input": _INPUT,
-            "encoding_format": {"enum": ["float", "base64"]},
-            "model": {"type": "string"},
-        },
-    },
-    "tokenize": {
-        "type": "object",
-        "properties": {
-            "prompt": {"type": "string"},
-            "messages": {"type": "array", "items": {"type": "object"}},
-            "add_special_tokens": {"type": "boolean"},
-            "add_generation_prompt": {"type": "boolean"},
-        },
-    },
-    "detokenize": {
-        "type": "object",
-        "required": ["tokens"],
-        "properties": {"tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
-    },
-}
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """An OpenAPI `requestBody` for `model` (its JSON Schema, nested models inlined), for routes
+    that read the body themselves."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}

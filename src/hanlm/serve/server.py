@@ -14,9 +14,16 @@ from hanlm.config import ConfigError, InferenceModelConfig, TemplateName, opt
 from hanlm.data.templates import require_template
 from hanlm.modeling import load_model, load_tokenizer, quantize_weights
 from hanlm.rag.answer import RetrievalOptions, Retriever
-from hanlm.serve.api import Limits, create_app
 from hanlm.serve.engine import Engine
+from hanlm.serve.state import Limits
 from hanlm.serve.threads import in_fresh_thread
+
+try:  # the web app needs the serve extra (fastapi, pydantic); `run` says so when it is missing
+    from hanlm.serve.api import create_app
+except ModuleNotFoundError as e:
+    if e.name not in ("fastapi", "pydantic", "pydantic_core", "starlette"):
+        raise
+    create_app = None
 
 
 @dataclass
@@ -91,7 +98,9 @@ def run(cfg: ServeConfig) -> int:
     try:
         import uvicorn
     except ImportError:
-        raise ConfigError("hanlm serve needs the serve extra: pip install 'hanlm[serve]'") from None
+        uvicorn = None
+    if uvicorn is None or create_app is None:
+        raise ConfigError("hanlm serve needs the serve extra: pip install 'hanlm[serve]'")
     api_key = cfg.api_key or os.environ.get("HANLM_API_KEY", "")
     # Loaded on a thread that ends: the OpenMP team its kernels start must not outlive it
     # (hanlm.serve.engine: one team at a time keeps decoding fast on a small CPU).

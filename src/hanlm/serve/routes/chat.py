@@ -1,0 +1,134 @@
+"""`POST /v1/chat/completions`: a chat answer (or `n`), whole or streamed as server-sent events.
+
+With a retriever, the last user turn is answered from retrieved passages, returned in an extra
+`sources` field (streamed: a first chunk with no choices)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+
+from hanlm.data.templates import prompt_ids
+from hanlm.serve.deps import Authorized, JSONBody
+from hanlm.serve.jobs import Job, Token
+from hanlm.serve.protocol import ChatCompletionBody, ChatRequest, parse_chat, request_body
+from hanlm.serve.state import ServeState, usage
+from hanlm.serve.streaming import Answer, collect, pieces, sse, stream_response, until_disconnect
+from hanlm.serve.text import token_bytes, token_text
+
+router = APIRouter()
+
+
+async def chat_request(body: JSONBody, state: Authorized) -> ChatRequest:
+    return parse_chat(body, state.limits.max_tokens, state.limits.max_n)
+
+
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionBody))
+async def chat_completions(
+    request: Request, req: Annotated[ChatRequest, Depends(chat_request)], state: Authorized
+) -> Any:
+    hits: list[Any] = []
+    retriever = state.retriever
+    if retriever is not None and req.messages[-1]["role"] == "user":
+        question = req.messages[-1]["content"]
+        grounded, hits = await state.engine.run(retriever.prompt, question)
+        req.messages = [*req.messages[:-1], {"role": "user", "content": grounded}]
+    prompt = state.chat_ids(req.messages)
+    s = state.fit(req.sampling, len(prompt), "messages")
+    if s.guidance_scale != 1 and req.negative_prompt:
+        s.negative_ids = prompt_ids(state.tok, [{"role": "user", "content": req.negative_prompt}])
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
+    head["model"] = state.model_name
+    ticket = state.engine.admit()
+    try:
+        job = state.engine.submit(prompt, s)
+    except BaseException:
+        ticket.release()
+        raise
+    if req.stream:
+        events = _events(state, req, job, head, len(prompt), hits)
+        return stream_response(events, [job], ticket)
+    try:
+        answers = await until_disconnect(request, collect(job, state.tok, s.n), [job])
+    finally:
+        ticket.release()
+    return _completion(state, req, answers, head, len(prompt), hits)
+
+
+def _completion(
+    state: ServeState,
+    req: ChatRequest,
+    answers: list[Answer],
+    head: dict[str, Any],
+    prompt_len: int,
+    hits: list[Any],
+) -> dict[str, Any]:
+    choices = []
+    for i, a in enumerate(answers):
+        lp = None
+        if req.sampling.logprobs is not None:
+            lp = {"content": [_logprob(state.tok, t) for t in a.tokens], "refusal": None}
+        message = {"role": "assistant", "content": a.text}
+        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": a.finish})
+    spent = sum(len(a.tokens) for a in answers)
+    extra: dict[str, Any] = {}
+    if state.retriever is not None:  # the passages given, and which the first answer cites
+        extra = state.retriever.sources(hits, answers[0].text if answers else "")
+    return {
+        "object": "chat.completion",
+        **head,
+        "choices": choices,
+        "usage": usage(prompt_len, spent),
+        **extra,
+    }
+
+
+async def _events(
+    state: ServeState,
+    req: ChatRequest,
+    job: Job,
+    head: dict[str, Any],
+    prompt_len: int,
+    hits: list[Any],
+) -> AsyncIterator[bytes]:
+    s, tok = req.sampling, state.tok
+    head = {"object": "chat.completion.chunk", **head}
+    extra = {"usage": None} if req.include_usage else {}
+
+    def chunk(i: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> bytes:
+        choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        return sse({**head, "choices": [choice], **extra})
+
+    if state.retriever is not None:  # the passages first (no choices: clients skip it)
+        yield sse({**head, "choices": [], **state.retriever.sources(hits, "")})
+    for i in range(s.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    spent = 0
+    async for row, text, tokens, finish in pieces(job, tok, s.n, s.logprobs is None):
+        spent += len(tokens)
+        lp = None
+        if tokens and s.logprobs is not None:  # (not merged: one token)
+            lp = {"content": [_logprob(tok, t) for t in tokens], "refusal": None}
+        if text or lp:
+            yield chunk(row, {"content": text}, None, lp)
+        if finish:
+            yield chunk(row, {}, finish)
+    if req.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(prompt_len, spent)})
+
+
+def _logprob(tok: Any, t: Token) -> dict[str, Any]:
+    """A generated token's entry in OpenAI's chat `logprobs.content`."""
+    return {
+        "token": token_text(tok, t.id),
+        "logprob": t.logprob,
+        "bytes": token_bytes(tok, t.id),
+        "top_logprobs": [
+            {"token": token_text(tok, i), "logprob": lp, "bytes": token_bytes(tok, i)}
+            for i, lp in (t.top or [])
+        ],
+    }

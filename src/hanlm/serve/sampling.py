@@ -1,0 +1,45 @@
+"""`Sampling`: how one request is decoded, and which of the engine's paths can honour it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sampling:
+    """How one request is decoded; `route()` says which engine path can honour it."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    guidance_scale: float = 1.0
+    negative_ids: list[int] | None = None  # CFG's unconditional prompt (None = last prompt token)
+    n: int = 1
+    logprobs: int | None = None  # None = off; k = how many alternatives per token
+    stop: list[str] = field(default_factory=list)
+
+    def route(self, truncation: bool = False) -> str:
+        """'batch' (continuous batching) or 'generate' (`model.generate` on the worker).
+
+        The continuous-batching manager takes the temperature per request (and top-k/top-p
+        when its warpers are on: `truncation`); it has no per-request seed, penalties, guidance
+        (it refuses negative prompts), log-probs of the unprocessed distribution, or several
+        answers per prompt.
+        """
+        truncated = self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
+        plain = (
+            self.seed is None
+            and self.presence_penalty == 0
+            and self.frequency_penalty == 0
+            and self.repetition_penalty == 1
+            and self.guidance_scale == 1
+            and self.n == 1
+            and self.logprobs is None
+            and (truncation or not truncated)
+        )
+        return "batch" if plain else "generate"
