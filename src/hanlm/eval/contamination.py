@@ -284,6 +284,8 @@ def pair_overlap(probe: Probe, rec: Record, found: set[str], near: int) -> tuple
 
 # --------------------------------------------------------------------------- the audit
 
+Key = tuple[int, int]  # (benchmark, item): an item of one audited benchmark
+
 
 def _zero_counts() -> dict[str, int]:
     return {"items": 0, "contaminated": 0, "partial": 0, "too_short": 0}
@@ -292,7 +294,27 @@ def _zero_counts() -> dict[str, int]:
 def audit(cfg: ContaminationConfig) -> dict[str, Any]:
     """Run the audit; returns the report that `run` writes as contamination.json."""
     t0 = time.perf_counter()
-    # 1. Benchmark items and what to look for of each, templates removed per benchmark.
+    benches = _benchmark_items(cfg)
+    index = _index(benches, cfg)
+    found = _scan(cfg, index)
+    report: dict[str, Any] = {
+        "char_n": cfg.char_n,
+        "word_n": cfg.word_n,
+        "fields": cfg.fields,
+        "min_overlap": cfg.min_overlap,
+        "near": cfg.near,
+        "ignore_common": cfg.ignore_common,
+        "train": found.train,
+        "benchmarks": {},
+    }
+    for b, (name, items) in enumerate(benches):
+        report["benchmarks"][name] = _benchmark_report(cfg, b, items, index.probes, found)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _benchmark_items(cfg: ContaminationConfig) -> list[tuple[str, list[tuple[str, Item]]]]:
+    """Each benchmark's name and its (split, item) pairs over the audited splits."""
     splits = list(dict.fromkeys(canonical_split(s) for s in cfg.splits))
     benches: list[tuple[str, list[tuple[str, Item]]]] = []
     for spec in cfg.bench:
@@ -310,10 +332,24 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
         if not items:
             raise ConfigError(f"{spec}: none of the splits {splits} has questions")
         benches.append((name, items))
+    return benches
 
-    probes: dict[tuple[int, int], Probe] = {}
-    index: dict[str, list[tuple[int, int]]] = defaultdict(list)  # question n-gram -> items
-    short: dict[tuple[int, int], dict[str, list[tuple[int, int]]]] = defaultdict(
+
+@dataclass
+class Index:
+    """What the pass over the training data looks for: each item's probe (templates removed per
+    benchmark), the items of each question n-gram, and the questions too short for an n-gram by
+    (stream, length) and text."""
+
+    probes: dict[Key, Probe]
+    grams: dict[str, list[Key]]
+    short: dict[tuple[int, int], dict[str, list[Key]]]
+
+
+def _index(benches: list[tuple[str, list[tuple[str, Item]]]], cfg: ContaminationConfig) -> Index:
+    probes: dict[Key, Probe] = {}
+    index: dict[str, list[Key]] = defaultdict(list)  # question n-gram -> items
+    short: dict[tuple[int, int], dict[str, list[Key]]] = defaultdict(
         lambda: defaultdict(list)
     )  # (stream, length) -> short question -> items
     for b, (_, items) in enumerate(benches):
@@ -328,16 +364,31 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
             if not p.question.grams:
                 key = p.question.whole
                 short[(_stream(key), _units(key))][key].append((b, i))
+    return Index(probes, index, short)
 
-    # 2. One pass over the training data: every n-gram of every record looked up in the index;
-    # a record holding some of an item's question is then searched for its answers.
+
+@dataclass
+class Found:
+    """What the pass over the training data found of each item: its question n-grams seen in
+    training, the best share of a record holding its question with an answer near, and the
+    records that hold it (at most `max_matches`); and what was read (`train`)."""
+
+    matched: dict[Key, set[str]]
+    best_pair: dict[Key, float]
+    where: dict[Key, list[dict[str, Any]]]
+    train: dict[str, Any]
+
+
+def _scan(cfg: ContaminationConfig, index: Index) -> Found:
+    """One pass over the training data: every n-gram of every record looked up in the index; a
+    record holding some of an item's question is then searched for its answers."""
     data_cfg = dataclasses.replace(cfg.data, paths=[], dedup="none", min_chars=1)
     reader = RecordReader(data_cfg, None, require_answer=False)
-    matched: dict[tuple[int, int], set[str]] = defaultdict(set)
-    best_pair: dict[tuple[int, int], float] = defaultdict(float)
-    where: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    matched: dict[Key, set[str]] = defaultdict(set)
+    best_pair: dict[Key, float] = defaultdict(float)
+    where: dict[Key, list[dict[str, Any]]] = defaultdict(list)
     records = chars = 0
-    keys = index.keys()
+    keys = index.grams.keys()
     files = _train_files(cfg.train)
     for spec in files:
         for rec_raw, loc in reader.records(spec):
@@ -345,16 +396,16 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
             records += 1
             chars += len(text)
             rec = Record(text)
-            found: dict[tuple[int, int], set[str]] = defaultdict(set)
+            found: dict[Key, set[str]] = defaultdict(set)
             for gram in keys & _grams(rec.chars, rec.words, cfg.char_n, cfg.word_n):
-                for key in index[gram]:
+                for key in index.grams[gram]:
                     found[key].add(gram)
-            for (stream, length), table in short.items():
+            for (stream, length), table in index.short.items():
                 for whole in table.keys() & rec.substrings(stream, length):
                     for key in table[whole]:
                         found[key].add(whole)
             for key, hits in found.items():
-                probe = probes[key]
+                probe = index.probes[key]
                 assert probe.question is not None
                 near = False
                 if probe.answers:
@@ -371,85 +422,79 @@ def audit(cfg: ContaminationConfig) -> dict[str, Any]:
                     seen.append(
                         {"where": str(loc), "ngram": gram, "answer_near": near, "text": text[:200]}
                     )
+    train = {"paths": files, "records": records, "chars": chars, "bad_records": reader.stats.bad}
+    return Found(matched, best_pair, where, train)
 
-    # 3. Per benchmark: flagged items with their matches, counts by split and subject.
-    report: dict[str, Any] = {
-        "char_n": cfg.char_n,
-        "word_n": cfg.word_n,
-        "fields": cfg.fields,
-        "min_overlap": cfg.min_overlap,
-        "near": cfg.near,
-        "ignore_common": cfg.ignore_common,
-        "train": {
-            "paths": files,
-            "records": records,
-            "chars": chars,
-            "bad_records": reader.stats.bad,
-        },
-        "benchmarks": {},
-    }
-    for b, (name, items) in enumerate(benches):
-        details = {}
-        status_of: dict[str, str] = {}
-        by_split: dict[str, dict[str, int]] = defaultdict(_zero_counts)
-        by_subject: dict[str, dict[str, int]] = defaultdict(_zero_counts)
-        question_only: dict[str, int] = defaultdict(int)
-        for i, (split, it) in enumerate(items):
-            key, probe = (b, i), probes[(b, i)]
-            question_only[split] += probe.question_only
-            q_total = len(probe.question.grams) if probe.question else 0
-            q_overlap = len(matched[key]) / q_total if q_total and key in matched else 0.0
-            pair = best_pair.get(key, 0.0)
-            by_question = key in matched and q_overlap >= cfg.min_overlap
-            if by_question or (key in best_pair and pair >= cfg.min_overlap):
-                status = "contaminated"
-            elif key in matched or key in best_pair:
-                status = "partial"
-            else:
-                status = "clean" if q_total else "too_short"
-            status_of[it.id] = status
-            by_split[split]["items"] += 1
-            by_subject[it.subject]["items"] += 1
-            if status == "clean":
-                continue
-            by_split[split][status] += 1
-            by_subject[it.subject][status] += 1
-            if status == "too_short":
-                continue
-            details[it.id] = {
-                "status": status,
-                "split": split,
-                "subject": it.subject,
-                "question": it.question,
-                "overlap": round(max(q_overlap, pair), 4),
-                "question_overlap": round(q_overlap, 4),
-                "pair_overlap": round(pair, 4),
-                "answer_near": key in best_pair,
-                "ngrams_matched": len(matched[key]),
-                "ngrams": q_total,
-                "matches": where[key],
-            }
-        flagged = sorted(k for k, s in status_of.items() if s == "contaminated")
-        partial = sorted(k for k, s in status_of.items() if s == "partial")
-        too_short = [k for k, s in status_of.items() if s == "too_short"]
-        report["benchmarks"][name] = {
-            "items": len(items),
-            "contaminated": len(flagged),
-            "fraction": len(flagged) / len(items),
-            "partial": len(partial),
-            "too_short": len(too_short),
-            "clean": sum(s == "clean" for s in status_of.values()),
-            "question_only": {s: n for s, n in question_only.items() if n},
-            "by_split": dict(by_split),
-            "by_subject": dict(by_subject),
-            "flagged": flagged,
-            "partial_ids": partial,
-            "too_short_ids": too_short,
-            "details": details,
-            "audited": [it.id for _, it in items],
+
+def _benchmark_report(
+    cfg: ContaminationConfig,
+    b: int,
+    items: list[tuple[str, Item]],
+    probes: dict[Key, Probe],
+    found: Found,
+) -> dict[str, Any]:
+    """One benchmark's part of the report: flagged items with their matches, counts by split
+    and subject."""
+    matched, best_pair, where = found.matched, found.best_pair, found.where
+    details = {}
+    status_of: dict[str, str] = {}
+    by_split: dict[str, dict[str, int]] = defaultdict(_zero_counts)
+    by_subject: dict[str, dict[str, int]] = defaultdict(_zero_counts)
+    question_only: dict[str, int] = defaultdict(int)
+    for i, (split, it) in enumerate(items):
+        key, probe = (b, i), probes[(b, i)]
+        question_only[split] += probe.question_only
+        q_total = len(probe.question.grams) if probe.question else 0
+        q_overlap = len(matched[key]) / q_total if q_total and key in matched else 0.0
+        pair = best_pair.get(key, 0.0)
+        by_question = key in matched and q_overlap >= cfg.min_overlap
+        if by_question or (key in best_pair and pair >= cfg.min_overlap):
+            status = "contaminated"
+        elif key in matched or key in best_pair:
+            status = "partial"
+        else:
+            status = "clean" if q_total else "too_short"
+        status_of[it.id] = status
+        by_split[split]["items"] += 1
+        by_subject[it.subject]["items"] += 1
+        if status == "clean":
+            continue
+        by_split[split][status] += 1
+        by_subject[it.subject][status] += 1
+        if status == "too_short":
+            continue
+        details[it.id] = {
+            "status": status,
+            "split": split,
+            "subject": it.subject,
+            "question": it.question,
+            "overlap": round(max(q_overlap, pair), 4),
+            "question_overlap": round(q_overlap, 4),
+            "pair_overlap": round(pair, 4),
+            "answer_near": key in best_pair,
+            "ngrams_matched": len(matched[key]),
+            "ngrams": q_total,
+            "matches": where[key],
         }
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    return report
+    flagged = sorted(k for k, s in status_of.items() if s == "contaminated")
+    partial = sorted(k for k, s in status_of.items() if s == "partial")
+    too_short = [k for k, s in status_of.items() if s == "too_short"]
+    return {
+        "items": len(items),
+        "contaminated": len(flagged),
+        "fraction": len(flagged) / len(items),
+        "partial": len(partial),
+        "too_short": len(too_short),
+        "clean": sum(s == "clean" for s in status_of.values()),
+        "question_only": {s: n for s, n in question_only.items() if n},
+        "by_split": dict(by_split),
+        "by_subject": dict(by_subject),
+        "flagged": flagged,
+        "partial_ids": partial,
+        "too_short_ids": too_short,
+        "details": details,
+        "audited": [it.id for _, it in items],
+    }
 
 
 def run(cfg: ContaminationConfig) -> Path:
