@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -324,17 +324,12 @@ def _dir_bytes(path: str, patterns: tuple[str, ...]) -> int:
 
 
 def run(cfg: ExportConfig) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.time()
     base, adapter, tok_path = resolve_inputs(cfg)
     src = resolve_source(base)
-    gguf_name = cfg.gguf_name or f"model-{cfg.gguf_type}.gguf"
     with Run("export", cfg) as run:
         summary: dict[str, Any] = {"source": base, "adapter": adapter, "format": cfg.format}
-        parity: dict[str, Any] = {}
-        failures: list[str] = []
+        checks = Parity()
         tok = load_tokenizer(tok_path)
         model = load_model(replace(cfg.model, path=base, dtype="float32"))
         if cfg.format != "safetensors":
@@ -344,150 +339,229 @@ def run(cfg: ExportConfig) -> Path:
             ("*.safetensors", "*.bin"),
         )
         stops = _stops(tok, cfg.template)
-        probe = [tok(t)["input_ids"][:128] for t in PROBE_TEXTS]
-
-        # 1. Merge the adapter; the merged model must give the PeftModel's logits.
         if adapter:
-            model, parity["merge"] = _merge(model, tok, adapter, probe)
-            failures += _judge("merge", "fp32", parity["merge"], cfg.tolerance or 1e-4)
-            print(
-                f"[hanlm] merged {adapter}: max logit diff"
-                f" {parity['merge']['max_abs_logit_diff']:.2e} from the PeftModel's"
-            )
+            model = _merge_adapter(cfg, model, tok, adapter, checks)
         summary["seconds_load_merge"] = round(time.time() - t0, 2)
-
-        # 2. Prune the vocabulary to a corpus: same ids, same logits on kept ids, same greedy text.
         if cfg.prune_vocab:
-            t1 = time.time()
-            texts = corpus_texts(cfg.prune_vocab, tok, cfg.prune_max_records)
-            plan = plan_keep(tok, texts, cfg.prune_min_count)
-            sample = [tok(t)["input_ids"][:128] for t in texts[:16]]
-            starts = [s[:16] for s in sample[:8]]  # greedy prompts: corpus beginnings, as ids
-            ref_logits = _logits(model, sample)
-            ref_answers = _greedy(model, starts, cfg.max_new_tokens, stops)
-            rows = model.get_input_embeddings().weight.shape[0]
-            tied = bool(getattr(model.config, "tie_word_embeddings", False))
-            new_tok = prune_tokenizer(tok, plan)
-            prune_model(model, plan)
-            o2n = plan.old_to_new
-            remapped = [[o2n[i] for i in s] for s in sample]
-            stops = [o2n[s] for s in stops if s in o2n]
-            answers = _greedy(
-                model, [[o2n[i] for i in s] for s in starts], cfg.max_new_tokens, stops
-            )
-            answers = [[plan.keep[i] for i in a] for a in answers]  # back to the old ids
-            roundtrip = [
-                new_tok.decode(new_tok(t)["input_ids"], skip_special_tokens=True) == t
-                for t in PROBE_TEXTS
-            ]
-            parity["prune"] = {
-                **_compare(ref_logits, _logits(model, remapped), ref_answers, answers, plan.keep),
-                "token_ids_equal": [new_tok(t)["input_ids"][:128] for t in texts[:16]] == remapped,
-                "probe_roundtrip": all(roundtrip),
-                **size_saved(plan, rows, model.config.hidden_size, tied, 4),
-                "corpus_texts": len(texts),
-                "seconds": round(time.time() - t1, 2),
-            }
-            failures += _judge("prune", "prune", parity["prune"], cfg.tolerance)
-            tok = new_tok
-            prompts = cfg.prompts or [
-                tok.decode([o2n[i] for i in s], skip_special_tokens=True) for s in starts
-            ]
-            chat = bool(cfg.prompts) and bool(getattr(tok, "chat_template", None))
-            print(
-                f"[hanlm] pruned the vocabulary {plan.old_size} -> {len(plan.keep)}"
-                f" ({parity['prune']['params_removed']:,} parameters removed)"
-            )
+            tok, stops, prompts, chat = _prune_vocab(cfg, model, tok, stops, checks)
         else:
             prompts = cfg.prompts or DEFAULT_PROMPTS
             chat = bool(getattr(tok, "chat_template", None))
-
-        # 3. The reference: the fp32 model about to be written.
-        p_ids = _prompt_ids(tok, prompts, chat)
-        probe = [tok(t)["input_ids"][:128] for t in PROBE_TEXTS] + p_ids
-        ref_logits = _logits(model, probe)
-        ref_answers = _greedy(model, p_ids, cfg.max_new_tokens, stops)
-        check_texts = [*PROBE_TEXTS, *prompts]
-        if chat:
-            check_texts += [tok.decode(p) for p in p_ids]
+        ref = _reference(cfg, model, tok, prompts, chat, stops)
         summary["stop_ids"] = stops
-
-        # 4. GGUF, loaded back through transformers' GGUF reader (from a directory holding only it).
         if cfg.format in ("gguf", "both"):
-            t2 = time.time()
-            pre = cfg.gguf_pre
-            if pre == "auto" and src.gguf_file and not cfg.prune_vocab:
-                pre = source_pre(Path(src.path) / src.gguf_file) or "auto"
-            rows = model.get_input_embeddings().weight.shape[0]
-            vocab = gguf_vocab(tok, rows, pre, stops[0] if stops else None)
-            info = write_gguf(model, vocab, run.dir / gguf_name, cfg.gguf_type, Path(base).stem)
-            written = time.time() - t2
-            with tempfile.TemporaryDirectory(prefix=".reload.", dir=run.dir) as d:
-                (Path(d) / gguf_name).symlink_to((run.dir / gguf_name).resolve())
-                g_config = gguf_head_dim(
-                    AutoConfig.from_pretrained(d, gguf_file=gguf_name), Path(d) / gguf_name
-                )
-                g_model = AutoModelForCausalLM.from_pretrained(
-                    d, gguf_file=gguf_name, config=g_config, dtype=torch.float32
-                )
-                g_tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf_name)
-            reader_space = vocab.model == "llama" and not vocab.add_space_prefix
-            result = _compare(
-                ref_logits,
-                _logits(g_model, probe),
-                ref_answers,
-                _greedy(g_model, p_ids, cfg.max_new_tokens, stops),
-            )
-            result.update(_token_ids(tok, g_tok, check_texts, reader_space))
-            result.update(
-                info,
-                tokenizer_model=vocab.model,
-                pre_tokenizer=vocab.pre,
-                chat_template_equal=g_tok.chat_template == tok.chat_template,
-                seconds_write=round(written, 2),
-            )
-            parity[f"gguf_{cfg.gguf_type}"] = result
-            failures += _judge(f"gguf {cfg.gguf_type}", cfg.gguf_type, result, cfg.tolerance)
-            summary["gguf_file"], summary["gguf_bytes"] = gguf_name, info["bytes"]
-            del g_model
-            print(f"[hanlm] wrote {gguf_name} ({info['bytes'] / 1e6:.1f} MB)")
-
-        # 5. Safetensors in `dtype`, with tokenizer, chat template and stop ids; loaded back.
+            _export_gguf(cfg, run, model, tok, src, base, stops, ref, checks, summary)
         if cfg.format in ("safetensors", "both"):
-            t3 = time.time()
-            model = model.to(torch_dtype(cfg.dtype))
-            run.save_model(model, tok, None, stops)
-            written = time.time() - t3
-            s_model = AutoModelForCausalLM.from_pretrained(run.dir, dtype=torch_dtype(cfg.dtype))
-            s_tok = AutoTokenizer.from_pretrained(run.dir)
-            result = _compare(
-                ref_logits,
-                _logits(s_model, probe),
-                ref_answers,
-                _greedy(s_model, p_ids, cfg.max_new_tokens, stops),
-            )
-            result.update(_token_ids(tok, s_tok, check_texts), seconds_write=round(written, 2))
-            parity[f"safetensors_{cfg.dtype}"] = result
-            failures += _judge(f"safetensors {cfg.dtype}", cfg.dtype, result, cfg.tolerance)
-            summary["safetensors_bytes"] = _dir_bytes(str(run.dir), ("*.safetensors",))
-
+            _export_safetensors(cfg, run, model, tok, stops, ref, checks, summary)
         summary["seconds"] = round(time.time() - t0, 2)
-        summary["parity_failures"] = failures
-        run.set("parity", parity)
-        for name, r in parity.items():
-            print(
-                f"[hanlm] {name}: rel logit diff {r['rel_logit_diff']:.2e}, top-1"
-                f" {r['top1_agreement']:.1%}, greedy identical {r.get('greedy_identical', '-')}"
-                + ("" if r.get("passed", True) else "  FAILED")
-            )
-        if failures and cfg.parity == "error":
-            run.finish(summary, status="failed")
-            raise ExportError(
-                "parity check failed: " + "; ".join(failures) + f". The files are in {run.dir}"
-                " (see hanlm.json 'parity'); pass parity=warn to accept them, or tolerance= to"
-                " change the limit"
-            )
-        if failures and cfg.parity == "warn":
-            print("[hanlm] WARNING: parity check failed: " + "; ".join(failures))
-        run.finish(summary)
+        _finish(cfg, run, summary, checks)
     return run.dir
+
+
+@dataclass
+class Parity:
+    """Each merged, pruned or written model's figures against its reference (`results`, by
+    name), and the checks they failed."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def record(self, name: str, kind: str, result: dict[str, Any], tol: float) -> None:
+        self.results[name.replace(" ", "_")] = result
+        self.failures += _judge(name, kind, result, tol)
+
+
+def _merge_adapter(cfg: ExportConfig, model: Any, tok: Any, adapter: str, checks: Parity) -> Any:
+    """1. The adapter merged in; the merged model must give the PeftModel's logits."""
+    probe = [tok(t)["input_ids"][:128] for t in PROBE_TEXTS]
+    model, result = _merge(model, tok, adapter, probe)
+    checks.record("merge", "fp32", result, cfg.tolerance or 1e-4)
+    print(
+        f"[hanlm] merged {adapter}: max logit diff"
+        f" {result['max_abs_logit_diff']:.2e} from the PeftModel's"
+    )
+    return model
+
+
+def _prune_vocab(
+    cfg: ExportConfig, model: Any, tok: Any, stops: list[int], checks: Parity
+) -> tuple[Any, list[int], list[str], bool]:
+    """2. The vocabulary pruned to a corpus (the model in place): same ids, same logits on the
+    kept ids, same greedy text. Returns the pruned tokenizer, the stop ids remapped, the parity
+    prompts (default: corpus beginnings) and whether they go through the chat template."""
+    t1 = time.time()
+    texts = corpus_texts(cfg.prune_vocab, tok, cfg.prune_max_records)
+    plan = plan_keep(tok, texts, cfg.prune_min_count)
+    sample = [tok(t)["input_ids"][:128] for t in texts[:16]]
+    starts = [s[:16] for s in sample[:8]]  # greedy prompts: corpus beginnings, as ids
+    ref_logits = _logits(model, sample)
+    ref_answers = _greedy(model, starts, cfg.max_new_tokens, stops)
+    rows = model.get_input_embeddings().weight.shape[0]
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    new_tok = prune_tokenizer(tok, plan)
+    prune_model(model, plan)
+    o2n = plan.old_to_new
+    remapped = [[o2n[i] for i in s] for s in sample]
+    stops = [o2n[s] for s in stops if s in o2n]
+    answers = _greedy(model, [[o2n[i] for i in s] for s in starts], cfg.max_new_tokens, stops)
+    answers = [[plan.keep[i] for i in a] for a in answers]  # back to the old ids
+    roundtrip = [
+        new_tok.decode(new_tok(t)["input_ids"], skip_special_tokens=True) == t for t in PROBE_TEXTS
+    ]
+    result = {
+        **_compare(ref_logits, _logits(model, remapped), ref_answers, answers, plan.keep),
+        "token_ids_equal": [new_tok(t)["input_ids"][:128] for t in texts[:16]] == remapped,
+        "probe_roundtrip": all(roundtrip),
+        **size_saved(plan, rows, model.config.hidden_size, tied, 4),
+        "corpus_texts": len(texts),
+        "seconds": round(time.time() - t1, 2),
+    }
+    checks.record("prune", "prune", result, cfg.tolerance)
+    tok = new_tok
+    prompts = cfg.prompts or [
+        tok.decode([o2n[i] for i in s], skip_special_tokens=True) for s in starts
+    ]
+    chat = bool(cfg.prompts) and bool(getattr(tok, "chat_template", None))
+    print(
+        f"[hanlm] pruned the vocabulary {plan.old_size} -> {len(plan.keep)}"
+        f" ({result['params_removed']:,} parameters removed)"
+    )
+    return tok, stops, prompts, chat
+
+
+@dataclass
+class Reference:
+    """The fp32 model about to be written, measured: the prompts as ids, the probe (the probe
+    texts and the prompts) with its logits, the greedy answers, and the texts whose token ids a
+    written tokenizer must reproduce."""
+
+    prompt_ids: list[list[int]]
+    probe: list[list[int]]
+    logits: list[Any]
+    answers: list[list[int]]
+    texts: list[str]
+
+
+def _reference(
+    cfg: ExportConfig, model: Any, tok: Any, prompts: list[str], chat: bool, stops: list[int]
+) -> Reference:
+    """3. The reference: the fp32 model about to be written."""
+    p_ids = _prompt_ids(tok, prompts, chat)
+    probe = [tok(t)["input_ids"][:128] for t in PROBE_TEXTS] + p_ids
+    ref_logits = _logits(model, probe)
+    ref_answers = _greedy(model, p_ids, cfg.max_new_tokens, stops)
+    check_texts = [*PROBE_TEXTS, *prompts]
+    if chat:
+        check_texts += [tok.decode(p) for p in p_ids]
+    return Reference(p_ids, probe, ref_logits, ref_answers, check_texts)
+
+
+def _export_gguf(
+    cfg: ExportConfig,
+    run: Run,
+    model: Any,
+    tok: Any,
+    src: Any,
+    base: str,
+    stops: list[int],
+    ref: Reference,
+    checks: Parity,
+    summary: dict[str, Any],
+) -> None:
+    """4. The GGUF, loaded back through transformers' GGUF reader (from a directory holding only
+    it) and compared with the reference."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_name = cfg.gguf_name or f"model-{cfg.gguf_type}.gguf"
+    t2 = time.time()
+    pre = cfg.gguf_pre
+    if pre == "auto" and src.gguf_file and not cfg.prune_vocab:
+        pre = source_pre(Path(src.path) / src.gguf_file) or "auto"
+    rows = model.get_input_embeddings().weight.shape[0]
+    vocab = gguf_vocab(tok, rows, pre, stops[0] if stops else None)
+    info = write_gguf(model, vocab, run.dir / gguf_name, cfg.gguf_type, Path(base).stem)
+    written = time.time() - t2
+    with tempfile.TemporaryDirectory(prefix=".reload.", dir=run.dir) as d:
+        (Path(d) / gguf_name).symlink_to((run.dir / gguf_name).resolve())
+        g_config = gguf_head_dim(
+            AutoConfig.from_pretrained(d, gguf_file=gguf_name), Path(d) / gguf_name
+        )
+        g_model = AutoModelForCausalLM.from_pretrained(
+            d, gguf_file=gguf_name, config=g_config, dtype=torch.float32
+        )
+        g_tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf_name)
+    reader_space = vocab.model == "llama" and not vocab.add_space_prefix
+    result = _compare(
+        ref.logits,
+        _logits(g_model, ref.probe),
+        ref.answers,
+        _greedy(g_model, ref.prompt_ids, cfg.max_new_tokens, stops),
+    )
+    result.update(_token_ids(tok, g_tok, ref.texts, reader_space))
+    result.update(
+        info,
+        tokenizer_model=vocab.model,
+        pre_tokenizer=vocab.pre,
+        chat_template_equal=g_tok.chat_template == tok.chat_template,
+        seconds_write=round(written, 2),
+    )
+    checks.record(f"gguf {cfg.gguf_type}", cfg.gguf_type, result, cfg.tolerance)
+    summary["gguf_file"], summary["gguf_bytes"] = gguf_name, info["bytes"]
+    del g_model
+    print(f"[hanlm] wrote {gguf_name} ({info['bytes'] / 1e6:.1f} MB)")
+
+
+def _export_safetensors(
+    cfg: ExportConfig,
+    run: Run,
+    model: Any,
+    tok: Any,
+    stops: list[int],
+    ref: Reference,
+    checks: Parity,
+    summary: dict[str, Any],
+) -> None:
+    """5. Safetensors in `dtype`, with tokenizer, chat template and stop ids; loaded back and
+    compared with the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t3 = time.time()
+    model = model.to(torch_dtype(cfg.dtype))
+    run.save_model(model, tok, None, stops)
+    written = time.time() - t3
+    s_model = AutoModelForCausalLM.from_pretrained(run.dir, dtype=torch_dtype(cfg.dtype))
+    s_tok = AutoTokenizer.from_pretrained(run.dir)
+    result = _compare(
+        ref.logits,
+        _logits(s_model, ref.probe),
+        ref.answers,
+        _greedy(s_model, ref.prompt_ids, cfg.max_new_tokens, stops),
+    )
+    result.update(_token_ids(tok, s_tok, ref.texts), seconds_write=round(written, 2))
+    checks.record(f"safetensors {cfg.dtype}", cfg.dtype, result, cfg.tolerance)
+    summary["safetensors_bytes"] = _dir_bytes(str(run.dir), ("*.safetensors",))
+
+
+def _finish(cfg: ExportConfig, run: Run, summary: dict[str, Any], checks: Parity) -> None:
+    """The parity figures in hanlm.json and printed; a failed check is an error (parity=error)
+    or a warning (parity=warn)."""
+    failures = checks.failures
+    summary["parity_failures"] = failures
+    run.set("parity", checks.results)
+    for name, r in checks.results.items():
+        print(
+            f"[hanlm] {name}: rel logit diff {r['rel_logit_diff']:.2e}, top-1"
+            f" {r['top1_agreement']:.1%}, greedy identical {r.get('greedy_identical', '-')}"
+            + ("" if r.get("passed", True) else "  FAILED")
+        )
+    if failures and cfg.parity == "error":
+        run.finish(summary, status="failed")
+        raise ExportError(
+            "parity check failed: " + "; ".join(failures) + f". The files are in {run.dir}"
+            " (see hanlm.json 'parity'); pass parity=warn to accept them, or tolerance= to"
+            " change the limit"
+        )
+    if failures and cfg.parity == "warn":
+        print("[hanlm] WARNING: parity check failed: " + "; ".join(failures))
+    run.finish(summary)
