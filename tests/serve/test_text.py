@@ -138,12 +138,12 @@ def test_a_vanishing_temperature_is_greedy():
 
 def test_a_job_hands_tokens_to_the_loop_in_batches(tiny_tokenizer):
     """Tokens emitted faster than the stream interval wake the event loop once or twice, not per
-    token, arrive in order, and `_pieces` sends each batch as one piece (one SSE chunk); with
+    token, arrive in order, and `pieces` sends each batch as one piece (one SSE chunk); with
     log-probs (`merge=False`) every token stays its own piece."""
     import asyncio
     import threading
 
-    from hanlm.serve.api import _pieces
+    from hanlm.serve import streaming
     from hanlm.serve.engine import End, Job, Token
 
     ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
@@ -166,7 +166,7 @@ def test_a_job_hands_tokens_to_the_loop_in_batches(tiny_tokenizer):
             emitter.join()
             pieces = [
                 (text, len(toks))
-                async for _, text, toks, _ in _pieces(job, tiny_tokenizer, 1, merge)
+                async for _, text, toks, _ in streaming.pieces(job, tiny_tokenizer, 1, merge)
             ]
         finally:
             loop.call_soon_threadsafe = real

@@ -20,10 +20,8 @@ from hanlm.serve.engine import Engine
 from hanlm.serve.errors import APIError, invalid_body
 from hanlm.serve.routes import chat, completions, embeddings, info, page
 from hanlm.serve.state import Limits, ServeState
-from hanlm.serve.streaming import pieces
 
 __all__ = ["Limits", "create_app"]
-_pieces = pieces  # (tests read a job's pieces through this name)
 
 
 def create_app(
