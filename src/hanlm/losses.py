@@ -2,7 +2,8 @@
 
 Formulas follow InstructGPT (Ouyang et al. 2022), Ziegler et al. 2019 and Schulman's KL estimators.
 Every function takes plain tensors, no models, so each is unit-tested against hand-computed
-values (tests/test_losses.py) and the PPO step in `hanlm.align.ppo_algorithm` reads as their composition.
+values (tests/test_losses.py) and the PPO step in `hanlm.align.ppo_algorithm` reads as their
+composition.
 
 Shapes: sequence-level tensors are [B]; token-level tensors are [B, T] over the *response*
 tokens, with `mask` [B, T] = 1 on real response tokens (a contiguous prefix of each row) and 0
