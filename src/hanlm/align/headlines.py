@@ -58,14 +58,23 @@ def reward(h: Headline, o: Outcome) -> None:
         h.figures.append(Figure(display_name("gold_split"), text, keys=("gold_split",)))
 
 
-def policy(h: Headline, o: Outcome) -> None:
+def ppo(h: Headline, o: Outcome) -> None:
+    """PPO: its summary records the final KL."""
+    policy(h, o, o.summary.get("final_kl"))
+
+
+def grpo(h: Headline, o: Outcome) -> None:
+    """GRPO: the KL comes from the metrics."""
+    policy(h, o, None)
+
+
+def policy(h: Headline, o: Outcome, kl: Any) -> None:
     """PPO and GRPO: proxy vs gold score on held-out prompts, KL, collapse and defects."""
     s = o.summary
     metrics = o.metrics
     proxy_key = "eval_rm_score" if pair(s, "eval_rm_score")[1] is not None else "eval_score"
     proxy = figure(s, proxy_key, "proxy RM score (held out; the training target)")
     gold = figure(s, "eval_gold_score", "gold RM score (held out; not the target)")
-    kl = s.get("final_kl")
     if not is_num(kl):
         kl = next((m["kl"] for m in reversed(metrics) if is_num(m.get("kl"))), None)
     distinct = figure(s, "eval_distinct_answers", pct=True)
