@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hanlm.headline import display_name
-from hanlm.pipeline.headline import stage_headline
+from hanlm.pipeline.headline_rows import stage_headline
 
 
 def head(command, summary, data=None, reports=None, metrics=None, status="complete"):

@@ -226,3 +226,15 @@ def test_library_caps_match_the_versions_compat_was_read_on():
         for checked_range in ranges:
             assert compat.installed_within(name, checked_range), (name, checked_range)
         assert Version(metadata.version(name)) in reqs[name].specifier
+
+
+def test_no_two_modules_share_a_name():
+    """One name per idea. `headlines.py` is the one per-package convention: each feature's
+    headline functions for the report, named by its command declarations."""
+    from collections import Counter
+
+    names = Counter(p.name for p in PKG.rglob("*.py"))
+    shared = sorted(
+        n for n, k in names.items() if k > 1 and n not in ("__init__.py", "headlines.py")
+    )
+    assert not shared, shared

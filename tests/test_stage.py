@@ -11,7 +11,7 @@ import pytest
 
 import hanlm
 from hanlm.pipeline import commands
-from hanlm.pipeline.headline import stage_headline
+from hanlm.pipeline.headline_rows import stage_headline
 from hanlm.stage import Summary, UndeclaredSummaryKey, missing_summary_keys
 
 

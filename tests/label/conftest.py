@@ -18,7 +18,7 @@ def label_app(tmp_path, tiny_model_path):
     import torch
 
     from hanlm.config import load_config
-    from hanlm.label.server import LabelConfig, create_app, load_or_sample
+    from hanlm.label.ranking import LabelConfig, create_app, load_or_sample
     from hanlm.testing import ServedApp
 
     prompts = tmp_path / "prompts.txt"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from hanlm.data.check import DataCheckConfig, check
-from hanlm.label.server import RANKINGS_FILE, load_or_sample, slots
+from hanlm.label.ranking import RANKINGS_FILE, load_or_sample, slots
 
 httpx = pytest.importorskip("httpx2", reason="httpx2 comes with the openai client")
 
@@ -61,7 +61,7 @@ def test_rankings_are_checked_appended_and_survive_a_restart(label_app):
     # a restart reuses the answers (no resampling) and knows who ranked what
     again = load_or_sample(cfg, out)
     assert again == items
-    from hanlm.label.server import Rankings
+    from hanlm.label.ranking import Rankings
 
     assert Rankings(out / RANKINGS_FILE, items).done == {"甲": {0, 1}}
 
@@ -95,7 +95,7 @@ def test_other_answers_in_the_same_directory_are_refused(label_app, tmp_path):
 
 def test_answers_from_several_models_name_their_model(tmp_path, tiny_model_path):
     from hanlm.config import load_config
-    from hanlm.label.server import LabelConfig
+    from hanlm.label.ranking import LabelConfig
     from hanlm.testing import tiny_model_dir
 
     other = tiny_model_dir(tmp_path / "other", seed=1)

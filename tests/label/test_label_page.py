@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from hanlm.label.server import RANKINGS_FILE
+from hanlm.label.ranking import RANKINGS_FILE
 
 LABEL_KEY = "label-key"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -5,7 +5,7 @@ from hanlm.stage import Command
 COMMANDS = (
     Command(
         "label",
-        "hanlm.label.server",
+        "hanlm.label.ranking",
         "LabelConfig",
         "sample K answers per prompt and serve a page where people rank them (rankings.jsonl)",
         positional="inputs",

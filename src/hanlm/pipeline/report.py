@@ -1,11 +1,11 @@
 """The run report: `report.html` (self-contained, opens offline) and `report.md` for a recipe run.
 
-It opens with the headline table (`hanlm.pipeline.headline`): per stage, the figure that matters
-before -> after, a plain-language verdict and warnings (over-optimisation, collapse, contamination)
-in red. Then the gold and proxy score of each PPO/GRPO run over KL, a table of stages (status, time,
-peak memory), each stage's loss and validation curves, the tokenizer report, evaluation tables,
-every stage's summary metrics under readable names (raw keys in a collapsed details section), and
-the answers of each model the run produced to the same prompts, side by side.
+It opens with the headline table (`hanlm.pipeline.headline_rows`): per stage, the figure that
+matters before -> after, a plain-language verdict and warnings (over-optimisation, collapse,
+contamination) in red. Then the gold and proxy score of each PPO/GRPO run over KL, a table of stages
+(status, time, peak memory), each stage's loss and validation curves, the tokenizer report,
+evaluation tables, every stage's summary metrics under readable names (raw keys in a collapsed
+details section), and the answers of each model the run produced to the same prompts, side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from hanlm.generation import GenerationOptions, generate
 from hanlm.headline import Headline, display_name
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.pipeline.commands import COMMANDS
-from hanlm.pipeline.headline import load_reports, stage_headline
+from hanlm.pipeline.headline_rows import load_reports, stage_headline
 from hanlm.runs import atomic_write_json, atomic_write_text, read_metrics, read_run
 
 SAMPLES_FILE = "report_samples.json"

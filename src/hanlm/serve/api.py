@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from hanlm.serve.engine import Engine
 from hanlm.serve.errors import APIError, invalid_body
-from hanlm.serve.routes import chat, completions, embeddings, info, page
+from hanlm.serve.routes import chat_completions, completions, embeddings, info, page
 from hanlm.serve.state import Limits, ServeState
 
 __all__ = ["Limits", "create_app"]
@@ -45,7 +45,7 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _server_error)
-    for module in (page, info, chat, completions, embeddings):
+    for module in (page, info, chat_completions, completions, embeddings):
         app.include_router(module.router)
     return app
 
