@@ -224,3 +224,31 @@ def test_rag_index_and_ask(qwen, tmp_path, capsys):
     assert cli.main([*ask, "generation.max_new_tokens=4"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["sources"]
+
+
+def test_distill_and_embed_train(qwen, tmp_path, capsys):
+    chats = ASSETS / "sft.valid.jsonl.gz"
+    distill = ["distill", f"model.path={qwen}", "context=请用一句话回答。", f"data.paths=[{chats}]"]
+    distill += ["data.max_records=24", "data.valid_fraction=0.25", "max_new_tokens=4"]
+    distill += ["eval_prompts=2", "train.max_steps=2", "train.batch_size=4"]
+    assert cli.main([*distill, f"output_dir={tmp_path / 'distill'}"]) == 0
+    assert read_run(tmp_path / "distill")["status"] == "complete"
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"query": "李白是谁？", "positive": "李白，字太白，唐代诗人。"},
+        {"query": "杜甫是谁？", "positive": "杜甫，字子美，被称为诗圣。"},
+        {"query": "苏轼是谁？", "positive": "苏轼，字子瞻，号东坡居士。"},
+        {"query": "王维是谁？", "positive": "王维，字摩诘，诗佛。"},
+    ]
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    embed = ["embed", "train", f"model.path={qwen}", f"data=[{pairs}]", "valid_fraction=0"]
+    embed += ["train.batch_size=4", "train.max_steps=2"]
+    if _arch(qwen) == "qwen3":  # SGPT-BE's BitFit needs biases, which Qwen3 has none of
+        assert cli.main([*embed, "trainable=bias", f"output_dir={tmp_path / 'refused'}"]) == 1
+        assert "no bias terms" in capsys.readouterr().err
+        embed.append("trainable=lora")
+    else:
+        embed.append("trainable=bias")  # Qwen2's q/k/v biases
+    assert cli.main([*embed, f"output_dir={tmp_path / 'embed'}"]) == 0
+    assert read_run(tmp_path / "embed")["status"] == "complete"
