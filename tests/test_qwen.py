@@ -158,7 +158,10 @@ def test_gguf_export_writes_the_qwen_architecture(qwen, tmp_path, gtype):
 
 def test_a_pruned_vocabulary_exports(sft_dir, tmp_path):
     out = tmp_path / "pruned"
-    argv = ["export", str(sft_dir), f"prune_vocab=[{ASSETS / 'sft.valid.jsonl.gz'}]"]
+    # one corpus mixing chats, plain text and preference pairs, each file read on its own
+    kinds = ["sft.valid.jsonl.gz", "zh_corpus.valid.jsonl.gz", "preference.valid.jsonl.gz"]
+    corpus = ",".join(str(ASSETS / k) for k in kinds)
+    argv = ["export", str(sft_dir), f"prune_vocab=[{corpus}]", "prune_max_records=50"]
     assert cli.main([*argv, "format=both", f"output_dir={out}"]) == 0
     report = read_run(out)
     assert all(p["passed"] for p in report["parity"].values())

@@ -43,13 +43,16 @@ class KeepPlan:
 
 def corpus_texts(paths: list[str], tok: Any, max_records: int = 0) -> list[str]:
     """The corpus as texts: text records as they are, chat records rendered with the template
-    (so its role markers count as used)."""
-    cfg = DataConfig(
-        paths=paths, clean=False, dedup="none", normalize="none", max_records=max_records
-    )
-    loaded = load(cfg, kind=None, require_answer=False, split=False)
+    (so its role markers count as used), preference records' prompt and both answers. Each path
+    is read on its own, so one corpus may mix text, chat and preference files."""
+    records = []
+    for path in paths:
+        cfg = DataConfig(
+            paths=[path], clean=False, dedup="none", normalize="none", max_records=max_records
+        )
+        records += load(cfg, kind=None, require_answer=False, split=False).train
     texts = []
-    for rec in loaded.train:
+    for rec in records:
         if "text" in rec:
             texts.append(rec["text"])
         elif "messages" in rec and getattr(tok, "chat_template", None):
