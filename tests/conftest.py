@@ -41,7 +41,7 @@ def summary_declared():
 
     def check(run_dir, absent=()):
         info = read_run(run_dir)
-        cmd = COMMANDS[info["command"].removeprefix("hanlm ")]
+        cmd = COMMANDS[info["command"]]
         missing = missing_summary_keys(cmd, info["summary"], tuple(absent))
         assert not missing, f"`hanlm {cmd.name}` declares {missing} but its run did not write them"
 

@@ -26,7 +26,6 @@ from hanlm.export.gguf import check_architecture, gguf_vocab, source_pre, write_
 from hanlm.export.prune import corpus_texts, plan_keep, prune_model, prune_tokenizer, size_saved
 from hanlm.modeling import (
     ModelError,
-    gguf_head_dim,
     load_model,
     load_tokenizer,
     resolve_source,
@@ -470,8 +469,7 @@ def _export_gguf(
 ) -> None:
     """4. The GGUF, loaded back through transformers' GGUF reader (from a directory holding only
     it) and compared with the reference."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     gguf_name = cfg.gguf_name or f"model-{cfg.gguf_type}.gguf"
     t2 = time.time()
@@ -484,12 +482,7 @@ def _export_gguf(
     written = time.time() - t2
     with tempfile.TemporaryDirectory(prefix=".reload.", dir=run.dir) as d:
         (Path(d) / gguf_name).symlink_to((run.dir / gguf_name).resolve())
-        g_config = gguf_head_dim(
-            AutoConfig.from_pretrained(d, gguf_file=gguf_name), Path(d) / gguf_name
-        )
-        g_model = AutoModelForCausalLM.from_pretrained(
-            d, gguf_file=gguf_name, config=g_config, dtype=torch.float32
-        )
+        g_model = load_model(ModelConfig(path=str(Path(d) / gguf_name), dtype="float32"))
         g_tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf_name)
     reader_space = vocab.model == "llama" and not vocab.add_space_prefix
     result = _compare(

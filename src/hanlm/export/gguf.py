@@ -4,10 +4,10 @@ The `gguf` package's writer does the file format; this module decides what goes 
 llama.cpp's own converter does: the architecture's tensor names (Qwen2's q/k/v biases and Qwen3's
 q/k norms included), a Llama's q/k projections permuted into llama.cpp's rotary layout (Qwen's
 are written as they are, as llama.cpp's converter does), 1-D tensors kept in f32, and the
-tokenizer as metadata. llama.cpp's converter
-refuses a tokenizer whose pre-tokenizer it does not recognise by hash (an expanded vocabulary is
-always unknown to it); here the pre-tokenizer is read from `tokenizer.json` itself and named
-explicitly, so hanlm's expanded byte-level and SentencePiece vocabularies both export.
+tokenizer as metadata. llama.cpp's converter refuses a tokenizer whose pre-tokenizer it does not
+recognise by hash (an expanded vocabulary is always unknown to it); here the pre-tokenizer is read
+from `tokenizer.json` itself and named explicitly, so hanlm's expanded byte-level and
+SentencePiece vocabularies both export.
 
 Tokenizers: byte-level BPE -> `tokenizer.ggml.model = "gpt2"` with its merges; SentencePiece
 (tokenizers' BPE or Unigram behind a Metaspace pre-tokenizer) -> `"llama"` with scores and token
@@ -28,8 +28,8 @@ from typing import Any
 from hanlm.modeling import ModelError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-# model_type -> (llama.cpp architecture, whether q/k are permuted into llama.cpp's rotary layout)
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+# The model types written, each under llama.cpp's architecture of the same name.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # gguf TokenType values (kept here so the tokenizer logic needs no heavy import).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -275,7 +275,7 @@ def check_architecture(config: Any) -> str:
             f"RoPE scaling '{rtype}' has no GGUF metadata llama.cpp reads for a {mtype} model;"
             " export without it (model.rope.type=none) or as safetensors"
         )
-    return ARCHITECTURES[mtype][0]
+    return mtype
 
 
 def _permute(w: Any, n_head: int) -> Any:
@@ -318,7 +318,7 @@ def write_gguf(
         raise GGUFExportError(f"gguf_type={gtype!r}: choose one of {', '.join(GGUF_TYPES)}")
     config = model.config
     arch = check_architecture(config)
-    permute = ARCHITECTURES[config.model_type][1]
+    permute = arch == "llama"  # only Llama's q/k go into llama.cpp's rotary layout
     n_layers = config.num_hidden_layers
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
