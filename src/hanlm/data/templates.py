@@ -35,12 +35,44 @@ class ChatTemplate:
     bos: str | None = None  # BOS the template expects, set when the tokenizer has none
 
 
+# ChatML; tools the way Qwen2.5 and Hermes render them: declared in the system turn, calls as
+# `<tool_call>` JSON in the assistant's answer (inside the markers: the model learns to write
+# them), results as `<tool_response>` blocks in a user turn (outside: never learned).
+_TOOLS_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_FORMAT = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and"
+    " arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
 _CHATML = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
+    "{{ '" + _TOOLS_SYSTEM.replace("\n", "\\n") + "' }}"
+    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ '" + _TOOLS_FORMAT.replace("\n", "\\n") + "<|im_end|>\\n' }}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else -%}"
+    "{% generation %}{{ message['content'] or '' }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set call = call['function'] if call['function'] is defined else call -%}"
+    "{%- if message['content'] or not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{{ call['arguments'] | tojson }}{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}"
+    "{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}"
+    "{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- elif not (tools and loop.first and message['role'] == 'system') -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -147,10 +179,37 @@ def resolve(tokenizer: Any, name: str) -> ChatTemplate | None:
     return None if own_template(tokenizer) else TEMPLATES["chatml"]
 
 
-def _text(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+def _text(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def check_renders_tools(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> None:
+    """Refuse a template that would silently leave out the tools or calls it is given."""
+    names = [t["function"]["name"] for t in tools or []]
+    names += [
+        c["function"]["name"]
+        for m in messages
+        for c in m.get("tool_calls") or ()
+        if "function" in c
+    ]
+    if not names:
+        return
+    text = _text(tokenizer, messages, False, tools)
+    lost = sorted({n for n in names if n not in text})
+    if lost:
+        raise TemplateError(
+            f"the chat template does not render tools (it leaves out {lost}): use the model's"
+            " own template if it has tool support, or template=chatml (Qwen / Hermes tool calls)"
+        )
 
 
 def replacement_note(tokenizer: Any, name: str) -> str | None:
@@ -254,7 +313,9 @@ def stop_token_ids(tokenizer: Any, name: str = "auto") -> list[int]:
     return ids
 
 
-def answer_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
+def answer_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[tuple[int, int]]:
     """Character spans of the assistant answers (end-of-turn token included) in the rendering.
 
     For templates without `{% generation %}` markers: each answer is what rendering the
@@ -263,14 +324,14 @@ def answer_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> list[tuple[i
     A template that renders earlier turns differently once later turns follow (one that drops
     past reasoning, say) has no such spans and is refused.
     """
-    full = _text(tokenizer, messages, False)
+    full = _text(tokenizer, messages, False, tools)
     eot = eot_token(tokenizer)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _text(tokenizer, messages[:i], True) if i else ""
-        through = _text(tokenizer, messages[: i + 1], False)
+        before = _text(tokenizer, messages[:i], True, tools) if i else ""
+        through = _text(tokenizer, messages[: i + 1], False, tools)
         if not (through.startswith(before) and full.startswith(through)):
             raise TemplateError(
                 f"the chat template renders turn {i + 1} differently once later turns follow,"
@@ -288,17 +349,21 @@ def render(
     tokenizer: Any,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of a conversation, exactly as `apply_chat_template` gives them, and labels that
     keep only the assistant answers and their end-of-turn tokens.
 
     The answers come from the template's `{% generation %}` markers when it has them, and from
     `answer_spans` (prefix renderings) otherwise, so a model's own template trains as it is.
+    An assistant turn's tool calls are part of its answer; tool results are prompt.
     """
+    check_renders_tools(tokenizer, messages, tools)
     answers = any(m["role"] == "assistant" for m in messages)
     if not answers or has_markers(own_template(tokenizer)):
         out = tokenizer.apply_chat_template(
             messages,
+            tools=tools,
             tokenize=True,
             return_dict=True,
             return_assistant_tokens_mask=answers,
@@ -309,8 +374,8 @@ def render(
         if answers and not any(mask):
             raise TemplateError("the chat template's {% generation %} markers mark no tokens")
         return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    spans = answer_spans(tokenizer, messages)
-    text = _text(tokenizer, messages, add_generation_prompt)
+    spans = answer_spans(tokenizer, messages, tools)
+    text = _text(tokenizer, messages, add_generation_prompt, tools)
     if not getattr(tokenizer, "is_fast", True):
         raise TemplateError(
             "a chat template without {% generation %} markers needs a fast tokenizer"
@@ -325,10 +390,13 @@ def render(
     return ids, labels
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+def prompt_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """Ids of a conversation ending in the assistant's turn prompt, ready for generation,
     rendered by the tokenizer's template exactly as `apply_chat_template` renders it."""
+    check_renders_tools(tokenizer, messages, tools)
     out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=True
+        messages, tools=tools, tokenize=True, return_dict=True, add_generation_prompt=True
     )
     return list(out["input_ids"])

@@ -93,24 +93,32 @@ class SFTConfig(OutputConfig):
 
 
 def fit_to_length(
-    tok: Any, messages: list[dict[str, str]], max_length: int, policy: str
+    tok: Any,
+    messages: list[dict[str, Any]],
+    max_length: int,
+    policy: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[int], int] | None:
     """Render a conversation within `max_length` tokens: (ids, labels, turns dropped) or None.
 
     With truncate_history the oldest user/assistant exchanges after the system prompt are
-    dropped until it fits; an answer is never cut, so what cannot fit whole is dropped.
+    dropped until it fits (an exchange ends with an answer that calls no tool, so a call is
+    never parted from its result); an answer is never cut, so what cannot fit whole is dropped.
     """
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
     dropped = 0
     while True:
-        ids, labels = render(tok, system + turns)
+        ids, labels = render(tok, system + turns, tools=tools)
         if len(ids) <= max_length:
             return ids, labels, dropped
         if policy == "drop":
             return None
         # Drop through the first assistant turn: one whole exchange.
-        cut = next((i for i, m in enumerate(turns) if m["role"] == "assistant"), None)
+        ends = [
+            i for i, m in enumerate(turns) if m["role"] == "assistant" and not m.get("tool_calls")
+        ]
+        cut = ends[0] if ends else None
         if cut is None or not any(m["role"] == "assistant" for m in turns[cut + 1 :]):
             return None
         turns = turns[cut + 1 :]
@@ -124,7 +132,9 @@ def _encode(
 
     rows, counts = [], {"kept": 0, "dropped_too_long": 0, "history_truncated": 0}
     for rec in tqdm(records, desc="rendering", leave=False, mininterval=1.0):
-        fitted = fit_to_length(tok, rec["messages"], cfg.max_length, cfg.truncation)
+        fitted = fit_to_length(
+            tok, rec["messages"], cfg.max_length, cfg.truncation, rec.get("tools")
+        )
         if fitted is None:
             counts["dropped_too_long"] += 1
             continue
