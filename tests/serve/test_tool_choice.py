@@ -1,4 +1,4 @@
-"""serve/tools.py on its own: tool settings, calls out of the model's text, streaming them."""
+"""serve/tool_choice.py on its own: tool settings, calls out of the model's text, streaming them."""
 
 import json
 
@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 
 from hanlm.serve.errors import APIError
-from hanlm.serve.tools import CallStream, call_deltas, call_schema, parse_tools, split_answer
+from hanlm.serve.tool_choice import CallStream, call_deltas, call_schema, parse_tools, split_answer
 
 TOOLS = [
     {
