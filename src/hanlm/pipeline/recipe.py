@@ -11,6 +11,9 @@ A recipe is YAML:
         command: pretrain              # any command of `hanlm --help` that writes output_dir
         config: {tokenizer: "${stages.tokenizer.output}", ...}
 
+A recipe is named by path or, for the recipes that ship inside the package (`src/hanlm/recipes/`,
+installed with it), by name: `hanlm run demo`.
+
 `${stages.NAME.output}` is an earlier stage's output directory; `${assets}` the embedded demo data;
 `${recipe_dir}` and `${run_dir}` what they say. A stage is skipped when its fingerprint — its
 command, resolved config, the fingerprints of the stages it reads and the contents of the files
@@ -39,6 +42,9 @@ from hanlm.pipeline.commands import COMMANDS, config_class
 from hanlm.pipeline.report import write_report
 from hanlm.runs import atomic_write_json, atomic_write_text, read_run
 
+# The recipes that ship with the package (`hanlm run NAME`): a clone and a wheel read the same files
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_RECIPE = "demo"
 STATE_FILE = "recipe_state.json"
 _REF = re.compile(r"\$\{([^}]+)\}")
 # Config keys the runner sets itself; they do not change what a stage computes.
@@ -52,7 +58,12 @@ class RecipeError(ConfigError):
 
 @dataclass
 class RunConfig:
-    recipe: str = opt("", "recipe YAML (default: recipes/demo.yaml)")
+    recipe: str = opt(
+        "",
+        "the name of a recipe that ships with hanlm"
+        f" ({', '.join(sorted(p.stem for p in RECIPES.glob('*.yaml')))}) or the path to a recipe"
+        f" YAML (default: {DEFAULT_RECIPE})",
+    )
     run_dir: str = opt("", "override the recipe's run_dir")
     from_stage: str = opt("", "run this stage and every later one, even if unchanged (--from)")
     only: str = opt("", "run only this stage, even if unchanged (--only)")
@@ -90,20 +101,32 @@ def _refs(value: Any) -> list[str]:
     return []
 
 
-def default_recipe() -> Path:
-    here = Path("recipes/demo.yaml")
-    if here.is_file():
-        return here
-    repo = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
-    return repo if repo.is_file() else here
+def recipe_names() -> list[str]:
+    """The recipes that ship with the package, by name."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file from a path, or from the name of a recipe that ships with the package."""
+    text = str(name_or_path) or DEFAULT_RECIPE
+    path = Path(text)
+    if path.is_file():
+        return path
+    named = RECIPES / f"{text}.yaml"
+    if path.name == text and named.is_file():  # a bare name, not a path
+        return named
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; name a recipe YAML file in it")
+    raise RecipeError(
+        f"no recipe '{text}': not a file, and not one of the recipes that ship with hanlm"
+        f" ({', '.join(recipe_names())}); give a name from that list or the path to a YAML file"
+    )
 
 
 def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
     """Parse and check a recipe: commands exist, references point to earlier stages."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+    path = find_recipe(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -333,7 +356,7 @@ def _run_stage(recipe: Recipe, step: dict[str, Any], log: Any) -> dict[str, Any]
 
 
 def run(cfg: RunConfig) -> int:
-    recipe = load_recipe(cfg.recipe or default_recipe(), cfg.run_dir)
+    recipe = load_recipe(cfg.recipe, cfg.run_dir)
     steps = plan(recipe, cfg)
     print(f"recipe {recipe.name} ({recipe.path}) -> {recipe.run_dir}")
     width = max(len(s["stage"].name) for s in steps)
