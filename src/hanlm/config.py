@@ -26,8 +26,36 @@ _MISSING = dataclasses.MISSING
 TemplateName = Literal["auto", "chatml", "llama2", "llama3", "alpaca"]
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user (a config, a data file, a model directory): the message names the
+    file, line, record or key and what to do. The command line prints it without a traceback,
+    and a run that fails with it removes the output directory it had just created."""
+
+
+class ConfigError(InputError):
     """A config that cannot be used; the message names the key and what is allowed."""
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's content, or a `ConfigError` naming the file and what is wrong with it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory; give the path of a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not valid UTF-8 ({e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {p} cannot be read ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a {what}") from None
 
 
 def opt(default: Any = _MISSING, help: str = "", **kw: Any) -> Any:
@@ -463,12 +491,7 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

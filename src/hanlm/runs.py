@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from hanlm.config import LoraConfig, to_dict
+from hanlm.config import InputError, LoraConfig, to_dict
 from hanlm.modeling import finish_lora
 from hanlm.modeling import save_model as _save_model
 
@@ -143,7 +143,12 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
                 " (or resume=true to continue a run there)"
             )
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a directory of the path belongs, no permission...
+        raise OutputDirError(
+            f"output_dir {path} cannot be created ({e.strerror}: {e.filename}); choose another"
+        ) from None
     return path
 
 
@@ -209,6 +214,10 @@ class Run:
             # every process checks the checkpoint alike, so that all stop together if it is bad
             self._resume_ckpt = resume_checkpoint(self.dir, remove=False) if resume else None
             return
+        # A directory this run creates (or finds empty) is removed again if the run fails on bad
+        # input before writing anything of its own: a rejected input leaves nothing behind.
+        held = Path(output_dir).is_dir() and any(Path(output_dir).iterdir())
+        self._fresh = not held or (overwrite and not resume)
         self.dir = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
         self.metrics_path = self.dir / METRICS_FILE
         # Checked before anything is written or loaded: a damaged checkpoint stops the run here.
@@ -240,6 +249,7 @@ class Run:
             yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False),
         )
         self.save()
+        self._own = {p.name for p in self.dir.iterdir()} | {METRICS_FILE}  # the run's records
 
     def save(self) -> None:
         if self.main:
@@ -343,6 +353,9 @@ class Run:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.main:
             return
+        if isinstance(exc, InputError) and self._fresh and self._holds_only_records():
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
         full = exc is not None and disk_full(exc, self.dir)
         if full:
             # the half-written checkpoint takes space and can never be resumed from
@@ -356,6 +369,10 @@ class Run:
             self.finish()
         if full:
             raise DiskFullError(self._disk_full_message(exc)) from exc
+
+    def _holds_only_records(self) -> bool:
+        """Has this run written nothing but its own records (config, hanlm.json, metrics)?"""
+        return {p.name for p in self.dir.iterdir()} <= self._own
 
     def _disk_full_message(self, exc: BaseException) -> str:
         where = next(

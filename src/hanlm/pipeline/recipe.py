@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from hanlm import ASSETS
-from hanlm.config import ConfigError, load_config, opt, to_dict
+from hanlm.config import ConfigError, load_config, opt, read_yaml, to_dict
 from hanlm.pipeline.commands import COMMANDS, config_class
 from hanlm.pipeline.report import write_report
 from hanlm.runs import atomic_write_json, atomic_write_text, read_run
@@ -128,13 +128,25 @@ def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
 
     path = find_recipe(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raw = read_yaml(path, "recipe") or {}
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{path}: a recipe is a mapping with name, run_dir, stages and report;"
+            f" this file holds a {type(raw).__name__}"
+        )
+    for key, kind in (("name", str), ("run_dir", str), ("report", dict)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise RecipeError(
+                f"{path}: '{key}' must be a {'mapping' if kind is dict else 'string'},"
+                f" not {type(raw[key]).__name__}"
+            )
     unknown = set(raw) - {"name", "run_dir", "stages", "report"}
     if unknown:
         raise RecipeError(
-            f"{path}: unknown recipe keys {sorted(unknown)}; use name, run_dir, stages, report"
+            f"{path}: unknown recipe keys {sorted(map(str, unknown))}; use name, run_dir, stages,"
+            " report"
         )
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
@@ -142,14 +154,18 @@ def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
     stages: list[Stage] = []
     for name, spec in stages_raw.items():
         where = f"{path}: stage '{name}'"
+        if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name):
+            raise RecipeError(f"{where}: a stage name is a word (letters, digits, _ and -)")
         if not isinstance(spec, dict) or "command" not in spec:
             raise RecipeError(f"{where}: needs a 'command' (one of {', '.join(COMMANDS)})")
         extra = set(spec) - {"command", "config"}
         if extra:
-            raise RecipeError(f"{where}: unknown keys {sorted(extra)}; use command and config")
+            raise RecipeError(
+                f"{where}: unknown keys {sorted(map(str, extra))}; use command and config"
+            )
         command = spec["command"]
-        if command not in COMMANDS:
-            raise RecipeError(f"{where}: unknown command '{command}' (see hanlm --help)")
+        if not isinstance(command, str) or command not in COMMANDS:
+            raise RecipeError(f"{where}: unknown command {command!r} (see hanlm --help)")
         config = spec.get("config") or {}
         if not isinstance(config, dict):
             raise RecipeError(f"{where}: 'config' must be a mapping")
