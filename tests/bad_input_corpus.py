@@ -134,6 +134,20 @@ def _recipes(d: Path) -> dict[str, Path]:
         out[name] = d / name
     (d / "r_latin1.yaml").write_bytes("name: café\nstages: {}\n".encode("latin-1"))
     out["r_latin1.yaml"] = d / "r_latin1.yaml"
+    # a good recipe whose run directory holds a damaged state file
+    run_dir = d / "stale_recipe_run"
+    run_dir.mkdir()
+    (run_dir / "recipe_state.json").write_text('{"pretrain": {"fingerp', encoding="utf-8")
+    (d / "r_ok.yaml").write_text(
+        f"run_dir: {run_dir}\nstages:\n  pretrain: {{command: pretrain, config: {{preset: test}}}}\n",
+        encoding="utf-8",
+    )
+    out["r_ok.yaml"], out["stale_recipe_run"] = d / "r_ok.yaml", run_dir
+    # an earlier run whose hanlm.json was cut short, resumed
+    stale = d / "stale_run"
+    stale.mkdir()
+    (stale / "hanlm.json").write_text('{"command": "sft", "sta', encoding="utf-8")
+    out["stale_run"] = stale
     return out
 
 

@@ -237,6 +237,18 @@ def _cases() -> list[tuple[str, list[str], list[str]]]:
     for name in RECIPES:
         add(f"run-{name}", ["run", f"{{{name}}}", "--dry-run"], name)
     add("run-dir-as-recipe", ["run", "{dir.yaml}"], "dir.yaml")
+    add("run-damaged-state", ["run", "{r_ok.yaml}", "--dry-run"], "recipe_state.json")
+    add(
+        "sft-resume-damaged-run",
+        [
+            "sft",
+            "output_dir={stale_run}",
+            "resume=true",
+            f"model.path={M}",
+            "data.paths={good.jsonl}",
+        ],
+        "hanlm.json",
+    )
     add("run-unknown-name", ["run", "nosuch"], "nosuch")
     return cases
 

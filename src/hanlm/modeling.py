@@ -197,7 +197,8 @@ def check_model_dir(src: Source, weights: bool = True) -> None:
 def _offline_hint(src: Source, e: Exception) -> ModelError:
     if not src.is_local and os.environ.get("HF_HUB_OFFLINE") == "1":
         return ModelError(f"{src.path}: not a local path, and HF_HUB_OFFLINE=1 forbids the hub")
-    return ModelError(f"{src.path}: could not load ({type(e).__name__}: {e})")
+    where = Path(src.path) / src.gguf_file if src.gguf_file else src.path
+    return ModelError(f"{where}: could not load ({type(e).__name__}: {e})")
 
 
 def load_tokenizer(path: str, **kw: Any) -> PreTrainedTokenizerBase:

@@ -594,7 +594,12 @@ def read_run(path: str | Path) -> dict[str, Any] | None:
     p = Path(path) / RUN_FILE
     if not p.is_file():
         return None
-    return json.loads(p.read_text(encoding="utf-8"))
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise OutputDirError(
+            f"{p} is damaged ({e}); start that run again with overwrite=true, or delete {p.parent}"
+        ) from None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

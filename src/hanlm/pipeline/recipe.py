@@ -282,7 +282,18 @@ def fingerprint(
 
 def _read_state(recipe: Recipe) -> dict[str, Any]:
     p = recipe.run_dir / STATE_FILE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        state = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise RecipeError(
+            f"{p} is damaged ({e}); delete it, and every stage is planned afresh (complete stage"
+            " outputs are rerun)"
+        ) from None
+    if not isinstance(state, dict):
+        raise RecipeError(f"{p} is damaged (not a JSON object); delete it")
+    return state
 
 
 def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
