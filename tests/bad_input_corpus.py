@@ -103,6 +103,14 @@ def _configs(d: Path) -> dict[str, Path]:
         "tabs.yaml": b"train:\n\tlr: 1\n",
         "deep.yaml": b"a: " + b"[" * 20_000 + b"]" * 20_000 + b"\n",
         "badds.json": b"{zero_optimization",
+        "intkey.yaml": b"1: 2\n",
+        "selfref.yaml": b"train: &t {lr: 1.0, inner: *t}\n",
+        "laughs.yaml": b"a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + b"".join(
+            f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n".encode()
+            for p, n in zip("abcdefgh", "bcdefghi")
+        )
+        + b"train: *i\n",
     }
     out = {}
     for name, data in texts.items():
@@ -127,6 +135,7 @@ def _recipes(d: Path) -> dict[str, Path]:
         "r_report_list.yaml": "report: [1]\nstages:\n  a: {command: pretrain}\n",
         "r_wrongtype.yaml": "stages:\n  a: {command: pretrain, config: {train: {lr: fast}}}\n",
         "r_deep.yaml": "stages: " + "[" * 20_000 + "]" * 20_000 + "\n",
+        "r_selfref.yaml": "stages:\n  a:\n    command: pretrain\n    config: &c {x: *c}\n",
     }
     out = {}
     for name, text in texts.items():

@@ -9,7 +9,8 @@ Each case runs the command line exactly as `python -m hanlm ARGS` does (`sys.exi
 an escaping exception printing its traceback), in a child process forked from one driver that
 has imported torch, transformers and every command module once: a fresh interpreter per case
 costs 5-15 s of imports on a 2-core machine, a fork a fraction of a second. The slow variant
-(`make test-slow`) runs every case as a real `python -m hanlm` subprocess instead.
+(`make test-slow`) runs the first case of every command as a real `python -m hanlm` subprocess,
+so the two ways are seen to agree.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ BAD_CONFIGS = [
     ("tabs.yaml", "tabs.yaml"),
     ("deep.yaml", "deep.yaml"),
     ("dir.yaml", "dir.yaml"),
+    ("intkey.yaml", "intkey.yaml"),
+    ("selfref.yaml", "selfref.yaml"),
+    ("laughs.yaml", "laughs.yaml"),
 ]
 RECIPES = [
     "r_notyaml.yaml",
@@ -101,6 +105,7 @@ RECIPES = [
     "r_wrongtype.yaml",
     "r_deep.yaml",
     "r_latin1.yaml",
+    "r_selfref.yaml",
 ]
 
 
@@ -256,6 +261,22 @@ def _cases() -> list[tuple[str, list[str], list[str]]]:
 CASES = _cases()
 
 
+def _one_per_command(cases):
+    """The first case of each command: what the slow variant runs as real subprocesses."""
+    from hanlm.pipeline.cli import _match_command
+
+    seen, out = set(), []
+    for case in cases:
+        name = _match_command(case[1])[0]
+        if name not in seen:
+            seen.add(name)
+            out.append(case)
+    return out
+
+
+SUBPROCESS_CASES = _one_per_command(CASES)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
     return build(tmp_path_factory.mktemp("bad_inputs"), Path(tiny_model_path))
@@ -331,7 +352,9 @@ def test_bad_input_answers_with_an_error_not_a_traceback(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("case_id", "argv", "names"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("case_id", "argv", "names"), SUBPROCESS_CASES, ids=[c[0] for c in SUBPROCESS_CASES]
+)
 def test_bad_input_through_python_m_hanlm(case_id, argv, names, corpus, tiny_model_path, tmp_path):
     out = tmp_path / "out"
     res = subprocess.run(
@@ -344,6 +367,14 @@ def test_bad_input_through_python_m_hanlm(case_id, argv, names, corpus, tiny_mod
         stdin=subprocess.DEVNULL,
     )
     _check(case_id, names, res.returncode, res.stdout, res.stderr, out)
+
+
+def test_every_command_is_fed_bad_input():
+    from hanlm.pipeline.cli import _match_command
+    from hanlm.pipeline.commands import COMMANDS
+
+    fed = {_match_command(argv)[0] for _, argv, _ in CASES}
+    assert fed == set(COMMANDS), f"no bad-input case for {sorted(set(COMMANDS) - fed)}"
 
 
 def test_the_corpus_is_what_it_claims(corpus):
@@ -359,4 +390,8 @@ def test_the_corpus_is_what_it_claims(corpus):
     assert corpus["dir.jsonl"].is_dir() and corpus["afile"].is_file()
     assert not (corpus["m_noweights"] / "model.safetensors").exists()
     assert (corpus["m_cutweights"] / "model.safetensors").stat().st_size == 1000
+    import yaml
+
+    laughs = yaml.safe_load(corpus["laughs.yaml"].read_text())["train"]  # 10**9 leaves as a tree
+    assert laughs[0][0][0][0][0][0][0][0][0] == "x"
     print(f"bad-input corpus: {len(corpus)} entries, {len(CASES)} cases")

@@ -51,11 +51,31 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     except OSError as e:
         raise ConfigError(f"{what} {p} cannot be read ({e.strerror or e})") from None
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     except RecursionError:
         raise ConfigError(f"{p}: nested too deeply to be a {what}") from None
+    _check_shape(value, p, set(), [100_000])
+    return value
+
+
+def _check_shape(value: Any, path: Path, ancestors: set[int], budget: list[int]) -> None:
+    """Refuse what YAML aliases can build and no config needs: a section that contains itself,
+    nesting hundreds deep, or aliases that expand to a huge tree (a "billion laughs")."""
+    if not isinstance(value, (dict, list)):
+        return
+    if id(value) in ancestors:
+        raise ConfigError(
+            f"{path}: a section contains itself (a YAML alias used inside its anchor)"
+        )
+    budget[0] -= 1
+    if budget[0] < 0 or len(ancestors) > 100:
+        raise ConfigError(f"{path}: nested too deeply, or YAML aliases expand it beyond reason")
+    ancestors.add(id(value))
+    for item in value.values() if isinstance(value, dict) else value:
+        _check_shape(item, path, ancestors, budget)
+    ancestors.discard(id(value))
 
 
 def opt(default: Any = _MISSING, help: str = "", **kw: Any) -> Any:
@@ -204,7 +224,7 @@ def deepspeed_config(path: str) -> dict[str, Any]:
         )
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"train.deepspeed={path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(
@@ -363,6 +383,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {prefix}{key!r} is not a name (e.g. train.lr)")
         if key not in fields:
             valid = list(fields)
             raise ConfigError(
