@@ -146,9 +146,7 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a directory of the path belongs, no permission...
-        raise OutputDirError(
-            f"output_dir {path} cannot be created ({e.strerror}: {e.filename}); choose another"
-        ) from None
+        raise OutputDirError(f"output_dir {path} cannot be created ({e.strerror})") from None
     return path
 
 
@@ -214,10 +212,8 @@ class Run:
             # every process checks the checkpoint alike, so that all stop together if it is bad
             self._resume_ckpt = resume_checkpoint(self.dir, remove=False) if resume else None
             return
-        # A directory this run creates (or finds empty) is removed again if the run fails on bad
-        # input before writing anything of its own: a rejected input leaves nothing behind.
         held = Path(output_dir).is_dir() and any(Path(output_dir).iterdir())
-        self._fresh = not held or (overwrite and not resume)
+        self._fresh = not held or (overwrite and not resume)  # (see __exit__)
         self.dir = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
         self.metrics_path = self.dir / METRICS_FILE
         # Checked before anything is written or loaded: a damaged checkpoint stops the run here.
@@ -353,7 +349,8 @@ class Run:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.main:
             return
-        if isinstance(exc, InputError) and self._fresh and self._holds_only_records():
+        # a rejected input leaves nothing behind: no directory that held only this run's records
+        if isinstance(exc, InputError) and self._fresh and set(os.listdir(self.dir)) <= self._own:
             shutil.rmtree(self.dir, ignore_errors=True)
             return
         full = exc is not None and disk_full(exc, self.dir)
@@ -369,10 +366,6 @@ class Run:
             self.finish()
         if full:
             raise DiskFullError(self._disk_full_message(exc)) from exc
-
-    def _holds_only_records(self) -> bool:
-        """Has this run written nothing but its own records (config, hanlm.json, metrics)?"""
-        return {p.name for p in self.dir.iterdir()} <= self._own
 
     def _disk_full_message(self, exc: BaseException) -> str:
         where = next(
@@ -597,9 +590,7 @@ def read_run(path: str | Path) -> dict[str, Any] | None:
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
-        raise OutputDirError(
-            f"{p} is damaged ({e}); start that run again with overwrite=true, or delete {p.parent}"
-        ) from None
+        raise OutputDirError(f"{p} is damaged ({e}); run again with overwrite=true") from None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
