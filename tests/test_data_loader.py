@@ -141,7 +141,8 @@ def test_data_prepare_records_skip_counts_in_hanlm_json(tmp_path, capsys):
     args = ["data", "prepare", str(p), f"output_dir={out_dir}"]
     assert cli.main(args) == 1  # stops at the first bad record by default
     assert "a.jsonl:2: field 'text': expected a string" in capsys.readouterr().err
-    assert read_run(out_dir)["status"] == "failed"
+    assert not out_dir.exists()  # a rejected input leaves no output directory behind
+    (out_dir / "earlier").mkdir(parents=True)
     assert cli.main([*args, "data.on_bad_record=skip"]) == 1  # refuses the non-empty dir
     assert "overwrite=true" in capsys.readouterr().err
     assert cli.main([*args, "data.on_bad_record=skip", "--overwrite"]) == 0
@@ -153,3 +154,35 @@ def test_data_prepare_records_skip_counts_in_hanlm_json(tmp_path, capsys):
     )
     lines = (out_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(x)["text"] for x in lines] == ["一", "二"]
+
+
+def test_records_that_teach_nothing_are_kept_counted_and_warned_about(tmp_path, capsys):
+    pairs = [{"prompt": f"问{i}", "chosen": f"答{i}", "rejected": f"错{i}"} for i in range(6)]
+    pairs[2]["rejected"] = pairs[2]["chosen"]
+    pairs[4]["rejected"] = " 答4 "  # the same answer up to surrounding whitespace
+    prefs = jsonl(tmp_path / "pairs.jsonl", pairs)
+    data = load(DataConfig(paths=[prefs]), kind="preference", split=False)
+    assert (data.stats.kept, data.stats.unteachable) == (6, 2)  # kept: nothing dropped silently
+    assert data.stats.unteachable_records == [
+        f"{prefs}:3: the chosen and rejected answers are the same",
+        f"{prefs}:5: the chosen and rejected answers are the same",
+    ]
+    err = capsys.readouterr().err
+    assert "warning: 2 of 6 records are well-formed but teach nothing" in err
+    assert "kept but teaching nothing 2" in data.stats.summary()
+
+    chats = [
+        {"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": a}]}
+        for a in ("答", "  ", "好")
+    ]
+    ranked = {"prompt": "问", "responses": ["同", "同 "], "ranking": [0, 1]}
+    files = [jsonl(tmp_path / "chat.jsonl", chats), jsonl(tmp_path / "ranked.jsonl", [ranked])]
+    results = check(DataCheckConfig(paths=files), out=print)
+    out = capsys.readouterr().out
+    assert [r["unteachable"] for r in results.values()] == [1, 1]
+    assert f"{files[0]}:2: the answer (the last assistant turn) is empty" in out
+    assert f"{files[1]}:1: all the ranked answers are the same" in out
+    assert "(2 of them teach nothing: see the warnings)" in out and "-> OK" in out
+
+    clean = load(DataConfig(paths=[jsonl(tmp_path / "ok.jsonl", pairs[:2])]), kind="preference")
+    assert clean.stats.unteachable == 0 and "teach" not in capsys.readouterr().err

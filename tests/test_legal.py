@@ -19,7 +19,7 @@ from hanlm.datagen.law import LawDataConfig, build
 from hanlm.eval.benchmarks import MissingSplit, build_prompt, load_benchmark, pick_style
 from hanlm.eval.evaluate import EvalConfig
 from hanlm.pipeline import cli
-from hanlm.pipeline.recipe import load_recipe, resolve_config
+from hanlm.pipeline.recipe import RECIPES, load_recipe, resolve_config
 from hanlm.testing import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,7 +289,7 @@ def test_audit_splits_recitation_items_into_contaminated_and_clean(tiny_model_pa
 
 @pytest.mark.parametrize("name", ["legal.yaml", "legal-gpu.yaml"])
 def test_legal_recipes_validate(name):
-    recipe = load_recipe(REPO / "recipes" / name)
+    recipe = load_recipe(RECIPES / name)
     names = [s.name for s in recipe.stages]
     assert names.index("audit") < names.index("base_eval") < names.index("pretrain")
     for stage in recipe.stages:
@@ -309,7 +309,7 @@ def test_legal_recipe_runs_on_a_tiny_model(tiny_model_path, tmp_path):
     """The legal recipe end to end on the real packages, shrunk: a tiny model, a few steps."""
     import yaml
 
-    raw = yaml.safe_load((REPO / "recipes" / "legal.yaml").read_text(encoding="utf-8"))
+    raw = yaml.safe_load((RECIPES / "legal.yaml").read_text(encoding="utf-8"))
     raw["run_dir"] = str(tmp_path / "run")
     for stage in raw["stages"].values():
         cfg = stage["config"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hanlm.pipeline.recipe import RECIPES
 from hanlm.runs import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def shortened_demo(tmp_path: Path, name: str) -> Path:
-    spec = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text(encoding="utf-8"))
+    spec = yaml.safe_load((RECIPES / "demo.yaml").read_text(encoding="utf-8"))
     spec["run_dir"] = str(tmp_path / name)
     spec["report"]["num_prompts"] = 2
     spec["report"]["max_new_tokens"] = 8

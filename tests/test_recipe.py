@@ -2,12 +2,21 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import yaml
 
 from hanlm.pipeline import cli
-from hanlm.pipeline.recipe import RecipeError, RunConfig, load_recipe, plan
+from hanlm.pipeline.recipe import (
+    RECIPES,
+    RecipeError,
+    RunConfig,
+    find_recipe,
+    load_recipe,
+    plan,
+    recipe_names,
+)
 from hanlm.runs import read_run
 
 LINES = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。", "白日依山尽，黄河入海流。"]
@@ -123,6 +132,30 @@ def write(tmp_path, spec):
 def test_recipe_reference_errors(tmp_path, stages, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(write(tmp_path, {"stages": stages}))
+
+
+def test_a_recipe_by_name_by_path_or_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: names resolve inside the package
+    assert {"demo", "objectives", "legal"} <= set(recipe_names())
+    assert find_recipe("demo") == RECIPES / "demo.yaml"
+    assert load_recipe("").name == "demo"  # `hanlm run` alone
+    own = write(tmp_path, {"stages": {"a": {"command": "pretrain"}}})
+    assert find_recipe(str(own)) == own
+    (tmp_path / "demo").write_text("name: shadow\nstages: {a: {command: pretrain}}\n")
+    assert find_recipe("demo") == Path("demo")  # an existing file is taken as a path
+    with pytest.raises(RecipeError, match=r"no recipe 'nosuch'.*\(chinese-llama, demo, .*legal"):
+        find_recipe("nosuch")
+    with pytest.raises(RecipeError, match="no recipe 'sub/demo'"):
+        find_recipe("sub/demo")  # a path is never read as a name
+    with pytest.raises(RecipeError, match="is a directory"):
+        find_recipe(str(tmp_path))
+
+
+def test_unknown_recipe_name_lists_the_names_on_the_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "demoo"]) == 1
+    err = capsys.readouterr().err
+    assert "no recipe 'demoo'" in err and "demo, legal, legal-gpu, objectives" in err
 
 
 def test_unknown_config_key_names_the_stage(tmp_path, files):

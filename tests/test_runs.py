@@ -4,6 +4,7 @@ from dataclasses import dataclass
 import pytest
 
 from hanlm.config import OutputConfig
+from hanlm.data.sources import DataError
 from hanlm.runs import (
     CHECKPOINTS,
     OutputDirError,
@@ -69,6 +70,28 @@ def test_run_records_failure(tmp_path):
         raise RuntimeError("boom")
     info = read_run(tmp_path / "r")
     assert info["status"] == "failed" and "boom" in info["error"]
+
+
+def test_a_run_rejecting_its_input_leaves_no_directory_unless_it_wrote_more(tmp_path):
+    def fail(cfg, before=None, **kw):
+        with pytest.raises(DataError), Run("demo", cfg, cfg.output_dir, **kw) as run:
+            run.log(1, loss=1.0)  # its own records are not results
+            if before:
+                before(run.dir)
+            raise DataError("x.jsonl:3: malformed JSON")
+
+    fresh = Cfg(output_dir=str(tmp_path / "new" / "run"))
+    fail(fresh)
+    assert not (tmp_path / "new" / "run").exists()  # nothing half-written
+    fail(fresh, before=lambda d: (d / "part.bin").write_text("written"))
+    assert read_run(fresh.output_dir)["status"] == "failed"  # a result kept, and the failure
+    fail(fresh, resume=True)  # continuing an existing run never removes it
+    assert (tmp_path / "new" / "run" / "part.bin").is_file()
+    fail(Cfg(output_dir=fresh.output_dir, overwrite=True))  # the old run was replaced: no trace
+    assert not (tmp_path / "new" / "run").exists()
+    with pytest.raises(RuntimeError), Run("demo", fresh, fresh.output_dir):
+        raise RuntimeError("a bug, not bad input")
+    assert read_run(fresh.output_dir)["status"] == "failed"
 
 
 def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):

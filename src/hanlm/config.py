@@ -26,8 +26,56 @@ _MISSING = dataclasses.MISSING
 TemplateName = Literal["auto", "chatml", "llama2", "llama3", "alpaca"]
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user (a config, a data file, a model directory): the message names the
+    file, line, record or key and what to do. The command line prints it without a traceback,
+    and a run that fails with it removes the output directory it had just created."""
+
+
+class ConfigError(InputError):
     """A config that cannot be used; the message names the key and what is allowed."""
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's content, or a `ConfigError` naming the file and what is wrong with it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory; give the path of a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not valid UTF-8 ({e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {p} cannot be read ({e.strerror or e})") from None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a {what}") from None
+    _check_shape(value, p, set(), [100_000])
+    return value
+
+
+def _check_shape(value: Any, path: Path, ancestors: set[int], budget: list[int]) -> None:
+    """Refuse what YAML aliases can build and no config needs: a section that contains itself,
+    nesting hundreds deep, or aliases that expand to a huge tree (a "billion laughs")."""
+    if not isinstance(value, (dict, list)):
+        return
+    if id(value) in ancestors:
+        raise ConfigError(
+            f"{path}: a section contains itself (a YAML alias used inside its anchor)"
+        )
+    budget[0] -= 1
+    if budget[0] < 0 or len(ancestors) > 100:
+        raise ConfigError(f"{path}: nested too deeply, or YAML aliases expand it beyond reason")
+    ancestors.add(id(value))
+    for item in value.values() if isinstance(value, dict) else value:
+        _check_shape(item, path, ancestors, budget)
+    ancestors.discard(id(value))
 
 
 def opt(default: Any = _MISSING, help: str = "", **kw: Any) -> Any:
@@ -184,7 +232,7 @@ def deepspeed_config(path: str) -> dict[str, Any]:
         )
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"train.deepspeed={path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(
@@ -343,6 +391,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {prefix}{key!r} is not a name (e.g. train.lr)")
         if key not in fields:
             valid = list(fields)
             raise ConfigError(
@@ -471,12 +521,7 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -9,6 +9,7 @@ from a small table of LLaMA-style size presets.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -16,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hanlm.config import LoraConfig, ModelConfig, RopeConfig
+from hanlm.config import InputError, LoraConfig, ModelConfig, RopeConfig
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model or tokenizer that cannot be loaded or used as asked."""
 
 
@@ -107,19 +108,107 @@ def resolve_source(path: str) -> Source:
     return Source(path)  # a hub id: works online, fails clearly offline
 
 
+# The JSON files of a model directory that loading reads, checked before the libraries see them.
+_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+)
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except IsADirectoryError:
+        raise ModelError(f"{path} is a directory; it should be a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path}: not valid UTF-8 ({e.reason}); copy or save it again") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg}); the file is damaged or cut short:"
+            " copy or save it again"
+        ) from None
+    except RecursionError:
+        raise ModelError(f"{path}: JSON nested too deeply; the file is damaged") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header of a .safetensors file is readable and the tensors it lists fill the file."""
+    size = path.stat().st_size
+    fix = "copy or save the model again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ModelError(f"{path} is damaged or cut short ({size} bytes, no header); {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            raise ModelError(f"{path} is damaged (its header is not JSON); {fix}") from None
+    ends = [
+        t["data_offsets"][1]
+        for k, t in header.items()
+        if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2
+    ]
+    want = 8 + n + max(ends, default=0)
+    if want != size:
+        state = "cut short" if size < want else "longer than its header says"
+        raise ModelError(f"{path} is {state}: {size} of {want} bytes; {fix}")
+
+
+def check_model_dir(src: Source, weights: bool = True) -> None:
+    """Check a local model directory before the libraries read it, so that a damaged or
+    incomplete one is refused with the file named (not a traceback from deep inside a loader):
+    its JSON files parse, and, with `weights`, it holds weights whose files are whole."""
+    root = Path(src.path)
+    if src.gguf_file or not root.is_dir():
+        return
+    for name in _JSON_FILES:
+        if (root / name).exists():
+            data = _read_json_file(root / name)
+            if name.endswith("config.json") and not isinstance(data, dict):
+                raise ModelError(
+                    f"{root / name}: expected a JSON object, got {type(data).__name__}"
+                )
+    if not weights:
+        return
+    files = sorted({p for pattern in _WEIGHTS for p in root.glob(pattern)})
+    if not files:
+        raise ModelError(
+            f"{root}: no weights (model.safetensors or pytorch_model.bin); the save did not"
+            " finish, or the weights were not copied with the rest of the directory"
+        )
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set((_read_json_file(index).get("weight_map") or {}).values())
+        missing = sorted(s for s in shards if not (root / s).is_file())
+        if missing:
+            raise ModelError(f"{root}: shards listed in {index.name} are missing: {missing}")
+    for f in files:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+
+
 def _offline_hint(src: Source, e: Exception) -> ModelError:
     if not src.is_local and os.environ.get("HF_HUB_OFFLINE") == "1":
         return ModelError(f"{src.path}: not a local path, and HF_HUB_OFFLINE=1 forbids the hub")
-    return ModelError(f"{src.path}: could not load ({type(e).__name__}: {e})")
+    where = Path(src.path) / src.gguf_file if src.gguf_file else src.path
+    return ModelError(f"{where}: could not load ({type(e).__name__}: {e})")
 
 
 def load_tokenizer(path: str, **kw: Any) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     src = resolve_source(path)
+    check_model_dir(src, weights=False)
     try:
         tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise _offline_hint(src, e) from None
     if tok.pad_token is None:
         # Training pads and masks; the EOS (or the first special) token is a safe pad.
@@ -180,11 +269,12 @@ def model_config_for(cfg: ModelConfig, src: Source | None = None) -> Any:
     from transformers import AutoConfig
 
     src = src or resolve_source(cfg.path)
+    check_model_dir(src, weights=False)
     try:
         config = AutoConfig.from_pretrained(
             src.path, gguf_file=src.gguf_file, trust_remote_code=cfg.trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise _offline_hint(src, e) from None
     if src.gguf_file:
         gguf_head_dim(config, Path(src.path) / src.gguf_file)
@@ -212,6 +302,7 @@ def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(cfg.path)
+    check_model_dir(src, weights=True)
     dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
     config = model_config_for(cfg, src)
     try:
@@ -227,6 +318,13 @@ def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:
         if "Unrecognized configuration class" in str(e):
             arch = getattr(config, "architectures", None) or config.model_type
             raise ModelError(f"{cfg.path}: {arch} is not a causal language model") from None
+        raise
+    except RuntimeError as e:
+        if "mismatched_sizes" in str(e):  # transformers has logged which tensors differ
+            raise ModelError(
+                f"{cfg.path}: the weights' shapes differ from what its config.json describes (see"
+                " the report above); the config and the weights come from different models"
+            ) from None
         raise
     quantizer = getattr(model, "hf_quantizer", None)
     dense = all(p.is_floating_point() for p in model.parameters())

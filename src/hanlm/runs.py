@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from hanlm.config import LoraConfig, to_dict
+from hanlm.config import InputError, LoraConfig, to_dict
 from hanlm.modeling import finish_lora
 from hanlm.modeling import save_model as _save_model
 
@@ -143,7 +143,10 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
                 " (or resume=true to continue a run there)"
             )
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a directory of the path belongs, no permission...
+        raise OutputDirError(f"output_dir {path} cannot be created ({e.strerror})") from None
     return path
 
 
@@ -209,6 +212,8 @@ class Run:
             # every process checks the checkpoint alike, so that all stop together if it is bad
             self._resume_ckpt = resume_checkpoint(self.dir, remove=False) if resume else None
             return
+        held = Path(output_dir).is_dir() and any(Path(output_dir).iterdir())
+        self._fresh = not held or (overwrite and not resume)  # (see __exit__)
         self.dir = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
         self.metrics_path = self.dir / METRICS_FILE
         # Checked before anything is written or loaded: a damaged checkpoint stops the run here.
@@ -240,6 +245,7 @@ class Run:
             yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False),
         )
         self.save()
+        self._own = {p.name for p in self.dir.iterdir()} | {METRICS_FILE}  # the run's records
 
     def save(self) -> None:
         if self.main:
@@ -342,6 +348,10 @@ class Run:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.main:
+            return
+        # a rejected input leaves nothing behind: no directory that held only this run's records
+        if isinstance(exc, InputError) and self._fresh and set(os.listdir(self.dir)) <= self._own:
+            shutil.rmtree(self.dir, ignore_errors=True)
             return
         full = exc is not None and disk_full(exc, self.dir)
         if full:
@@ -577,7 +587,10 @@ def read_run(path: str | Path) -> dict[str, Any] | None:
     p = Path(path) / RUN_FILE
     if not p.is_file():
         return None
-    return json.loads(p.read_text(encoding="utf-8"))
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise OutputDirError(f"{p} is damaged ({e}); run again with overwrite=true") from None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from hanlm.config import ConfigError, ModelConfig, opt
 from hanlm.data.templates import render
 from hanlm.modeling import (
     ModelError,
+    check_model_dir,
     load_tokenizer,
     model_config_for,
     pad_batch,
@@ -217,6 +218,7 @@ def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     src = resolve_source(cfg.path)
+    check_model_dir(src, weights=True)
     dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
     if cfg.rope.type != "none":  # the scaled config; a causal LM's gets its one-output head
         config = model_config_for(cfg, src)
@@ -233,7 +235,7 @@ def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
             trust_remote_code=cfg.trust_remote_code,
             **kw,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{cfg.path}: cannot load as a reward model ({e})") from None
     if model.config.num_labels != 1:
         raise ModelError(f"{cfg.path}: has {model.config.num_labels} outputs; a reward model has 1")

@@ -15,6 +15,7 @@ from hanlm.config import DataConfig, opt
 from hanlm.data import formats
 from hanlm.data.loader import RecordReader
 from hanlm.data.sources import DataError, resolve
+from hanlm.modeling import load_tokenizer
 
 
 @dataclass
@@ -71,9 +72,7 @@ def _dist(values: list[int]) -> str:
 
 
 def _load_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name)
+    return load_tokenizer(name)
 
 
 def check(cfg: DataCheckConfig, out: Any = print) -> dict[str, Any]:
@@ -139,6 +138,14 @@ def check(cfg: DataCheckConfig, out: Any = print) -> dict[str, Any]:
                 out(f"bad records ({st.bad}; first {len(shown)}):")
                 for msg in shown:
                     out(f"  {msg}")
+            if st.unteachable:
+                shown = st.unteachable_records[: cfg.show_bad]
+                out(
+                    f"WARNING: {st.unteachable} well-formed records teach nothing"
+                    f" (first {len(shown)}):"
+                )
+                for msg in shown:
+                    out(f"  {msg}")
             for i, rec in enumerate(samples, 1):
                 out(f"  sample {i}:")
                 out(_show(rec))
@@ -149,14 +156,17 @@ def check(cfg: DataCheckConfig, out: Any = print) -> dict[str, Any]:
                 "bad": st.bad,
                 "error": error,
                 "bad_records": list(st.bad_records),
+                "unteachable": st.unteachable,
                 "chars": sum(chars),
             }
     n_bad = sum(r["bad"] for r in results.values())
     n_err = sum(1 for r in results.values() if r["error"])
+    n_idle = sum(r["unteachable"] for r in results.values())
     total = sum(r["good"] for r in results.values())
     verdict = "OK" if not n_bad and not n_err else "PROBLEMS FOUND"
+    idle = f" ({n_idle} of them teach nothing: see the warnings)" if n_idle else ""
     out(
-        f"checked {len(results)} file(s): {total:,} good records, {n_bad} bad,"
+        f"checked {len(results)} file(s): {total:,} good records{idle}, {n_bad} bad,"
         f" {n_err} unreadable -> {verdict}"
     )
     return results

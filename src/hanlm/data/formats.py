@@ -506,6 +506,27 @@ def from_ranked(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _said(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"].strip()) for m in messages]
+
+
+def unteachable(rec: dict[str, Any]) -> str | None:
+    """Why a well-formed canonical record can teach nothing, or None: a preference pair whose
+    two answers are the same (no preference to learn), ranked answers that are all the same, a
+    conversation whose answer is empty."""
+    if "chosen" in rec:
+        if _said(rec["chosen"]) == _said(rec["rejected"]):
+            return "the chosen and rejected answers are the same"
+    elif "responses" in rec:
+        if len({tuple(_said(r)) for r in rec["responses"]}) == 1:
+            return "all the ranked answers are the same"
+    elif "messages" in rec:
+        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        if answers and not answers[-1].strip():
+            return "the answer (the last assistant turn) is empty"
+    return None
+
+
 def ranked_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:
     """Every (better, worse) pair a tie-group ranking implies: C(K, 2) minus the tied pairs."""
     return [

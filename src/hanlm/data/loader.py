@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -42,6 +43,9 @@ class DataStats:
     formats: dict[str, str] = field(default_factory=dict)  # source -> format
     per_path: dict[str, int] = field(default_factory=dict)  # path spec -> records kept
     bad_records: list[str] = field(default_factory=list)  # "file:line: reason"
+    # well-formed, kept, but teaching nothing (a preference pair with the same two answers...)
+    unteachable: int = 0
+    unteachable_records: list[str] = field(default_factory=list)  # "file:line: reason"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,12 +58,24 @@ class DataStats:
             parts.append(f"too short {self.too_short}")
         if self.duplicates:
             parts.append(f"duplicates {self.duplicates}")
+        if self.unteachable:
+            parts.append(f"kept but teaching nothing {self.unteachable}")
         if self.after_mixing and self.after_mixing != self.kept:
             parts.append(f"after mixing {self.after_mixing}")
         parts.append(f"train {self.train}")
         if self.valid:
             parts.append(f"valid {self.valid}")
         return "data: " + ", ".join(parts)
+
+    def warning(self) -> str | None:
+        """A warning about the kept records that teach nothing, with their count and examples."""
+        if not self.unteachable:
+            return None
+        shown = "; ".join(self.unteachable_records[:3])
+        return (
+            f"warning: {self.unteachable} of {self.kept} records are well-formed but teach"
+            f" nothing (e.g. {shown}); fix or drop them (hanlm data check lists them)"
+        )
 
 
 @dataclass
@@ -154,6 +170,11 @@ class RecordReader:
                     self.seen.add(key)
                 self.stats.kept += 1
                 kept_here += 1
+                why = formats.unteachable(rec)
+                if why:
+                    self.stats.unteachable += 1
+                    if len(self.stats.unteachable_records) < MAX_BAD_KEPT:
+                        self.stats.unteachable_records.append(f"{loc}: {why}")
                 yield rec, loc
         self.stats.per_path[spec] = kept_here
 
@@ -224,6 +245,9 @@ def load(
         valid = [r for i, r in enumerate(train) if i in chosen]
         train = [r for i, r in enumerate(train) if i not in chosen]
     reader.stats.train, reader.stats.valid = len(train), len(valid)
+    for stats in (reader.stats, vreader.stats if cfg.valid_paths else None):
+        if stats is not None and stats.warning():
+            print(f"[hanlm] {stats.warning()}", file=sys.stderr)
     return LoadedData(train=train, valid=valid, stats=reader.stats, kind=resolved_kind)
 
 

@@ -16,16 +16,19 @@ import io
 import json
 import os
 import sqlite3
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from hanlm.config import InputError
+
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 TxtUnit = Literal["line", "paragraph", "file"]
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file and line (or record) and what to do."""
 
 
@@ -195,6 +198,50 @@ def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
                 ) from None
 
 
+def _unreadable(path: str, e: Exception, where: str = "") -> DataError:
+    """The error for a file that cannot be read as a whole (damaged compression, a directory)."""
+    if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return DataError(
+            f"{path}: the compressed file is damaged or cut short ({where}{e}); copy or"
+            " download it again, or decompress it to see how far it reads"
+        )
+    return DataError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})")
+
+
+def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file, gzipped or not; a bad byte, a damaged archive
+    or a path that is not a readable file is a `DataError` naming the file (and line)."""
+    try:
+        yield from _iter_lines(str(path))
+    except (EOFError, zlib.error, OSError) as e:
+        raise _unreadable(str(path), e) from None
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file (newlines made \\n), or a `DataError` naming the file and line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise _unreadable(str(path), e) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start});"
+            " convert the file to UTF-8"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_json_line(line: str, where: str) -> Any:
+    """One JSON Lines record, or a `DataError` at `where` (file:line) saying what is wrong."""
+    value = _parse_record(line)
+    if isinstance(value, BadJson):
+        raise DataError(f"{where}: {value.reason}")
+    return value
+
+
 def _iter_jsonl(path: str) -> Iterator[tuple[Any, Location]]:
     for lineno, line in _iter_lines(path):
         if not line.strip():
@@ -202,10 +249,40 @@ def _iter_jsonl(path: str) -> Iterator[tuple[Any, Location]]:
         loc = Location(path, line=lineno)
         if lineno == 1:
             line = line.lstrip("\ufeff")
-        try:
-            yield json.loads(line), loc
-        except json.JSONDecodeError as e:
-            yield BadJson(f"malformed JSON ({e.msg} at column {e.colno})"), loc
+        yield _parse_record(line), loc
+
+
+# JSON nests containers by recursion; a record deeper than this is refused, not crashed on.
+_TOO_DEEP = "JSON nested too deeply (hundreds of levels; no record format nests so deep)"
+_SURROGATE = (
+    "a string holds a lone surrogate (an escape such as \\ud800 that is half of a character);"
+    " such text cannot be encoded: fix the writer that produced it"
+)
+
+
+def _has_lone_surrogate(text: str, value: Any) -> bool:
+    """Does a parsed value hold a string Python cannot encode? (Checked only when its source
+    text contains a \\ud escape, so ordinary records cost nothing.)"""
+    if "\\ud" not in text.lower():
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _parse_record(line: str) -> Any:
+    """One JSON Lines record, or a `BadJson` that says what is wrong with it."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadJson(f"malformed JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return BadJson(_TOO_DEEP)
+    if _has_lone_surrogate(line, value):
+        return BadJson(_SURROGATE)
+    return value
 
 
 class BadJson:
@@ -237,6 +314,9 @@ def _iter_json(path: str) -> Iterator[tuple[Any, Location]]:
             f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); "
             "a .json file must hold one array of records (or use .jsonl, one record a line)"
         ) from None
+    except RecursionError:
+        raise DataError(f"{path}: {_TOO_DEEP}") from None
+    surrogates = _has_lone_surrogate(text, data)
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) == 1 and len(data) <= 3:
@@ -246,7 +326,8 @@ def _iter_json(path: str) -> Iterator[tuple[Any, Location]]:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
     for i, rec in enumerate(data):
-        yield rec, Location(path, index=i)
+        bad = surrogates and _has_lone_surrogate(text, rec)
+        yield (BadJson(_SURROGATE) if bad else rec), Location(path, index=i)
 
 
 def _iter_csv(path: str) -> Iterator[tuple[Any, Location]]:
@@ -290,7 +371,14 @@ def _iter_parquet(path: str) -> Iterator[tuple[Any, Location]]:
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     i = 0
-    for batch in pf.iter_batches(batch_size=1024):
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group, found only when it is read
+            raise DataError(f"{path}[record {i}]: the Parquet file is damaged ({e})") from None
+        if batch is None:
+            return
         for rec in batch.to_pylist():
             yield rec, Location(path, index=i)
             i += 1
@@ -363,8 +451,14 @@ def iter_source(source: str, txt_unit: TxtUnit = "paragraph") -> Iterator[tuple[
         else:
             it = _iter_txt(source, txt_unit)
     empty = True
-    for item in it:
-        empty = False
-        yield item
+    last: Location | None = None
+    try:
+        for item in it:
+            empty = False
+            last = item[1]
+            yield item
+    except (EOFError, zlib.error, OSError) as e:  # OSError: a directory, a vanished file...
+        where = f"after {last}: " if last is not None else "before its first record: "
+        raise _unreadable(source, e, where) from None
     if empty:
         raise DataError(f"{source}: the file holds no records; check the path or the file")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from hanlm.config import ConfigError, InferenceModelConfig, opt
+from hanlm.data.sources import read_json_line, read_lines
 from hanlm.modeling import load_model, load_tokenizer, pad_batch
 from hanlm.runs import atomic_write_text
 
@@ -234,17 +235,14 @@ def read_texts(path: str, text_field: str = "text") -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"input {p} does not exist")
-    lines = p.read_text(encoding="utf-8").splitlines()
+    lines = list(read_lines(p))
     if p.suffix != ".jsonl":
-        return [x for x in lines if x.strip()]
+        return [x for _, x in lines if x.strip()]
     out = []
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}:{n}: not valid JSON ({e})") from None
+        rec = read_json_line(line, f"{p}:{n}")
         if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
             raise ConfigError(f"{p}:{n}: no string field '{text_field}' (set text_field=...)")
         out.append(rec[text_field])

@@ -16,7 +16,6 @@ flags are refused, with `trainable=lora` suggested.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hanlm.config import ConfigError, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
+from hanlm.data.sources import DataError, read_json_line, read_lines
 from hanlm.embed.pooling import Embedder, EmbedOptions
 from hanlm.modeling import load_model, load_tokenizer, model_config
 from hanlm.runs import Run
@@ -74,14 +74,13 @@ def read_pairs(paths: list[str]) -> list[dict[str, str]]:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"pairs file {p} does not exist")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in read_lines(p):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{p}:{n}: not valid JSON ({e})") from None
-            if not all(isinstance(rec.get(k), str) and rec[k] for k in ("query", "positive")):
+            rec = read_json_line(line, f"{p}:{n}")
+            if not isinstance(rec, dict) or not all(
+                isinstance(rec.get(k), str) and rec[k] for k in ("query", "positive")
+            ):
                 raise ConfigError(f"{p}:{n}: needs non-empty string fields 'query' and 'positive'")
             if "negative" in rec and not isinstance(rec["negative"], str):
                 raise ConfigError(f"{p}:{n}: 'negative' must be a string")
@@ -231,7 +230,10 @@ def run(cfg: EmbedTrainConfig) -> Path:
         valid = [pairs[i] for i in order[:n_valid]]
         train = [pairs[i] for i in order[n_valid:]]
         if len(train) < 2:
-            raise ValueError(f"{len(train)} training pairs: need at least 2")
+            raise DataError(
+                f"{len(train)} training pairs in {', '.join(cfg.data) or 'data (none given)'}"
+                f" after holding out valid_fraction={cfg.valid_fraction}: need at least 2"
+            )
         run.set("data", {"pairs": len(pairs), "train": len(train), "valid": len(valid)})
         print(f"[hanlm] embed train: {len(train)} training pairs, {len(valid)} held out")
 

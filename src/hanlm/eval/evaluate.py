@@ -49,7 +49,7 @@ from typing import Any
 from hanlm.config import ConfigError, DataConfig
 from hanlm.data import load
 from hanlm.data.glm import glm_ids
-from hanlm.data.sources import DataError
+from hanlm.data.sources import DataError, read_json_line, read_lines
 from hanlm.data.templates import stop_token_ids
 from hanlm.eval.benchmarks import Benchmark, canonical_split, load_benchmark
 from hanlm.eval.cloze import cloze_accuracy, cloze_items
@@ -107,16 +107,13 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     if not p.is_file():
         raise DataError(f"{path}: no such prompt file")
     out: list[dict[str, Any]] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in read_lines(p):
         if not line.strip():
             continue
         if p.suffix != ".jsonl":
             out.append({"prompt": line})
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        rec = read_json_line(line, f"{path}:{n}")
         if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
             out.append({"messages": rec["messages"]})
         elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):

@@ -9,7 +9,7 @@ COMMANDS = (
         "RunConfig",
         "run a recipe's stages (skip unchanged, resume interrupted) and write a report",
         positional="recipe",
-        usage="RECIPE.yaml",
+        usage="NAME or RECIPE.yaml",
         aliases=(("from", "from_stage"),),
     ),
 )

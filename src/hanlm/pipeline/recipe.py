@@ -11,6 +11,9 @@ A recipe is YAML:
         command: pretrain              # any command of `hanlm --help` that writes output_dir
         config: {tokenizer: "${stages.tokenizer.output}", ...}
 
+A recipe is named by path or, for the recipes that ship inside the package (`src/hanlm/recipes/`,
+installed with it), by name: `hanlm run demo`.
+
 `${stages.NAME.output}` is an earlier stage's output directory; `${assets}` the embedded demo data;
 `${recipe_dir}` and `${run_dir}` what they say. A stage is skipped when its fingerprint — its
 command, resolved config, the fingerprints of the stages it reads and the contents of the files
@@ -34,11 +37,14 @@ from typing import Any
 import yaml
 
 from hanlm import ASSETS
-from hanlm.config import ConfigError, load_config, opt, to_dict
+from hanlm.config import ConfigError, load_config, opt, read_yaml, to_dict
 from hanlm.pipeline.commands import COMMANDS, config_class
 from hanlm.pipeline.report import write_report
 from hanlm.runs import atomic_write_json, atomic_write_text, read_run
 
+# The recipes that ship with the package (`hanlm run NAME`): a clone and a wheel read the same files
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_RECIPE = "demo"
 STATE_FILE = "recipe_state.json"
 _REF = re.compile(r"\$\{([^}]+)\}")
 # Config keys the runner sets itself; they do not change what a stage computes.
@@ -52,7 +58,12 @@ class RecipeError(ConfigError):
 
 @dataclass
 class RunConfig:
-    recipe: str = opt("", "recipe YAML (default: recipes/demo.yaml)")
+    recipe: str = opt(
+        "",
+        "the name of a recipe that ships with hanlm"
+        f" ({', '.join(sorted(p.stem for p in RECIPES.glob('*.yaml')))}) or the path to a recipe"
+        f" YAML (default: {DEFAULT_RECIPE})",
+    )
     run_dir: str = opt("", "override the recipe's run_dir")
     from_stage: str = opt("", "run this stage and every later one, even if unchanged (--from)")
     only: str = opt("", "run only this stage, even if unchanged (--only)")
@@ -90,28 +101,52 @@ def _refs(value: Any) -> list[str]:
     return []
 
 
-def default_recipe() -> Path:
-    here = Path("recipes/demo.yaml")
-    if here.is_file():
-        return here
-    repo = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
-    return repo if repo.is_file() else here
+def recipe_names() -> list[str]:
+    """The recipes that ship with the package, by name."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file from a path, or from the name of a recipe that ships with the package."""
+    text = str(name_or_path) or DEFAULT_RECIPE
+    path = Path(text)
+    if path.is_file():
+        return path
+    named = RECIPES / f"{text}.yaml"
+    if path.name == text and named.is_file():  # a bare name, not a path
+        return named
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; name a recipe YAML file in it")
+    raise RecipeError(
+        f"no recipe '{text}': not a file, and not one of the recipes that ship with hanlm"
+        f" ({', '.join(recipe_names())}); give a name from that list or the path to a YAML file"
+    )
 
 
 def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
     """Parse and check a recipe: commands exist, references point to earlier stages."""
 
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+    path = find_recipe(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raw = read_yaml(path, "recipe") or {}
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{path}: a recipe is a mapping with name, run_dir, stages and report;"
+            f" this file holds a {type(raw).__name__}"
+        )
+    for key, kind in (("name", str), ("run_dir", str), ("report", dict)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise RecipeError(
+                f"{path}: '{key}' must be a {'mapping' if kind is dict else 'string'},"
+                f" not {type(raw[key]).__name__}"
+            )
     unknown = set(raw) - {"name", "run_dir", "stages", "report"}
     if unknown:
         raise RecipeError(
-            f"{path}: unknown recipe keys {sorted(unknown)}; use name, run_dir, stages, report"
+            f"{path}: unknown recipe keys {sorted(map(str, unknown))}; use name, run_dir, stages,"
+            " report"
         )
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
@@ -119,14 +154,18 @@ def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
     stages: list[Stage] = []
     for name, spec in stages_raw.items():
         where = f"{path}: stage '{name}'"
+        if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name):
+            raise RecipeError(f"{where}: a stage name is a word (letters, digits, _ and -)")
         if not isinstance(spec, dict) or "command" not in spec:
             raise RecipeError(f"{where}: needs a 'command' (one of {', '.join(COMMANDS)})")
         extra = set(spec) - {"command", "config"}
         if extra:
-            raise RecipeError(f"{where}: unknown keys {sorted(extra)}; use command and config")
+            raise RecipeError(
+                f"{where}: unknown keys {sorted(map(str, extra))}; use command and config"
+            )
         command = spec["command"]
-        if command not in COMMANDS:
-            raise RecipeError(f"{where}: unknown command '{command}' (see hanlm --help)")
+        if not isinstance(command, str) or command not in COMMANDS:
+            raise RecipeError(f"{where}: unknown command {command!r} (see hanlm --help)")
         config = spec.get("config") or {}
         if not isinstance(config, dict):
             raise RecipeError(f"{where}: 'config' must be a mapping")
@@ -243,7 +282,18 @@ def fingerprint(
 
 def _read_state(recipe: Recipe) -> dict[str, Any]:
     p = recipe.run_dir / STATE_FILE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        state = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise RecipeError(
+            f"{p} is damaged ({e}); delete it, and every stage is planned afresh (complete stage"
+            " outputs are rerun)"
+        ) from None
+    if not isinstance(state, dict):
+        raise RecipeError(f"{p} is damaged (not a JSON object); delete it")
+    return state
 
 
 def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -333,7 +383,7 @@ def _run_stage(recipe: Recipe, step: dict[str, Any], log: Any) -> dict[str, Any]
 
 
 def run(cfg: RunConfig) -> int:
-    recipe = load_recipe(cfg.recipe or default_recipe(), cfg.run_dir)
+    recipe = load_recipe(cfg.recipe, cfg.run_dir)
     steps = plan(recipe, cfg)
     print(f"recipe {recipe.name} ({recipe.path}) -> {recipe.run_dir}")
     width = max(len(s["stage"].name) for s in steps)

@@ -10,14 +10,13 @@ that record is the chunk, exactly.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from hanlm.config import ConfigError
+from hanlm.data.sources import read_json_line, read_lines, read_text
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz")
 _SENTENCE_END = re.compile(r"(?:[。！？；!?;]+[」』”’）)]*|\.(?=\s))\s*|\n\s*")
@@ -128,20 +127,15 @@ def read_documents(paths: list[str], text_field: str = "text") -> Iterator[Docum
     is kept). A record without the field is an error naming the file and line."""
     for f in _files(paths):
         if f.name.endswith((".txt", ".md")):
-            yield Document(str(f), 0, f.read_text(encoding="utf-8"))
+            yield Document(str(f), 0, read_text(f))
             continue
-        opener = gzip.open if f.name.endswith(".gz") else open
-        with opener(f, "rt", encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{f}:{n}: not valid JSON ({e})") from None
-                text = rec.get(text_field) if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise ConfigError(
-                        f"{f}:{n}: no string field '{text_field}'; set text_field=<the field>"
-                    )
-                yield Document(str(f), n, text, str(rec.get("id", "")))
+        for n, line in read_lines(f):
+            if not line.strip():
+                continue
+            rec = read_json_line(line, f"{f}:{n}")
+            text = rec.get(text_field) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise ConfigError(
+                    f"{f}:{n}: no string field '{text_field}'; set text_field=<the field>"
+                )
+            yield Document(str(f), n, text, str(rec.get("id", "")))
