@@ -3,7 +3,8 @@
 A byte-level BPE splits a Chinese character into up to three byte tokens, and decoding a prefix
 that ends inside one gives U+FFFD. `Detokenizer` decodes a sliding window of recent tokens (so a
 tokenizer's leading-space rules see the same context as a full decode) and holds text back while
-it ends in U+FFFD, or while its tail could still grow into a stop string.
+it ends in U+FFFD, or while its tail could still grow into a stop string. An answer that ends
+inside a character (`max_tokens` reached after its first byte) ends at the last whole one.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ class Detokenizer:
         return self._release(final=False)
 
     def finish(self) -> str:
-        """The remaining text, incomplete bytes included (decoded as U+FFFD, as a full decode
-        would)."""
+        """The remaining text, without the bytes of a character left incomplete at the end
+        (which a full decode would show as U+FFFD)."""
         if self.stopped:
             return ""
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         now = self._decode(self.ids[self.prefix_offset :])
-        self.text += now[len(before) :]
+        self.text += now[len(before) :].rstrip(REPLACEMENT)
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._release(final=True)
 
