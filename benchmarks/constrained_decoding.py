@@ -149,8 +149,8 @@ def tokenizers(gguf: str) -> dict[str, Any]:
     return out
 
 
-def end_to_end(tokens: int = 96) -> dict[str, float]:
-    """ms per generated token of a random tiny model, with and without json_object."""
+def end_to_end(tokens: int = 96, rounds: int = 7) -> dict[str, float]:
+    """Median ms per generated token of a random tiny model, with and without json_object."""
     import tempfile
 
     import torch
@@ -166,10 +166,9 @@ def end_to_end(tokens: int = 96) -> dict[str, float]:
     stops = stop_token_ids(tok)
     ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": "JSON"}])])
     width = model.get_output_embeddings().weight.shape[0]
-    out = {}
-    for name in ("plain", "json_object"):
-        runs = []
-        for seed in range(3):
+    runs: dict[str, list[float]] = {"plain": [], "json_object": []}
+    for seed in range(rounds):  # A B A B ...: the machine's load hits both alike
+        for name in runs:
             torch.manual_seed(seed)
             procs = []
             if name != "plain":
@@ -186,18 +185,19 @@ def end_to_end(tokens: int = 96) -> dict[str, float]:
                     eos_token_id=stops,
                     pad_token_id=tok.pad_token_id,
                 )
-            runs.append((time.perf_counter() - start) * 1000 / (got.shape[1] - ids.shape[1]))
-        out[name] = sorted(runs)[1]
-    return out
+            spent = (time.perf_counter() - start) * 1000
+            runs[name].append(spent / (got.shape[1] - ids.shape[1]))
+    return {name: round(sorted(v)[len(v) // 2], 3) for name, v in runs.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", default="", help="a GGUF file whose tokenizer to measure too")
     ap.add_argument("--out", default="", help="save the figures here as JSON")
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end figures")
     args = ap.parse_args()
     rows = []
-    for tname, tok in tokenizers(args.gguf).items():
+    for tname, tok in {} if args.e2e_only else tokenizers(args.gguf).items():
         width = len(tok)
         for lname, make in LIBRARIES.items():
             row: dict[str, Any] = {"tokenizer": tname, "vocab": width, "library": lname}
