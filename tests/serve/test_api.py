@@ -36,8 +36,13 @@ def _reference(live, messages, max_tokens=20) -> str:
             eos_token_id=stops,
             pad_token_id=live.tok.pad_token_id,
         )
+    from hanlm.serve.text import incomplete_utf8, token_bytes
+
+    new = out[0, ids.shape[1] :].tolist()
+    text = live.tok.decode(new, skip_special_tokens=True)
+    data = b"".join(bytes(token_bytes(live.tok, t) or b"") for t in new)
     # an answer cut inside a character ends at the last whole one (no U+FFFD)
-    return live.tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).rstrip("\ufffd")
+    return text[:-1] if incomplete_utf8(data) else text
 
 
 def _raw(live, path, body, key=None, read=True):

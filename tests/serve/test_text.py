@@ -292,3 +292,14 @@ def test_an_answer_cut_inside_a_character_ends_at_the_last_whole_one(tiny_tokeni
     assert REPLACEMENT not in text
     assert text == tiny_tokenizer.decode(ids[:cut]).rstrip(REPLACEMENT)
     assert TEXT.startswith(text) and text
+
+
+def test_incomplete_utf8():
+    from hanlm.serve.text import incomplete_utf8
+
+    whole = "你好😀".encode()
+    assert not incomplete_utf8(whole) and not incomplete_utf8(b"") and not incomplete_utf8(b"a")
+    assert incomplete_utf8(whole[:-1]) and incomplete_utf8(whole[:-3])
+    assert incomplete_utf8("你".encode()[:1]) and incomplete_utf8("你".encode()[:2])
+    assert not incomplete_utf8(b"\x80\x80")  # stray continuation bytes: not a cut character
+    assert not incomplete_utf8(b"\xff")
