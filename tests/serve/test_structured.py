@@ -184,3 +184,36 @@ def test_constrained_requests_run_on_generate_and_plain_ones_still_batch(random_
 
     assert engine.route(Sampling(max_tokens=5, temperature=0.7)) == "batch"
     assert engine.route(Sampling(max_tokens=5, constraint=object())) == "generate"
+
+
+def test_json_schema_processor_on_a_qwen_layout_model(tmp_path):
+    """The public function on a random Qwen2 model with a Qwen-like tokenizer (special tokens
+    after the vocabulary, `<|im_end|>` ends the turn): every sampled row validates."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hanlm.data.templates import prompt_ids, stop_token_ids
+    from hanlm.modeling import load_tokenizer
+    from hanlm.serve.constrain import json_schema_processor
+    from hanlm.testing import tiny_qwen_dir
+
+    path = tiny_qwen_dir(tmp_path / "qwen")
+    tok, model = load_tokenizer(str(path)), AutoModelForCausalLM.from_pretrained(path).eval()
+    stops = stop_token_ids(tok)
+    ids = torch.tensor([prompt_ids(tok, CHAT)] * 4)
+    width = model.get_output_embeddings().weight.shape[0]
+    proc = json_schema_processor(tok, SCHEMA, stops, width, 90, ids.shape[1], rows=4)
+    torch.manual_seed(1)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        logits_processor=[proc],
+        max_new_tokens=90,
+        do_sample=True,
+        temperature=1.3,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_token_id,
+    )
+    for row in out[:, ids.shape[1] :]:
+        assert int(row[row != tok.pad_token_id][-1]) in stops  # ended on its own
+        _valid(tok.decode(row, skip_special_tokens=True), SCHEMA)
