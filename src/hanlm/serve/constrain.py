@@ -19,11 +19,14 @@ otherwise take the lowest token id the grammar allows (a single byte in a byte-l
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from hanlm.serve.errors import APIError
+
+log = logging.getLogger("hanlm.serve")
 
 # Tried first when closing: each ends a string, object, array or number, or moves on. Inside a
 # string (where PROBE is accepted too) '"' comes first; elsewhere '}' and ']' do.
@@ -154,7 +157,8 @@ class GrammarProcessor:
                 continue
             token = self._closing(row, m, left)
             if token is not None:
-                forced[row] = token
+                forced[row] = token  # (its mask row is overwritten below: not filled)
+                continue
             m.fill_next_token_bitmask(self.mask, row)
         xgr.apply_token_bitmask_inplace(scores, self.mask.to(scores.device))
         for row, token in forced.items():
@@ -170,8 +174,9 @@ class GrammarProcessor:
             plan = self.plans[row]
             if plan:
                 plan.pop(0)  # (forced: it is the token just accepted)
-            if not m.accept_token(int(t)):
+            if not m.accept_token(int(t)):  # only a masked token was sampled: a bug
                 self.failed[row] = True
+                log.warning("the grammar refused token %d it allowed; row %d unconstrained", t, row)
 
     def _closing(self, row: int, m: Any, left: int) -> int | None:
         """The token row `row` must write now to finish its JSON within `left` tokens, if any.
