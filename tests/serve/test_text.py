@@ -303,3 +303,16 @@ def test_incomplete_utf8():
     assert incomplete_utf8("你".encode()[:1]) and incomplete_utf8("你".encode()[:2])
     assert not incomplete_utf8(b"\x80\x80")  # stray continuation bytes: not a cut character
     assert not incomplete_utf8(b"\xff")
+
+
+def test_stream_obfuscation_is_refused_when_asked_for():
+    options = {"stream": True, "stream_options": {"include_obfuscation": True}}
+    for parse, body in (
+        (parse_chat, {"messages": [{"role": "user", "content": "x"}], **options}),
+        (parse_completion, {"prompt": "x", **options}),
+    ):
+        with pytest.raises(APIError) as e:
+            parse(body, 10, 1)
+        assert e.value.param == "stream_options.include_obfuscation"
+        body["stream_options"]["include_obfuscation"] = False
+        assert parse(body, 10, 1).stream

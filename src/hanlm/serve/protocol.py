@@ -379,7 +379,15 @@ ACCEPTED: dict[str, tuple[Any, ...]] = {
 
 
 def refuse(body: BaseModel, refused: dict[str, str]) -> None:
-    """A 400 naming the first field of `refused` that `body` sets (beyond its accepted values)."""
+    """A 400 naming the first field of `refused` that `body` sets (beyond its accepted values),
+    or `stream_options.include_obfuscation: true`."""
+    options = getattr(body, "stream_options", None)
+    if options is not None and options.include_obfuscation:
+        raise APIError(
+            "'stream_options.include_obfuscation': no obfuscation padding is sent (false only)",
+            param="stream_options.include_obfuscation",
+            code="unsupported_parameter",
+        )
     for name, why in refused.items():
         value = getattr(body, name)
         if value is None or any(value == ok for ok in ACCEPTED.get(name, ())):
@@ -472,12 +480,6 @@ def _response_format(rf: ResponseFormat | None) -> ResponseFormat | None:
 def parse_chat(body: Any, max_tokens: int, max_n: int) -> ChatRequest:
     b = validate(ChatCompletionBody, body)
     refuse(b, REFUSED_CHAT)
-    if b.stream_options is not None and b.stream_options.include_obfuscation:
-        raise APIError(
-            "'stream_options.include_obfuscation': no obfuscation padding is sent (false only)",
-            param="stream_options.include_obfuscation",
-            code="unsupported_parameter",
-        )
     given = b.max_completion_tokens if b.max_completion_tokens is not None else b.max_tokens
     sampling = b.sampling(max_tokens if given is None else given, max_n)
     if b.logprobs:
