@@ -306,11 +306,11 @@ def test_incomplete_utf8():
 
 
 def test_stream_obfuscation_is_refused_when_asked_for():
-    options = {"stream": True, "stream_options": {"include_obfuscation": True}}
     for parse, body in (
-        (parse_chat, {"messages": [{"role": "user", "content": "x"}], **options}),
-        (parse_completion, {"prompt": "x", **options}),
+        (parse_chat, {"messages": [{"role": "user", "content": "x"}]}),
+        (parse_completion, {"prompt": "x"}),
     ):
+        body.update(stream=True, stream_options={"include_obfuscation": True})
         with pytest.raises(APIError) as e:
             parse(body, 10, 1)
         assert e.value.param == "stream_options.include_obfuscation"
