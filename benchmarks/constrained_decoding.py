@@ -11,7 +11,8 @@
    with transformers 5, so its tokenizer data is built here from the tokenizer directly.
 2. hanlm's `GrammarProcessor` (xgrammar's mask plus the closing budget) on the same answer.
 3. End to end on a random tiny model: `generate` of the same number of tokens with and without
-   the json_object constraint, ms per generated token.
+   the json_object constraint, ms per generated token; with `--model-gguf`, a real chat model's
+   greedy answer with and without a json_schema constraint (each answer printed).
 
 This measures libraries, so it is a benchmark, not product code.
 """
@@ -190,11 +191,68 @@ def end_to_end(tokens: int = 96, rounds: int = 7) -> dict[str, float]:
     return {name: round(sorted(v)[len(v) // 2], 3) for name, v in runs.items()}
 
 
+def real_model(gguf: str, tokens: int = 48, rounds: int = 2) -> dict[str, list[float]]:
+    """ms per generated token of a GGUF chat model's greedy answer (a poet as JSON), with and
+    without a json_schema constraint, alternating; prints each answer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hanlm.serve.constrain import json_schema_processor
+
+    path = Path(gguf)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    messages = [
+        {"role": "user", "content": "用 JSON 介绍李白，包括 name, dynasty, works 三个字段。"}
+    ]
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    width = model.get_output_embeddings().weight.shape[0]
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "dynasty": {"type": "string"},
+            "works": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["name", "dynasty", "works"],
+        "additionalProperties": False,
+    }
+    runs: dict[str, list[float]] = {"plain": [], "json_schema": []}
+    for _ in range(rounds):
+        for name in runs:
+            procs = []
+            if name != "plain":
+                procs = [json_schema_processor(tok, schema, stops, width, tokens, ids.shape[1])]
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    logits_processor=procs,
+                    max_new_tokens=tokens,
+                    min_new_tokens=0 if procs else tokens,
+                    do_sample=False,
+                    eos_token_id=stops,
+                    pad_token_id=tok.pad_token_id or stops[0],
+                )
+            n = out.shape[1] - ids.shape[1]
+            runs[name].append(round((time.perf_counter() - start) * 1000 / n, 1))
+            text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            print(json.dumps({name: runs[name][-1], "answer": text}, ensure_ascii=False))
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", default="", help="a GGUF file whose tokenizer to measure too")
     ap.add_argument("--out", default="", help="save the figures here as JSON")
     ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end figures")
+    ap.add_argument("--model-gguf", default="", help="also time a GGUF chat model's answers")
     args = ap.parse_args()
     rows = []
     for tname, tok in {} if args.e2e_only else tokenizers(args.gguf).items():
@@ -213,8 +271,10 @@ def main() -> None:
                 row["error"] = f"{type(e).__name__}: {e}"[:200]
             rows.append(row)
             print(json.dumps(row, ensure_ascii=False), flush=True)
-    e2e = end_to_end()
+    e2e: dict[str, Any] = dict(end_to_end())
     print(json.dumps({"end_to_end_ms_per_token": e2e}), flush=True)
+    if args.model_gguf:
+        e2e[Path(args.model_gguf).name] = real_model(args.model_gguf)
     if args.out:
         Path(args.out).write_text(
             json.dumps({"libraries": rows, "end_to_end_ms_per_token": e2e}, indent=1) + "\n"
