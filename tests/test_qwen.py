@@ -210,6 +210,11 @@ def test_serve_answers_with_the_models_own_template(sft_dir):
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
         want = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+        from hanlm.serve.text import incomplete_utf8, token_bytes
+
+        data = b"".join(bytes(token_bytes(tok, t) or b"") for t in out[0, len(ids) :].tolist())
+        if incomplete_utf8(data):  # cut inside a character: the server ends before it
+            want = want[:-1]
         assert got.choices[0].message.content == want
         assert got.usage.prompt_tokens == len(ids)
     finally:

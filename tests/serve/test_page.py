@@ -123,3 +123,31 @@ def test_page_without_a_key_shows_the_error(live):
             assert "API key" in page.locator(".msg.error .content").inner_text()
         finally:
             browser.close()
+
+
+def test_page_answer_cut_inside_a_character_has_no_replacement_char(live):
+    """max_tokens ending after a character's first byte token: the page shows the answer up to
+    the last whole character."""
+    ids = live.tok.encode(ANSWER, add_special_tokens=False)
+    k, want = next(
+        (k, live.tok.decode(ids[:k]).rstrip("\ufffd"))
+        for k in range(3, len(ids))
+        if live.tok.decode(ids[:k]).endswith("\ufffd")
+    )
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
+        )
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.fill("#api-key", live.key)
+            page.dispatch_event("#api-key", "change")
+            _set_range(page, "#temperature", 0)
+            page.fill("#max-tokens", str(k))
+            page.fill("#input", "你好")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.assistant[data-done]", timeout=30_000)
+            assert _answers(page).nth(0).locator(".content").inner_text() == want
+        finally:
+            browser.close()

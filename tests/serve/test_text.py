@@ -61,6 +61,8 @@ def test_routes():
         {"presence_penalty": 0.5},
         {"frequency_penalty": 0.5},
         {"repetition_penalty": 1.2},
+        {"logit_bias": {5: 1.0}},
+        {"constraint": object()},
     ):
         assert Sampling(max_tokens=5, **extra).route() == "generate", extra
 
@@ -82,8 +84,12 @@ def test_parse_chat_reads_openai_fields_and_extensions():
             "negative_prompt": "坏",
             "stream": True,
             "stream_options": {"include_usage": True},
-            "user": "ignored",
-            "some_future_field": {"x": 1},
+            "user": "someone",
+            "logit_bias": {"5": -100, "7": 2.5},
+            "response_format": {"type": "json_object"},
+            "store": False,
+            "service_tier": "auto",
+            "modalities": ["text"],
         },
         max_tokens=100,
         max_n=4,
@@ -92,6 +98,8 @@ def test_parse_chat_reads_openai_fields_and_extensions():
     s = req.sampling
     assert (s.max_tokens, s.temperature, s.stop, s.logprobs, s.top_k) == (7, 0.0, ["。"], 3, 0)
     assert req.stream and req.include_usage and req.negative_prompt == "坏"
+    assert s.logit_bias == {5: -100.0, 7: 2.5} and req.user == "someone"
+    assert req.response_format is not None and req.response_format.type == "json_object"
 
 
 @pytest.mark.parametrize(
@@ -105,6 +113,21 @@ def test_parse_chat_reads_openai_fields_and_extensions():
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": [1]}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "some_new_field": 1}, "some_new_field"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+            "response_format.type",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema"},
+            },
+            "response_format.json_schema",
+        ),
     ],
 )
 def test_parse_chat_errors_name_the_field(body, param):
@@ -210,3 +233,86 @@ def test_a_token_waits_for_the_next_event_within_the_interval(interval, wakes):
 
     count, held = asyncio.run(scenario())
     assert count == wakes and held == (0 if interval else 1)
+
+
+def test_every_openai_field_is_known_and_refused_ones_name_themselves():
+    """Each field of the installed `openai` package's create params is either a field of the
+    request model (honoured, or refused below when set) — none is left to the unknown-field
+    400 — and each refused field, when set, is a 400 naming it."""
+    openai = pytest.importorskip("openai")
+    from typing import get_type_hints
+
+    from openai.types import completion_create_params as cp
+    from openai.types.chat import completion_create_params as ccp
+
+    from hanlm.serve.protocol import (
+        REFUSED_CHAT,
+        REFUSED_COMPLETION,
+        ChatCompletionBody,
+        CompletionBody,
+    )
+
+    assert openai.__version__
+    pairs = [
+        (ccp.CompletionCreateParamsBase, ChatCompletionBody),
+        (cp.CompletionCreateParamsBase, CompletionBody),
+    ]
+    for params, body in pairs:
+        ours = set(body.model_fields) | {f.alias for f in body.model_fields.values() if f.alias}
+        missing = set(get_type_hints(params)) - ours
+        assert not missing, f"{body.__name__} does not know {missing}"
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for name in REFUSED_CHAT:
+        with pytest.raises(APIError) as e:
+            parse_chat({**chat, name: "x"}, max_tokens=10, max_n=4)
+        assert e.value.status == 400 and e.value.param == name and f"'{name}'" in e.value.message
+    for name, value in {"suffix": "tail", "best_of": 3}.items():
+        assert name in REFUSED_COMPLETION
+        with pytest.raises(APIError) as e:
+            parse_completion({"prompt": "a", name: value}, 10, 4)
+        assert e.value.param == name
+    # the default values are accepted
+    parse_chat({**chat, "store": False, "parallel_tool_calls": None}, max_tokens=10, max_n=4)
+    parse_completion({"prompt": "a", "best_of": 2, "n": 2, "suffix": ""}, 10, 4)
+
+
+def test_an_answer_cut_inside_a_character_ends_at_the_last_whole_one(tiny_tokenizer):
+    """max_tokens reached after the first byte token of a character: no U+FFFD, streamed or
+    whole (a plain decode of the same tokens ends in U+FFFD)."""
+    ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
+    cut = next(
+        k
+        for k in range(1, len(ids))
+        if tiny_tokenizer.decode(ids[:k]).endswith(REPLACEMENT)
+        and len(tiny_tokenizer.decode(ids[:k])) > 1
+    )
+    assert tiny_tokenizer.decode(ids[:cut]).endswith(REPLACEMENT)
+    pieces, _ = _stream(tiny_tokenizer, ids[:cut])
+    text = "".join(pieces)
+    assert REPLACEMENT not in text
+    assert text == tiny_tokenizer.decode(ids[:cut]).rstrip(REPLACEMENT)
+    assert TEXT.startswith(text) and text
+
+
+def test_incomplete_utf8():
+    from hanlm.serve.text import incomplete_utf8
+
+    whole = "你好😀".encode()
+    assert not incomplete_utf8(whole) and not incomplete_utf8(b"") and not incomplete_utf8(b"a")
+    assert incomplete_utf8(whole[:-1]) and incomplete_utf8(whole[:-3])
+    assert incomplete_utf8("你".encode()[:1]) and incomplete_utf8("你".encode()[:2])
+    assert not incomplete_utf8(b"\x80\x80")  # stray continuation bytes: not a cut character
+    assert not incomplete_utf8(b"\xff")
+
+
+def test_stream_obfuscation_is_refused_when_asked_for():
+    for parse, body in (
+        (parse_chat, {"messages": [{"role": "user", "content": "x"}]}),
+        (parse_completion, {"prompt": "x"}),
+    ):
+        body.update(stream=True, stream_options={"include_obfuscation": True})
+        with pytest.raises(APIError) as e:
+            parse(body, 10, 1)
+        assert e.value.param == "stream_options.include_obfuscation"
+        body["stream_options"]["include_obfuscation"] = False
+        assert parse(body, 10, 1).stream

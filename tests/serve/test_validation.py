@@ -1,6 +1,6 @@
 """Request bodies against the live server: a malformed body is OpenAI's 400 naming the field
-(never FastAPI's 422), an unknown field is ignored, and the OpenAPI document lists every
-endpoint with its body's schema."""
+(never FastAPI's 422), so is an unknown field, and the OpenAPI document lists every endpoint
+with its body's schema."""
 
 from __future__ import annotations
 
@@ -87,25 +87,42 @@ def test_completion_and_embedding_bodies_are_checked(live):
         assert error["param"] == param, error
 
 
-def test_unknown_fields_are_ignored(live):
+def test_unknown_fields_are_400_naming_them_and_openai_ones_are_accepted(live):
     c = live.client()
-    vendor = {"vendor_extension": {"nested": [1, {"x": None}]}, "chat_template_kwargs": {}}
+    vendor = {"vendor_extension": {"nested": [1, {"x": None}]}}
+    error = _bad_request(
+        lambda: c.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=2, extra_body=vendor
+        )
+    )
+    assert error["param"] == "vendor_extension" and error["code"] == "unknown_parameter"
+    assert "vendor_extension" in error["message"]
+    error = _bad_request(
+        lambda: c.completions.create(model="tiny", prompt="床前", max_tokens=2, extra_body=vendor)
+    )
+    assert error["param"] == "vendor_extension"
+    error = _bad_request(lambda: c.embeddings.create(model="tiny", input="你", extra_body=vendor))
+    assert error["param"] == "vendor_extension"
+    error = _bad_request(
+        lambda: c.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=2, stream_options={"extra": 1}
+        )
+    )
+    assert error["param"] == "stream_options.extra"
     r = c.chat.completions.create(
-        model="whatever",
+        model="tiny",
         messages=[{**CHAT[0], "name": "小明"}],
         max_tokens=40,
         temperature=0,
         user="someone",
-        logit_bias={"5": 1},
+        metadata={"k": "v"},
+        store=False,
         stream_options=None,
-        extra_body=vendor,
     )
     assert r.choices[0].message.content == ANSWER
-    r = c.completions.create(
-        model="tiny", prompt="床前", max_tokens=2, user="someone", extra_body=vendor
-    )
+    r = c.completions.create(model="tiny", prompt="床前", max_tokens=2, user="someone")
     assert r.usage.completion_tokens <= 2
-    r = c.embeddings.create(model="tiny", input="你好", user="someone", extra_body=vendor)
+    r = c.embeddings.create(model="tiny", input="你好", user="someone")
     assert len(r.data) == 1
 
 
@@ -168,6 +185,7 @@ def test_the_openapi_document_lists_every_endpoint(live):
     assert set(paths) == {
         "/health",
         "/v1/models",
+        "/v1/models/{model_id}",
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",

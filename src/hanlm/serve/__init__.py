@@ -9,7 +9,9 @@
 - `engine.py`: where tokens come from: transformers' continuous-batching manager, or `generate`
   on a worker thread for what the manager cannot do (seed, penalties, guidance, logprobs, n>1);
   `jobs.py` its requests and events, `sampling.py` their settings, `processors.py` the logits
-  processors, stopping criterion and streamer, `threads.py` threads that leave no OpenMP team.
+  processors, stopping criterion and streamer, `constrain.py` JSON-schema grammars
+  (`response_format`, through xgrammar), `threads.py` threads that leave no OpenMP team.
+- `metrics.py`: Prometheus metrics (`/metrics`) and the per-request log line.
 - `streaming.py`: job events into text pieces, whole answers and server-sent events.
 - `text.py`: incremental detokenising and stop strings (never split a character).
 - `chat.py`: the terminal chat; `page.html`: the self-contained chat page served at `/`.

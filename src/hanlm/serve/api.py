@@ -1,14 +1,18 @@
 """The OpenAI-compatible FastAPI app: `create_app(engine, ...)` over an already loaded model.
 
 Routes (hanlm.serve.routes): `GET /` (chat page), `GET /health`, `GET /v1/models`,
-`POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`, `POST /tokenize`,
-`POST /detokenize`, `GET /tokenizer_info`. Every error is `{"error": {...}}` with a 4xx/5xx
-status (an invalid body is a 400, never a 422); with an API key set, every route but `/` and
-`/health` wants `Authorization: Bearer KEY`.
+`GET /v1/models/{id}`, `POST /v1/chat/completions`, `POST /v1/completions`,
+`POST /v1/embeddings`, `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`,
+`GET /metrics` (Prometheus). Every error is `{"error": {...}}` with a 4xx/5xx status (an invalid
+body is a 400, never a 422; a 429 says when to retry in `Retry-After`); with an API key set,
+every route but `/` and `/health` wants `Authorization: Bearer KEY`. Each `/v1/` request is
+logged in one line and counted in the metrics (hanlm.serve.metrics); `cors_origins` lets pages
+from those origins call the API.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from hanlm.serve.engine import Engine
 from hanlm.serve.errors import APIError, invalid_body
+from hanlm.serve.metrics import Metrics, RequestLog
 from hanlm.serve.routes import chat_completions, completions, embeddings, info, page
 from hanlm.serve.state import Limits, ServeState
 
@@ -30,17 +35,32 @@ def create_app(
     api_key: str = "",
     limits: Limits | None = None,
     retriever: Any = None,
+    aliases: Sequence[str] = (),
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The FastAPI app serving `engine`. Tests build it in-process around a tiny model.
 
     With a `retriever` (hanlm.rag.answer.Retriever), a chat request's last user turn is answered
-    from retrieved passages, and the response carries them in an extra `sources` field."""
+    from retrieved passages, and the response carries them in an extra `sources` field.
+    `aliases`: more model names requests may use (`*`: any); another name is a 404.
+    `cors_origins`: origins whose pages may call the API from a browser (`*`: any)."""
     app = FastAPI(
         title="hanlm serve",
         version="1",
         description="OpenAI-compatible API for a hanlm model (continuous batching).",
     )
-    app.state.hanlm = ServeState(engine, model_name, api_key, limits or Limits(), retriever)
+    app.state.hanlm = ServeState(
+        engine, model_name, api_key, limits or Limits(), retriever, tuple(aliases)
+    )
+    app.state.metrics = metrics = Metrics(lambda: engine.active)
+    app.add_middleware(RequestLog, metrics=metrics)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = list(cors_origins)
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]
+        )
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -50,8 +70,15 @@ def create_app(
     return app
 
 
+RETRY_AFTER_S = 1  # a full queue (429) drains in about this long for a small model
+
+
 def _response(e: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    headers = None
+    if e.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif e.status == 429:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 

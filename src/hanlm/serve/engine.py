@@ -42,12 +42,14 @@ from hanlm.compat import batching_logits_processors
 from hanlm.data.templates import stop_token_ids
 from hanlm.embed.pooling import embed_ids
 from hanlm.generation import decoding_kwargs
+from hanlm.serve.constrain import Grammars
 from hanlm.serve.errors import APIError
 from hanlm.serve.jobs import End, Failed, Job, Token
 from hanlm.serve.processors import (
     CancelCriterion,
     InverseCdfSampler,
     JobStreamer,
+    LogitBias,
     LogprobRecorder,
     OpenAIPenalty,
 )
@@ -88,6 +90,9 @@ class Engine:
         self.stop_ids = stop_token_ids(tok)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        head = model.get_output_embeddings()
+        self.logits_width = int(head.weight.shape[0]) if head is not None else len(tok)
+        self.grammars = Grammars(tok, self.stop_ids, self.logits_width)  # response_format
         self.max_queue = max_queue
         self.batch_top_p = batch_top_p
         self.stream_interval = stream_interval  # seconds a token may wait for the next (Job)
@@ -437,9 +442,14 @@ class Engine:
         processors = []
         if s.presence_penalty or s.frequency_penalty:
             processors.append(OpenAIPenalty(len(job.prompt), s))
+        # log-probs are the model's (after penalties), before the bias and the grammar
         recorder = LogprobRecorder(s.logprobs) if s.logprobs is not None else None
         if recorder is not None:
             processors.append(recorder)
+        if s.logit_bias:
+            processors.append(LogitBias(s.logit_bias))
+        if s.constraint is not None:
+            processors.append(s.constraint.processor(s.n, s.max_tokens, len(job.prompt)))
         streamer = JobStreamer(job, s, self.stop_ids, recorder)
         handoff = self._contended if job is self._solo else None
         if s.seed is not None:

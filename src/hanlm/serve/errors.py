@@ -67,6 +67,12 @@ def invalid_body(errors: Sequence[dict[str, Any]]) -> APIError:
         detail = (error.get("ctx") or {}).get("error", msg)
         return APIError(f"the request body is not valid JSON: {detail}")
     param = param_of(error.get("loc", ()))
+    if kind == "extra_forbidden":
+        return APIError(
+            f"Unrecognized request argument supplied: '{param}' (this server does not know it)",
+            param=param,
+            code="unknown_parameter",
+        )
     if kind in _OBJECT_TYPES:
         if param is None:
             return APIError("the request body must be a JSON object")

@@ -59,12 +59,16 @@ class Job:
         self._held_lock = threading.Lock()
         self._woken = False  # a delivery is scheduled on the loop
         self._last_wake = float("-inf")
+        self.started = time.monotonic()
+        self.first_token: float | None = None  # when the first token came (monotonic seconds)
 
     def emit(self, event: Token | End | Failed) -> None:
         """Thread-safe: deliver an event to the job's event loop."""
         if self.cancelled.is_set():
             return
         now = time.monotonic()
+        if self.first_token is None and isinstance(event, Token):
+            self.first_token = now
         with self._held_lock:
             self._held.append(event)
             if self._woken or (isinstance(event, Token) and now - self._last_wake < self.interval):

@@ -54,6 +54,21 @@ class OpenAIPenalty:
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+class LogitBias:
+    """OpenAI's `logit_bias`: a fixed value added to some tokens' logits (-100 bans a token in
+    practice, +100 all but forces it)."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids, self.values = list(bias), list(bias.values())
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        values = torch.tensor(self.values, dtype=scores.dtype, device=scores.device)
+        scores[:, self.ids] += values
+        return scores
+
+
 class LogprobRecorder:
     """Keeps the log-softmax of each step's scores after penalties and guidance, before
     temperature and truncation (which `generate` applies after custom processors)."""

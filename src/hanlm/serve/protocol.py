@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI API as pydantic models, and the records the handlers use.
 
-The models keep OpenAI's rules: fields they do not name are ignored (clients send `user`,
-`logit_bias`, vendor extensions), `null` means the default, and numbers are JSON numbers (never
-strings or booleans; an integer field takes 2.0 but not 2.5). `parse_chat`, `parse_completion`
+The models keep OpenAI's rules: a field they do not name is a 400 naming it ("unrecognized
+request argument", as OpenAI answers), `null` means the default, and numbers are JSON numbers
+(never strings or booleans; an integer field takes 2.0 but not 2.5). Every field OpenAI defines
+for chat and text completions is either honoured or, when set, refused with a 400 naming it
+(`REFUSED_CHAT`, `REFUSED_COMPLETION`). `parse_chat`, `parse_completion`
 and `parse_embedding` validate a decoded JSON body and then apply the rules that need the
 server's limits or several fields at once; every failure is an `APIError` (400) naming the field
 in `param`. The models' JSON Schemas are the request bodies of the OpenAPI document.
@@ -32,6 +34,7 @@ from hanlm.serve.sampling import Sampling
 
 MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy decoding
 MAX_STOP = 16  # stop strings per request
+MAX_BIAS = 1024  # logit_bias entries per request
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 ROLES: tuple[str, ...] = get_args(Role)
 
@@ -65,6 +68,27 @@ def _stop(value: Any) -> list[str]:
     if len(value) > MAX_STOP:
         raise PydanticCustomError("too_long", f"Input should have at most {MAX_STOP} strings")
     return [s for s in value if s]
+
+
+def _bias(value: Any) -> dict[int, float]:
+    """OpenAI's `logit_bias`: token ids (as JSON object keys, so strings) -> -100..100."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PydanticCustomError("bias_type", "Input should be an object of token id -> bias")
+    if len(value) > MAX_BIAS:
+        raise PydanticCustomError("too_long", f"Input should have at most {MAX_BIAS} entries")
+    out = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise PydanticCustomError("bias_key", f"keys should be token ids, got {key!r}")
+        number = isinstance(bias, (int, float)) and not isinstance(bias, bool)
+        if not number or not -100 <= bias <= 100:
+            raise PydanticCustomError(
+                "bias_value", f"token {key}: the bias should be a number from -100 to 100"
+            )
+        out[int(key)] = float(bias)
+    return out
 
 
 def _text(value: Any) -> str:
@@ -146,6 +170,21 @@ Inputs = Annotated[
         }
     ),
 ]
+LogitBias = Annotated[
+    dict[int, float],
+    BeforeValidator(_bias),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                },
+                {"type": "null"},
+            ]
+        }
+    ),
+]
 # null and "" mean the default, as OpenAI's clients send them
 NegativePrompt = Annotated[str, BeforeValidator(lambda v: v or "")]
 EncodingFormat = Annotated[Literal["float", "base64"], BeforeValidator(lambda v: v or "float")]
@@ -155,9 +194,17 @@ MAX_COUNT = 1 << 31
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI does
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400, as OpenAI answers
 
-    model: str | None = None  # one model is served: any name will do
+    model: str | None = Field(None, description="the served name or an alias (else 404)")
+
+
+class VendorBody(BaseModel):
+    """vLLM's tokenizer routes: fields they do not name are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -168,9 +215,28 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     include_usage: Bool = None
+    include_obfuscation: Bool = Field(None, description="false only (no obfuscation padding)")
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: Bool = None
+
+
+class ResponseFormat(BaseModel):
+    """`text`, `json_object` (any JSON object) or `json_schema` (JSON following a schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class SampledBody(Body):
@@ -189,6 +255,8 @@ class SampledBody(Body):
     stop: Stop = Field(default_factory=list)
     stream: Bool = None
     stream_options: StreamOptions | None = None
+    logit_bias: LogitBias = Field(default_factory=dict, description="token id -> -100..100")
+    user: str | None = Field(None, description="an end-user id, written in the request log")
 
     @property
     def include_usage(self) -> bool:
@@ -213,6 +281,7 @@ class SampledBody(Body):
             guidance_scale=_default(self.guidance_scale, 1.0),
             n=n,
             stop=self.stop,
+            logit_bias=dict(self.logit_bias),
         )
 
 
@@ -223,6 +292,27 @@ class ChatCompletionBody(SampledBody):
     logprobs: Bool = None
     top_logprobs: Int = Field(None, ge=0, le=20, description="needs logprobs: true")
     negative_prompt: NegativePrompt = Field("", description="guidance's unconditional prompt")
+    response_format: ResponseFormat | None = None
+    safety_identifier: str | None = Field(None, description="written in the request log")
+    metadata: dict[str, str] | None = Field(None, description="written in the request log")
+    # refused when set to anything but their default (REFUSED_CHAT says why)
+    service_tier: Any = None
+    store: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    moderation: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
 
 
 class CompletionBody(SampledBody):
@@ -230,15 +320,18 @@ class CompletionBody(SampledBody):
     max_tokens: Int = Field(None, ge=0, le=MAX_COUNT, description="0 only with echo: true")
     echo: Bool = None
     logprobs: Int = Field(None, ge=0, le=20)
+    best_of: Int = Field(None, ge=1, description="only equal to n (no reranking)")
+    suffix: str | None = Field(None, description="refused unless empty (no insertion)")
 
 
 class EmbeddingBody(Body):
     input: Inputs
+    user: str | None = Field(None, description="an end-user id, written in the request log")
     encoding_format: EncodingFormat = "float"
     dimensions: Int = Field(None, ge=1, le=1 << 20, description="the model's hidden size")
 
 
-class TokenizeBody(Body):
+class TokenizeBody(VendorBody):
     """`prompt` (or its alias `text`) as a string, or chat `messages` through the template."""
 
     prompt: str | None = None
@@ -248,8 +341,60 @@ class TokenizeBody(Body):
     add_generation_prompt: Bool = None
 
 
-class DetokenizeBody(Body):
+class DetokenizeBody(VendorBody):
     tokens: list[StrictInt]
+
+
+# Fields OpenAI defines that this server does not do: set to anything but null or the value in
+# `ACCEPTED`, each is a 400 naming it. (`tools` and the rest of tool calling come later.)
+REFUSED_CHAT = {
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "moderation": "moderation is not supported",
+    "prompt_cache_key": "there is no prompt cache",
+    "prompt_cache_options": "there is no prompt cache",
+    "prompt_cache_retention": "there is no prompt cache",
+    "reasoning_effort": "the model has no reasoning settings",
+    "verbosity": "the model has no verbosity setting",
+    "web_search_options": "web search is not supported",
+    "service_tier": "there is one service tier ('auto' or 'default')",
+    "store": "nothing is stored (false only)",
+    "tools": "tool calls are not supported yet",
+    "tool_choice": "tool calls are not supported yet",
+    "parallel_tool_calls": "tool calls are not supported yet",
+    "functions": "function calls are not supported yet",
+    "function_call": "function calls are not supported yet",
+}
+REFUSED_COMPLETION = {
+    "suffix": "inserting text before a suffix is not supported",
+    "best_of": "best_of must equal n (no reranking of candidates)",
+}
+ACCEPTED: dict[str, tuple[Any, ...]] = {
+    "modalities": (["text"],),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "suffix": ("",),
+}
+
+
+def refuse(body: BaseModel, refused: dict[str, str]) -> None:
+    """A 400 naming the first field of `refused` that `body` sets (beyond its accepted values),
+    or `stream_options.include_obfuscation: true`."""
+    options = getattr(body, "stream_options", None)
+    if options is not None and options.include_obfuscation:
+        raise APIError(
+            "'stream_options.include_obfuscation': no obfuscation padding is sent (false only)",
+            param="stream_options.include_obfuscation",
+            code="unsupported_parameter",
+        )
+    for name, why in refused.items():
+        value = getattr(body, name)
+        if value is None or any(value == ok for ok in ACCEPTED.get(name, ())):
+            continue
+        if name == "best_of" and value == (getattr(body, "n", None) or 1):
+            continue
+        raise APIError(f"'{name}': {why}", param=name, code="unsupported_parameter")
 
 
 def _default(value: float | None, default: float) -> float:
@@ -266,6 +411,9 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     negative_prompt: str = ""
+    response_format: ResponseFormat | None = None
+    model: str | None = None
+    user: str = ""  # user / safety_identifier / metadata, for the request log
 
 
 @dataclass
@@ -275,6 +423,8 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    model: str | None = None
+    user: str = ""
 
 
 @dataclass
@@ -282,6 +432,8 @@ class EmbeddingRequest:
     inputs: list[list[int] | str]
     encoding_format: str = "float"
     dimensions: int | None = None
+    model: str | None = None
+    user: str = ""
 
 
 B = TypeVar("B", bound=BaseModel)
@@ -303,8 +455,31 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     ]
 
 
+def _who(user: str | None, *more: Any) -> str:
+    """What the request log shows of who asked: `user`, `safety_identifier`, `metadata`."""
+    parts = [str(x) for x in (user, *more) if x]
+    return " ".join(parts)
+
+
+def _response_format(rf: ResponseFormat | None) -> ResponseFormat | None:
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_schema" and rf.json_schema is None:
+        raise APIError(
+            "'response_format.json_schema' is required with type 'json_schema'",
+            param="response_format.json_schema",
+        )
+    if rf.type == "json_object" and rf.json_schema is not None:
+        raise APIError(
+            "'response_format.json_schema' goes with type 'json_schema', not 'json_object'",
+            param="response_format.json_schema",
+        )
+    return rf
+
+
 def parse_chat(body: Any, max_tokens: int, max_n: int) -> ChatRequest:
     b = validate(ChatCompletionBody, body)
+    refuse(b, REFUSED_CHAT)
     given = b.max_completion_tokens if b.max_completion_tokens is not None else b.max_tokens
     sampling = b.sampling(max_tokens if given is None else given, max_n)
     if b.logprobs:
@@ -317,11 +492,15 @@ def parse_chat(body: Any, max_tokens: int, max_n: int) -> ChatRequest:
         stream=bool(b.stream),
         include_usage=b.include_usage,
         negative_prompt=b.negative_prompt,
+        response_format=_response_format(b.response_format),
+        model=b.model,
+        user=_who(b.user, b.safety_identifier, b.metadata),
     )
 
 
 def parse_completion(body: Any, max_tokens: int, max_n: int) -> CompletionRequest:
     b = validate(CompletionBody, body)
+    refuse(b, REFUSED_COMPLETION)
     tokens = min(max_tokens, 16) if b.max_tokens is None else b.max_tokens
     sampling = b.sampling(tokens, max_n)
     sampling.logprobs = b.logprobs
@@ -333,12 +512,14 @@ def parse_completion(body: Any, max_tokens: int, max_n: int) -> CompletionReques
         stream=bool(b.stream),
         include_usage=b.include_usage,
         echo=bool(b.echo),
+        model=b.model,
+        user=_who(b.user),
     )
 
 
 def parse_embedding(body: Any) -> EmbeddingRequest:
     b = validate(EmbeddingBody, body)
-    return EmbeddingRequest(b.input, b.encoding_format, b.dimensions)
+    return EmbeddingRequest(b.input, b.encoding_format, b.dimensions, b.model, _who(b.user))
 
 
 def request_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -22,14 +23,17 @@ class Sampling:
     n: int = 1
     logprobs: int | None = None  # None = off; k = how many alternatives per token
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    constraint: Any = None  # a hanlm.serve.constrain.Constraint the output must follow
 
     def route(self, truncation: bool = False) -> str:
         """'batch' (continuous batching) or 'generate' (`model.generate` on the worker).
 
         The continuous-batching manager takes the temperature per request (and top-k/top-p
         when its warpers are on: `truncation`); it has no per-request seed, penalties, guidance
-        (it refuses negative prompts), log-probs of the unprocessed distribution, or several
-        answers per prompt.
+        (it refuses negative prompts), log-probs of the unprocessed distribution, several
+        answers per prompt, logit biases or grammars (its per-request processors are its own
+        temperature, top-k and top-p).
         """
         truncated = self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
         plain = (
@@ -40,6 +44,8 @@ class Sampling:
             and self.guidance_scale == 1
             and self.n == 1
             and self.logprobs is None
+            and not self.logit_bias
+            and self.constraint is None
             and (truncation or not truncated)
         )
         return "batch" if plain else "generate"

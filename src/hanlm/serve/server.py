@@ -4,6 +4,7 @@ OpenAI-compatible API and the chat page with uvicorn."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -32,6 +33,16 @@ class ServeConfig:
     adapter: str = opt("", "a LoRA adapter directory to apply to the model (merged at load)")
     template: TemplateName = opt("auto", "chat template if the model has none")
     name: str = opt("", "model id shown in /v1/models (default: the directory's name)")
+    aliases: str = opt(
+        "",
+        "more model names requests may use, comma-separated ('*': any name); any other name is"
+        " answered 404 model_not_found, as OpenAI does",
+    )
+    cors_origins: str = opt(
+        "",
+        "origins whose web pages may call the API, comma-separated ('*': any), e.g."
+        " http://localhost:3000 (default: none, browsers block cross-origin calls)",
+    )
     host: str = opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
     port: int = opt(8000, "TCP port")
     api_key: str = opt(
@@ -118,7 +129,16 @@ def run(cfg: ServeConfig) -> int:
     retriever = None
     if cfg.retrieval.index:
         retriever = Retriever(cfg.retrieval)
-    app = create_app(engine, model_name=name, api_key=api_key, limits=limits, retriever=retriever)
+    app = create_app(
+        engine,
+        model_name=name,
+        api_key=api_key,
+        limits=limits,
+        retriever=retriever,
+        aliases=_names(cfg.aliases),
+        cors_origins=_names(cfg.cors_origins),
+    )
+    _log_requests(cfg.log_level)
     # transformers' batching manager runs gc.collect() each time it stops (here: when the last
     # batched request finishes); over the model's, tokenizer's and web app's objects that took
     # 200 ms with the GIL held, stalling every request. Objects that live as long as the server
@@ -133,7 +153,23 @@ def run(cfg: ServeConfig) -> int:
         file=sys.stderr,
     )
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        # (no access log: hanlm.serve.metrics logs each API request with its tokens and times)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
     finally:
         engine.close()
     return 0
+
+
+def _names(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def _log_requests(level: str) -> None:
+    """The request log (logger `hanlm.serve`) on stderr, at uvicorn's log level."""
+    logger = logging.getLogger("hanlm.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [hanlm] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(getattr(logging, level.upper(), logging.DEBUG))  # (uvicorn's trace)
+    logger.propagate = False

@@ -3,6 +3,7 @@ the optional retriever) and the checks that use it, free of any web framework.""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -36,6 +37,7 @@ class ServeState:
     api_key: str = ""  # empty: no key needed
     limits: Limits = field(default_factory=Limits)
     retriever: Any = None
+    aliases: tuple[str, ...] = ()  # more names requests may use ("*": any name)
     created: int = field(default_factory=lambda: int(time.time()))
     vocab: int = field(init=False)  # valid token ids: [0, vocab)
 
@@ -46,6 +48,48 @@ class ServeState:
     @property
     def tok(self) -> Any:
         return self.engine.tok
+
+    @property
+    def names(self) -> list[str]:
+        """The model ids this server answers to, the served name first."""
+        return [self.model_name, *(a for a in self.aliases if a not in ("*", self.model_name))]
+
+    def model_id(self, name: str | None) -> str:
+        """The id a request's `model` names (None: the served model), or OpenAI's 404."""
+        if name is None or name in self.names or "*" in self.aliases:
+            return name or self.model_name
+        raise APIError(
+            f"The model '{name}' does not exist: this server serves"
+            f" {', '.join(repr(n) for n in self.names)} (add names with serve's aliases=...)",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+
+    def check_bias(self, bias: dict[int, float]) -> None:
+        """A 400 for `logit_bias` token ids that the model has no logit for."""
+        width = self.engine.logits_width
+        bad = [t for t in bias if t >= width]
+        if bad:
+            raise APIError(
+                f"'logit_bias' has token ids outside the vocabulary [0, {width}): {bad[:5]}",
+                param="logit_bias",
+            )
+
+    async def constraint(self, response_format: Any) -> Any:
+        """The compiled grammar of a chat request's `response_format` (json_object or
+        json_schema); compiled off the event loop (a new schema over a large vocabulary takes
+        a while)."""
+        if response_format is None:
+            return None
+        spec = response_format.json_schema
+        schema = spec.schema_ if spec is not None else None
+        strict = bool(spec is not None and spec.strict)
+        param = "response_format.json_schema.schema" if spec is not None else "response_format"
+        if schema is not None:
+            check_schema(schema, param)
+        grammars = self.engine.grammars
+        return await asyncio.to_thread(grammars.constraint, schema, strict, param=param)
 
     def check_auth(self, headers: Any) -> None:
         """401 unless the request carries `Authorization: Bearer KEY` (when a key is set)."""
@@ -124,6 +168,18 @@ class ServeState:
         if len(items) > MAX_PROMPTS:
             what = "prompts" if key == "prompt" else "inputs"
             raise APIError(f"at most {MAX_PROMPTS} {what} per request", param=key)
+
+
+def check_schema(schema: dict[str, Any], param: str) -> None:
+    """A 400 naming `param` for a JSON schema that its own metaschema rejects."""
+    try:
+        from jsonschema import SchemaError, validators
+    except ImportError:  # xgrammar still refuses what it cannot compile
+        return
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as e:
+        raise APIError(f"'{param}' is not a valid JSON schema: {e.message}", param=param) from None
 
 
 def usage(prompt: int, completion: int) -> dict[str, int]:

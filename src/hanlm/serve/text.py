@@ -3,7 +3,8 @@
 A byte-level BPE splits a Chinese character into up to three byte tokens, and decoding a prefix
 that ends inside one gives U+FFFD. `Detokenizer` decodes a sliding window of recent tokens (so a
 tokenizer's leading-space rules see the same context as a full decode) and holds text back while
-it ends in U+FFFD, or while its tail could still grow into a stop string.
+it ends in U+FFFD, or while its tail could still grow into a stop string. An answer that ends
+inside a character (`max_tokens` reached after its first byte) ends at the last whole one.
 """
 
 from __future__ import annotations
@@ -42,15 +43,30 @@ class Detokenizer:
         return self._release(final=False)
 
     def finish(self) -> str:
-        """The remaining text, incomplete bytes included (decoded as U+FFFD, as a full decode
-        would)."""
+        """The remaining text, without the bytes of a character left incomplete at the end
+        (which a full decode would show as U+FFFD)."""
         if self.stopped:
             return ""
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         now = self._decode(self.ids[self.prefix_offset :])
-        self.text += now[len(before) :]
+        tail = now[len(before) :]
+        if tail.endswith(REPLACEMENT) and self._cut_inside_a_character():
+            tail = tail[:-1]  # (a decoder shows a cut character as one U+FFFD)
+        self.text += tail
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._release(final=True)
+
+    def _cut_inside_a_character(self) -> bool:
+        """The tokens not yet released end with the first bytes of a UTF-8 character. Bytes that
+        can never start one (stray continuation bytes, say) are not a cut: a full decode shows
+        them as U+FFFD, and so does the answer. Tokens whose bytes cannot be known: a cut."""
+        data = bytearray()
+        for t in self.ids[self.read_offset :]:
+            b = token_bytes(self.tok, t)
+            if b is None:
+                return True
+            data += bytes(b)
+        return incomplete_utf8(bytes(data))
 
     def _release(self, final: bool) -> str:
         if self.stop:
@@ -79,6 +95,17 @@ class Detokenizer:
                     best = k
                     break
         return best
+
+
+def incomplete_utf8(data: bytes) -> bool:
+    """`data` ends with the start of a multi-byte UTF-8 character that lacks its last bytes."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if 0x80 <= b <= 0xBF:  # a continuation byte: look further back for the lead
+            continue
+        need = 2 if 0xC2 <= b <= 0xDF else 3 if 0xE0 <= b <= 0xEF else 4 if 0xF0 <= b <= 0xF4 else 0
+        return back < need
+    return False
 
 
 def token_text(tok: Any, token: int) -> str:

@@ -1,7 +1,9 @@
 """`POST /v1/chat/completions`: a chat answer (or `n`), whole or streamed as server-sent events.
 
 With a retriever, the last user turn is answered from retrieved passages, returned in an extra
-`sources` field (streamed: a first chunk with no choices)."""
+`sources` field (streamed: a first chunk with no choices). A `response_format` of
+`json_object` or `json_schema` constrains the output with a grammar (hanlm.serve.constrain);
+such requests run on the engine's `generate` path."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from hanlm.data.templates import prompt_ids
 from hanlm.serve.deps import Authorized, JSONBody
 from hanlm.serve.jobs import Job, Token
+from hanlm.serve.metrics import Served
 from hanlm.serve.protocol import ChatCompletionBody, ChatRequest, parse_chat, request_body
 from hanlm.serve.state import ServeState, usage
 from hanlm.serve.streaming import Answer, collect, pieces, sse, stream_response, until_disconnect
@@ -31,6 +34,9 @@ async def chat_request(body: JSONBody, state: Authorized) -> ChatRequest:
 async def chat_completions(
     request: Request, req: Annotated[ChatRequest, Depends(chat_request)], state: Authorized
 ) -> Any:
+    model = state.model_id(req.model)
+    state.check_bias(req.sampling.logit_bias)
+    req.sampling.constraint = await state.constraint(req.response_format)
     hits: list[Any] = []
     retriever = state.retriever
     if retriever is not None and req.messages[-1]["role"] == "user":
@@ -42,7 +48,9 @@ async def chat_completions(
     if s.guidance_scale != 1 and req.negative_prompt:
         s.negative_ids = prompt_ids(state.tok, [{"role": "user", "content": req.negative_prompt}])
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
-    head["model"] = state.model_name
+    head["model"] = model
+    served = Served(head["id"], len(prompt), user=req.user, path=state.engine.route(s))
+    request.state.hanlm = served
     ticket = state.engine.admit()
     try:
         job = state.engine.submit(prompt, s)
@@ -50,12 +58,14 @@ async def chat_completions(
         ticket.release()
         raise
     if req.stream:
-        events = _events(state, req, job, head, len(prompt), hits)
+        events = _events(state, req, job, head, served, hits)
         return stream_response(events, [job], ticket)
     try:
         answers = await until_disconnect(request, collect(job, state.tok, s.n), [job])
     finally:
         ticket.release()
+    served.completion_tokens = sum(len(a.tokens) for a in answers)
+    served.first_token = job.first_token - job.started if job.first_token else None
     return _completion(state, req, answers, head, len(prompt), hits)
 
 
@@ -92,7 +102,7 @@ async def _events(
     req: ChatRequest,
     job: Job,
     head: dict[str, Any],
-    prompt_len: int,
+    served: Served,
     hits: list[Any],
 ) -> AsyncIterator[bytes]:
     s, tok = req.sampling, state.tok
@@ -110,6 +120,9 @@ async def _events(
     spent = 0
     async for row, text, tokens, finish in pieces(job, tok, s.n, s.logprobs is None):
         spent += len(tokens)
+        served.completion_tokens = spent
+        if served.first_token is None and job.first_token is not None:
+            served.first_token = job.first_token - job.started
         lp = None
         if tokens and s.logprobs is not None:  # (not merged: one token)
             lp = {"content": [_logprob(tok, t) for t in tokens], "refusal": None}
@@ -118,7 +131,7 @@ async def _events(
         if finish:
             yield chunk(row, {}, finish)
     if req.include_usage:
-        yield sse({**head, "choices": [], "usage": usage(prompt_len, spent)})
+        yield sse({**head, "choices": [], "usage": usage(served.prompt_tokens, spent)})
 
 
 def _logprob(tok: Any, t: Token) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 
 from hanlm.serve.deps import Authorized, JSONBody
 from hanlm.serve.jobs import Job
+from hanlm.serve.metrics import Served
 from hanlm.serve.protocol import CompletionBody, CompletionRequest, parse_completion, request_body
 from hanlm.serve.sampling import Sampling
 from hanlm.serve.state import ServeState, usage
@@ -44,8 +45,11 @@ async def completions(
     req: Annotated[CompletionRequest, Depends(completion_request)],
     state: Authorized,
 ) -> Any:
+    model = state.model_id(req.model)
     state.check_count(req.prompts, "prompt")
-    run = _Completions(state, req)
+    state.check_bias(req.sampling.logit_bias)
+    run = _Completions(state, req, model)
+    request.state.hanlm = run.served
     ticket = state.engine.admit()
     try:
         run.submit()
@@ -62,13 +66,15 @@ async def completions(
         ticket.release()
     choices = [c for group in results for c in group]
     spent = sum(c.pop("_n") for c in choices)
+    run.served.completion_tokens = spent
+    run.served.first_token = run.first_token()
     return {**run.head, "choices": choices, "usage": usage(run.prompt_tokens, spent)}
 
 
 class _Completions:
     """One request's prompts, their samplings and jobs (none for a prompt that only echoes)."""
 
-    def __init__(self, state: ServeState, req: CompletionRequest) -> None:
+    def __init__(self, state: ServeState, req: CompletionRequest, model: str) -> None:
         self.state, self.req, self.tok = state, req, state.tok
         self.prompts = [state.encode(p, "prompt") for p in req.prompts]
         generate = req.sampling.max_tokens > 0
@@ -80,10 +86,17 @@ class _Completions:
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
             "object": "text_completion",
             "created": int(time.time()),
-            "model": state.model_name,
+            "model": model,
         }
         self.jobs: list[Job] = []
         self.job_of: list[Job | None] = []
+        route = state.engine.route(self.samplings[0]) if self.samplings else ""
+        self.served = Served(self.head["id"], self.prompt_tokens, user=req.user, path=route)
+
+    def first_token(self) -> float | None:
+        """Seconds from submission to the first token of any prompt's job."""
+        times = [j.first_token - j.started for j in self.jobs if j.first_token is not None]
+        return min(times) if times else None
 
     def submit(self) -> None:
         for p, s in zip(self.prompts, self.samplings):
@@ -183,6 +196,9 @@ class _Completions:
         spent = 0
         async for _, choice in merge([self.stream_choices(k) for k in range(len(self.prompts))]):
             spent += choice.pop("_token", 0)
+            self.served.completion_tokens = spent
+            if self.served.first_token is None:
+                self.served.first_token = self.first_token()
             if "index" in choice:
                 yield sse({**self.head, "choices": [choice], **extra})
         if self.req.include_usage:

@@ -1,11 +1,12 @@
-"""The model and its tokenizer: `GET /health` (open), `GET /v1/models`, `POST /tokenize`,
-`POST /detokenize` and `GET /tokenizer_info` (vLLM's names and shapes)."""
+"""The model and its tokenizer: `GET /health` (open), `GET /v1/models`, `GET /v1/models/{id}`,
+`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` (vLLM's names and shapes), and
+the Prometheus metrics, `GET /metrics`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
 from hanlm.serve.deps import Authorized, JSONBody, State
 from hanlm.serve.errors import APIError
@@ -25,16 +26,34 @@ async def health(state: State) -> dict[str, Any]:
     return {"status": "ok", "model": state.model_name, "active": state.engine.active}
 
 
-@router.get("/v1/models")
-async def models(state: Authorized) -> dict[str, Any]:
-    model = {
-        "id": state.model_name,
+def _model(state: Any, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
         "object": "model",
         "created": state.created,
         "owned_by": "hanlm",
         "max_model_len": state.engine.context,
     }
-    return {"object": "list", "data": [model]}
+
+
+@router.get("/v1/models")
+async def models(state: Authorized) -> dict[str, Any]:
+    """The served model under each of its names (the served name first)."""
+    return {"object": "list", "data": [_model(state, n) for n in state.names]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, state: Authorized) -> dict[str, Any]:
+    return _model(state, state.model_id(model_id))
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, state: Authorized) -> Response:
+    try:
+        body, kind = request.app.state.metrics.render()
+    except RuntimeError as e:
+        raise APIError(f"no metrics: {e} (pip install 'hanlm[serve]')", status=501) from None
+    return Response(body, media_type=kind)
 
 
 @router.post("/tokenize", openapi_extra=request_body(TokenizeBody))
