@@ -181,13 +181,14 @@ def test_eval_and_embed(qwen, tmp_path, capsys):
 
 def test_serve_answers_with_the_models_own_template(sft_dir):
     """The OpenAI API over continuous batching, through the real client: the greedy answer is
-    `generate`'s, and the prompt is rendered with the model's chat template."""
+    `generate`'s, and the prompt is Qwen's own template (kept by SFT, default system prompt
+    included) exactly as `apply_chat_template` renders it."""
     import openai
 
     from hanlm.serve.api import Limits, create_app
     from hanlm.serve.engine import Engine
     from hanlm.serve.server import ServeConfig, load
-    from hanlm.testing import ServedApp
+    from hanlm.testing import QWEN_TEMPLATE, ServedApp
 
     cfg = ServeConfig()
     cfg.model.path = str(sft_dir)
@@ -202,7 +203,9 @@ def test_serve_answers_with_the_models_own_template(sft_dir):
         )
         import torch
 
+        assert tok.chat_template == QWEN_TEMPLATE
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
         ids = tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
@@ -253,8 +256,11 @@ def test_distill_and_embed_train(qwen, tmp_path, capsys):
     embed = ["embed", "train", f"model.path={qwen}", f"data=[{pairs}]", "valid_fraction=0"]
     embed += ["train.batch_size=4", "train.max_steps=2"]
     if _arch(qwen) == "qwen3":  # SGPT-BE's BitFit needs biases, which Qwen3 has none of
+        capsys.readouterr()
         assert cli.main([*embed, "trainable=bias", f"output_dir={tmp_path / 'refused'}"]) == 1
-        assert "no bias terms" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "no bias terms" in err and "Loading weights" not in err  # refused before loading
+        assert not (tmp_path / "refused").exists()
         embed.append("trainable=lora")
     else:
         embed.append("trainable=bias")  # Qwen2's q/k/v biases

@@ -3,8 +3,15 @@
 import pytest
 
 from hanlm import IGNORE_INDEX
-from hanlm.data.templates import TEMPLATES, TemplateError, apply_template, render, stop_token_ids
-from hanlm.testing import tiny_tokenizer
+from hanlm.data.templates import (
+    TEMPLATES,
+    TemplateError,
+    apply_template,
+    prompt_ids,
+    render,
+    stop_token_ids,
+)
+from hanlm.testing import qwen_tokenizer, tiny_tokenizer
 
 CONV = [
     {"role": "system", "content": "你是一位诗人。"},
@@ -60,22 +67,112 @@ def test_generation_prompt_is_the_prefix_training_saw(tok):
     assert full[: len(prompt)] == prompt
 
 
-def test_unknown_template_and_missing_markers():
+def test_unknown_template_and_broken_markers():
     t = tiny_tokenizer()
     with pytest.raises(TemplateError, match="unknown chat template 'vicuna'"):
         apply_template(t, "vicuna")
-    t.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(TemplateError, match="no chat template hanlm recognises"):
-        apply_template(t, "auto")
-    with pytest.raises(TemplateError, match="generation"):
+    t.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% generation %}{% endgeneration %}{% endfor %}"
+    )
+    with pytest.raises(TemplateError, match="mark no tokens"):
         render(t, CONV[1:3])
 
 
-def test_auto_keeps_a_marked_template_and_upgrades_a_known_unmarked_one():
-    t = tiny_tokenizer(template="llama3")
-    marked = t.chat_template
-    assert apply_template(t, "auto") == [] and t.chat_template == marked
-    t.chat_template = "{{ '<|im_start|>' }}"  # e.g. SmolLM2's own ChatML template, no markers
+# SmolLM2-Instruct's own template (ChatML, a default system prompt, no generation markers).
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging"
+    " Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' +"
+    " message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Gemma-like turns: the end of turn is a token of its own, not EOS.
+GEMMA = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n'"
+    " + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _own(template, extra=()):
+    t = tiny_tokenizer()
+    if extra:
+        t.add_special_tokens({"additional_special_tokens": list(extra)})
+    t.chat_template = template
+    return t
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: qwen_tokenizer(),
+        lambda: _own(SMOLLM2),
+        lambda: _own(GEMMA, ("<start_of_turn>", "<end_of_turn>")),
+    ],
+    ids=["qwen2.5", "smollm2", "gemma-like"],
+)
+@pytest.mark.parametrize("conv", [CONV, CONV[1:], CONV[1:3]], ids=["system", "2turns", "1turn"])
+def test_a_models_own_unmarked_template_trains_as_it_is(make, conv):
+    """`auto` keeps the template; ids equal apply_chat_template's; labels are the answers and
+    the end-of-turn token the template writes after them (not EOS unless it is the same)."""
+    tok = make()
+    own = tok.chat_template
+    assert apply_template(tok, "auto") == [] and tok.chat_template == own
+    ids, labels = render(tok, conv)
+    assert ids == tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+    eot = tok.convert_ids_to_tokens(stop_token_ids(tok)[0])
+    assert eot == ("<end_of_turn>" if "<end_of_turn>" in own else "<|im_end|>")
+    answers = [m["content"] for m in conv if m["role"] == "assistant"]
+    spans = _spans(labels)
+    assert [tok.decode([ids[i] for i in s]) for s in spans] == [a + eot for a in answers]
+    # the prompt generation starts from is the prefix training saw, default system prompt included
+    prompt = prompt_ids(tok, conv[:-1])
+    assert ids[: len(prompt)] == prompt
+    assert (
+        prompt
+        == tok.apply_chat_template(
+            conv[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    # drops earlier answers' reasoning, as Qwen3's template does: prefixes are not stable
+    t = _own(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('</think>')[-1] }}"
+        "{% else %}{{ m['content'] }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    conv = [
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "<think>easy</think>2"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    with pytest.raises(TemplateError, match="renders turn 2 differently"):
+        render(t, conv)
+    assert render(t, conv[:2])[0]  # one turn is fine
+
+
+def test_naming_a_template_replaces_the_own_one_and_says_how_prompts_change(capsys):
+    t = qwen_tokenizer()
+    assert apply_template(t, "chatml") == []
+    assert t.chat_template == TEMPLATES["chatml"].jinja
+    err = capsys.readouterr().err
+    assert "replaces the model's own chat template" in err and "You are Qwen" in err
+    # a model whose own template renders the same text gets no note
+    t2 = _own(
+        TEMPLATES["chatml"].jinja.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    )
+    apply_template(t2, "chatml")
+    assert "replaces" not in capsys.readouterr().err
+
+
+def test_a_tokenizer_without_a_template_gets_chatml():
+    t = tiny_tokenizer()
+    t.chat_template = None
     apply_template(t, "auto")
     assert t.chat_template == TEMPLATES["chatml"].jinja
 

@@ -144,6 +144,14 @@ class TrainConfig:
         " a third more compute per step (trl's trainers turn it on by default; hanlm only when"
         " asked, in every stage alike)",
     )
+    batching: Literal["auto", "random", "grouped", "padding_free"] = opt(
+        "auto",
+        "how conversations form batches: random (padded to the longest of each batch), grouped"
+        " (batches of similar lengths: almost no padding), padding_free (each batch one"
+        " sequence, positions restarting per conversation; needs flash-attention on a GPU to"
+        " gain); auto = padding_free on a CUDA GPU with flash-attention, else grouped. Exact"
+        " either way: the same per-example losses",
+    )
     deepspeed: str = opt(
         "",
         "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); launch with torchrun;"

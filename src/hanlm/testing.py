@@ -67,22 +67,12 @@ QWEN_SPLIT = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Qwen2.5-Instruct's own chat template (tool use left out): a default system prompt when the
-# conversation has none, ChatML turns, `<|im_start|>assistant\n` as the generation prompt.
+# Qwen2.5-Instruct's own chat template, as its GGUF carries it (Apache-2.0): a default system
+# prompt when the conversation has none, tools in the system turn, `<tool_call>` JSON in the
+# assistant's turn, tool results as `<tool_response>` in a user turn.
 QWEN_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful"
-    " assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+    Path(__file__).parent / "assets" / "templates" / "qwen2.5-instruct.jinja"
+).read_text(encoding="utf-8")
 
 
 def qwen_tokenizer(vocab_size: int = 600, texts: list[str] | None = None) -> Any:

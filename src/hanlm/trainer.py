@@ -21,7 +21,7 @@ from hanlm.compat import (
     set_trl_token_count,
     trl_token_count,
 )
-from hanlm.config import LoraConfig, TrainConfig
+from hanlm.config import ConfigError, LoraConfig, TrainConfig
 from hanlm.modeling import count_parameters, pick_precision
 from hanlm.runs import CHECKPOINTS, Run, atomic_write_json, mark_complete, prune_checkpoints
 
@@ -37,7 +37,7 @@ def training_args(
 
     if args_cls is None:
         from transformers import TrainingArguments as args_cls
-    check_launch(cfg, "hanlm STAGE")  # the stages call it first, with their name
+    check_launch(cfg, "hanlm STAGE", batching=True)  # the stages call it first, by name
     precision = pick_precision(cfg.precision)
     on_cpu = not torch.cuda.is_available()
     if on_cpu and precision != "fp32":
@@ -80,6 +80,35 @@ def training_args(
     )
     check_world(args.world_size, "hanlm STAGE")  # the Trainer's process group is set up by now
     return args
+
+
+def batching_args(
+    cfg: TrainConfig, stage: str, grouped: bool = True, padding_free: bool = False
+) -> dict[str, Any]:
+    """Trainer arguments for `train.batching`, checked before anything loads. grouped: the
+    Trainer's length-grouped sampler (batches of similar lengths, shuffled); padding_free:
+    trl's padding-free collator, for stages whose trl trainer has one. `auto` is padding-free
+    where flash-attention runs its variable-length kernel (a CUDA GPU with flash_attn), else
+    grouped (on a CPU one packed sequence with a block-diagonal mask costs more attention than
+    the padding it saves), else random."""
+    import importlib.util
+
+    import torch
+
+    mode = cfg.batching
+    if mode == "auto":
+        flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+        mode = "padding_free" if padding_free and flash else "grouped" if grouped else "random"
+    if (mode == "padding_free" and not padding_free) or (mode == "grouped" and not grouped):
+        have = [
+            "random",
+            *(["grouped"] if grouped else []),
+            *(["padding_free"] if padding_free else []),
+        ]
+        raise ConfigError(f"train.batching={mode}: hanlm {stage} offers {', '.join(have)}")
+    if mode == "grouped":
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"padding_free": True} if mode == "padding_free" else {}
 
 
 def apply_lora(
@@ -209,11 +238,18 @@ def optimizer(model: Any, cfg: TrainConfig, total_steps: int, lr: float = 0.0) -
     return opt, sched
 
 
-def check_launch(train: TrainConfig, command: str) -> None:
+def check_launch(train: TrainConfig, command: str, batching: bool = False) -> None:
     """Refusals of a Trainer stage's launch that need no model: DeepSpeed or FSDP without a
-    GPU, where accelerate would run undistributed processes that each train a copy."""
+    GPU, where accelerate would run undistributed processes that each train a copy; a
+    `train.batching` other than random in a stage that does not form batches by length
+    (`batching=False`: all but sft, which checks its choices in `batching_args`)."""
     import torch
 
+    if not batching and train.batching not in ("auto", "random"):
+        raise ConfigError(
+            f"train.batching={train.batching}: {command} offers random only (auto = random);"
+            " grouped and padding_free batches are hanlm sft's"
+        )
     if torch.cuda.is_available():
         return
     via = "accelerate's FSDP" if env_true("ACCELERATE_USE_FSDP") else ""

@@ -2,7 +2,8 @@
 
 - text:       {"text": str}
 - chat:       {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
-              (from `alpaca`, `sharegpt` and `messages` data)
+              (from `alpaca`, `sharegpt` and `messages` data), with `tools` and tool calls
+              where the data has them (shape: hanlm.data.tools)
 - preference: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
               (trl's conversational preference layout; strings become one-message lists)
 - ranked:     {"prompt": [messages], "responses": [[messages], ...], "ranking": [[i, ...], ...]}
@@ -14,6 +15,7 @@ caller adds the file and line.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 Format = Literal["text", "alpaca", "sharegpt", "messages", "preference", "ranked"]
@@ -70,12 +72,12 @@ def message_lists(rec: dict[str, Any]) -> list[list[dict[str, str]]]:
     for key, value in rec.items():
         if key == "responses":
             out += value
-        elif key != "ranking":
+        elif key not in ("ranking", "tools"):
             out.append(value)
     return out
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
     if isinstance(value, str):
         return f"string {value[:40]!r}" if value else "an empty string"
     if value is None:
@@ -87,12 +89,84 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _arguments(value: Any, where: str) -> dict[str, Any]:
+    """Call arguments as an object: OpenAI sends a JSON string, templates need the object."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{where}.arguments: not valid JSON ({e.msg}): {value[:80]!r}") from e
+    if not isinstance(value, dict):
+        raise RecordError(f"{where}.arguments: expected a JSON object, found {describe(value)}")
+    return value
+
+
+def tool_list(value: Any, field: str = "tools") -> list[dict[str, Any]]:
+    """A record's declared tools, as OpenAI function tools (a JSON string is read first, as
+    LLaMA-Factory's ShareGPT files store it; bare function objects are wrapped)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as e:
+            raise RecordError(f"field '{field}': not valid JSON ({e.msg})") from e
+    if not isinstance(value, list):
+        raise RecordError(f"field '{field}': expected a list of tools, found {describe(value)}")
+    out = []
+    for i, tool in enumerate(value):
+        where = f"{field}[{i}]"
+        if isinstance(tool, dict) and "function" not in tool and "name" in tool:
+            tool = {"type": "function", "function": tool}
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RecordError(
+                f"{where}: expected {{'type': 'function', 'function': {{'name', 'description',"
+                f" 'parameters'}}}}, found {describe(tool)}"
+            )
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise RecordError(f"{where}.parameters: expected a JSON schema object")
+        out.append({"type": "function", "function": {**fn, "parameters": params}})
+    names = [t["function"]["name"] for t in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise RecordError(f"field '{field}': tool(s) {dup} declared twice")
+    return out
+
+
+def tool_calls(value: Any, where: str, start: int = 0) -> list[dict[str, Any]]:
+    """An assistant turn's calls in the canonical shape (ids made up where the data has none)."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise RecordError(f"{where}: expected a list of tool calls, found {describe(value)}")
+    out = []
+    for i, call in enumerate(value):
+        here = f"{where}[{i}]"
+        if not isinstance(call, dict):
+            raise RecordError(f"{here}: expected a tool call object, found {describe(call)}")
+        fn = call.get("function", call)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RecordError(f"{here}: a tool call needs a function name, found {describe(call)}")
+        call_id = call.get("id") or f"call_{start + i}"
+        out.append(
+            {
+                "id": str(call_id),
+                "type": "function",
+                "function": {
+                    "name": fn["name"],
+                    "arguments": _arguments(fn.get("arguments"), here),
+                },
+            }
+        )
+    return out
+
+
 def _need_str(rec: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
     if key not in rec:
         raise RecordError(f"missing field '{key}' (record has keys {sorted(rec)})")
     value = rec[key]
     if not isinstance(value, str):
-        raise RecordError(f"field '{key}': expected a string, found {_describe(value)}")
+        raise RecordError(f"field '{key}': expected a string, found {describe(value)}")
     if not allow_empty and not value.strip():
         raise RecordError(f"field '{key}': expected non-empty text, found an empty string")
     return value
@@ -103,14 +177,14 @@ def _opt_str(rec: dict[str, Any], key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise RecordError(f"field '{key}': expected a string, found {_describe(value)}")
+        raise RecordError(f"field '{key}': expected a string, found {describe(value)}")
     return value
 
 
 def detect(rec: Any, text_field: str = "text") -> str:
     """Guess a record's format from its keys."""
     if not isinstance(rec, dict):
-        raise RecordError(f"expected a JSON object (record), found {_describe(rec)}")
+        raise RecordError(f"expected a JSON object (record), found {describe(rec)}")
     keys = set(rec)
     if "messages" in keys:
         return "messages"
@@ -143,44 +217,123 @@ def _check_chat(messages: list[dict[str, str]], require_answer: bool) -> list[di
     return messages
 
 
+def _text_parts(value: Any) -> bool:
+    """OpenAI content parts: [{"type": "text", "text": ...}]."""
+    return isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" for p in value
+    )
+
+
 def _content(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
-    # OpenAI content parts: [{"type": "text", "text": ...}]
-    if isinstance(value, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" for p in value
-    ):
+    if _text_parts(value):
         return "".join(str(p.get("text", "")) for p in value)
-    raise RecordError(f"{where}: expected string content, found {_describe(value)}")
+    raise RecordError(f"{where}: expected string content, found {describe(value)}")
 
 
-def _messages(value: Any, field: str) -> list[dict[str, str]]:
+def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     if not isinstance(value, list):
-        raise RecordError(f"field '{field}': expected a list of messages, found {_describe(value)}")
-    out = []
+        raise RecordError(f"field '{field}': expected a list of messages, found {describe(value)}")
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(m, dict):
             raise RecordError(
-                f"{where}: expected an object with role and content, found {_describe(m)}"
+                f"{where}: expected an object with role and content, found {describe(m)}"
             )
-        if "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") or m.get("function_call")
+        if "role" not in m or ("content" not in m and not calls):
             raise RecordError(f"{where}: expected keys 'role' and 'content', found {sorted(m)}")
         role = _MESSAGE_ROLES.get(str(m["role"]).lower()) if isinstance(m["role"], str) else None
         if role is None:
             raise RecordError(f"{where}: unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
-        out.append({"role": role, "content": _content(m["content"], where)})
+        if calls and role != "assistant":
+            raise RecordError(f"{where}: only an assistant turn may carry tool calls")
+        content = m.get("content")
+        if role == "tool" and isinstance(content, (dict, list)) and not _text_parts(content):
+            content = json.dumps(content, ensure_ascii=False)  # a structured tool result
+        msg: dict[str, Any] = {
+            "role": role,
+            "content": "" if calls and content is None else _content(content, where),
+        }
+        if calls:
+            n = sum(len(x.get("tool_calls", ())) for x in out)
+            msg["tool_calls"] = tool_calls(calls, f"{where}.tool_calls", start=n)
+        if role == "tool" and m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = str(m["tool_call_id"])
+        out.append(msg)
     return out
 
 
+def _schema_errors(args: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    try:
+        import jsonschema
+    except ImportError:  # checks without jsonschema: required keys only
+        return [f"missing '{k}'" for k in schema.get("required", []) if k not in args]
+    validator = jsonschema.Draft202012Validator(schema)
+    return [e.message for e in validator.iter_errors(args)][:3]
+
+
+def check_tool_use(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
+    """Every call names a declared tool with arguments its schema accepts, and is answered by a
+    tool turn (by `tool_call_id` when the turn has one, else in order); no tool turn answers
+    nothing. Raises RecordError naming the turn."""
+    declared = {t["function"]["name"]: t["function"] for t in tools or []}
+    pending: list[str] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            if pending:
+                raise RecordError(f"{where}: call(s) {pending} before it have no tool result")
+            for call in m["tool_calls"]:
+                name, args = call["function"]["name"], call["function"]["arguments"]
+                if name not in declared:
+                    raise RecordError(
+                        f"{where}: calls '{name}', which the record's tools do not declare"
+                        f" (declared: {sorted(declared) or 'none'})"
+                    )
+                errors = _schema_errors(args, declared[name].get("parameters", {}))
+                if errors:
+                    raise RecordError(
+                        f"{where}: arguments of '{name}' do not match its schema:"
+                        f" {'; '.join(errors)}"
+                    )
+                pending.append(call["id"])
+        elif m["role"] == "tool":
+            if not pending:
+                raise RecordError(f"{where}: a tool result that answers no call")
+            call_id = m.get("tool_call_id")
+            if call_id is None:
+                m["tool_call_id"] = pending.pop(0)
+            elif call_id in pending:
+                pending.remove(call_id)
+            else:
+                raise RecordError(f"{where}: tool_call_id {call_id!r} answers no open call")
+        elif pending:
+            raise RecordError(f"{where}: call(s) {pending} before it have no tool result")
+    if pending:
+        raise RecordError(f"the conversation ends with call(s) {pending} unanswered")
+
+
+def _tools_of(rec: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The canonical chat record: messages, and the declared tools when there are any; tool
+    turns are checked against them (hanlm.data.tools.check_tool_use)."""
+    tools = tool_list(rec["tools"]) if rec.get("tools") else None
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        check_tool_use(messages, tools)
+    return {"messages": messages, **({"tools": tools} if tools else {})}
+
+
 def from_messages(rec: dict[str, Any], require_answer: bool = True) -> dict[str, Any]:
-    return {"messages": _check_chat(_messages(rec.get("messages"), "messages"), require_answer)}
+    messages = _check_chat(_messages(rec.get("messages"), "messages"), require_answer)
+    return _tools_of(rec, messages)
 
 
 def from_sharegpt(rec: dict[str, Any], require_answer: bool = True) -> dict[str, Any]:
     conv = rec.get("conversations")
     if not isinstance(conv, list):
-        raise RecordError(f"field 'conversations': expected a list, found {_describe(conv)}")
+        raise RecordError(f"field 'conversations': expected a list, found {describe(conv)}")
     messages = []
     system = _opt_str(rec, "system")
     if system.strip():
@@ -188,7 +341,7 @@ def from_sharegpt(rec: dict[str, Any], require_answer: bool = True) -> dict[str,
     for i, turn in enumerate(conv):
         where = f"conversations[{i}]"
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            found = sorted(turn) if isinstance(turn, dict) else _describe(turn)
+            found = sorted(turn) if isinstance(turn, dict) else describe(turn)
             raise RecordError(f"{where}: expected keys 'from' and 'value', found {found}")
         speaker = turn["from"]
         role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
@@ -197,9 +350,18 @@ def from_sharegpt(rec: dict[str, Any], require_answer: bool = True) -> dict[str,
                 f"{where}: unknown speaker {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}"
             )
         if not isinstance(turn["value"], str):
-            raise RecordError(f"{where}.value: expected a string, found {_describe(turn['value'])}")
-        messages.append({"role": role, "content": turn["value"]})
-    return {"messages": _check_chat(messages, require_answer)}
+            raise RecordError(f"{where}.value: expected a string, found {describe(turn['value'])}")
+        if speaker.lower() == "function_call":  # LLaMA-Factory: the value is the call as JSON
+            try:
+                call = json.loads(turn["value"])
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}.value: a function_call must be JSON ({e.msg})") from e
+            n = sum(len(x.get("tool_calls", ())) for x in messages)
+            calls = tool_calls(call, f"{where}.value", start=n)
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
+    return _tools_of(rec, _check_chat(messages, require_answer))
 
 
 def from_alpaca(rec: dict[str, Any], require_answer: bool = True) -> dict[str, Any]:
@@ -214,7 +376,7 @@ def from_alpaca(rec: dict[str, Any], require_answer: bool = True) -> dict[str, A
     if not isinstance(history, list):
         raise RecordError(
             "field 'history': expected a list of [user, assistant] pairs,"
-            f" found {_describe(history)}"
+            f" found {describe(history)}"
         )
     for i, pair in enumerate(history):
         if not (
@@ -224,7 +386,7 @@ def from_alpaca(rec: dict[str, Any], require_answer: bool = True) -> dict[str, A
         ):
             raise RecordError(
                 f"history[{i}]: expected a [user, assistant] pair of strings,"
-                f" found {_describe(pair)}"
+                f" found {describe(pair)}"
             )
         messages += [
             {"role": "user", "content": pair[0]},
@@ -286,7 +448,7 @@ def parse_ranking(value: Any, n: int) -> list[list[int]]:
     """A ranking of `n` answers as tie groups, best first: [0, [2, 1]] -> [[0], [2, 1]]."""
     if not isinstance(value, list) or not value:
         raise RecordError(
-            f"field 'ranking': expected a list, found {_describe(value)}; {RANKING_HELP}"
+            f"field 'ranking': expected a list, found {describe(value)}; {RANKING_HELP}"
         )
     groups: list[list[int]] = []
     seen: set[int] = set()
@@ -299,7 +461,7 @@ def parse_ranking(value: Any, n: int) -> list[list[int]]:
             if not isinstance(idx, int) or isinstance(idx, bool):
                 raise RecordError(
                     f"ranking[{pos}]: expected an index or a list of indices, found"
-                    f" {_describe(idx)}; {RANKING_HELP}"
+                    f" {describe(idx)}; {RANKING_HELP}"
                 )
             if not 0 <= idx < n:
                 raise RecordError(
@@ -329,8 +491,7 @@ def from_ranked(rec: dict[str, Any]) -> dict[str, Any]:
     responses = rec.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise RecordError(
-            "field 'responses': expected a list of at least 2 answers,"
-            f" found {_describe(responses)}"
+            f"field 'responses': expected a list of at least 2 answers, found {describe(responses)}"
         )
     sides = []
     for i, r in enumerate(responses):
@@ -361,7 +522,7 @@ def convert(
 ) -> dict[str, Any]:
     """Convert one raw record of format `fmt` to its canonical shape."""
     if not isinstance(rec, dict):
-        raise RecordError(f"expected a JSON object (record), found {_describe(rec)}")
+        raise RecordError(f"expected a JSON object (record), found {describe(rec)}")
     if fmt == "text":
         return from_text(rec, text_field)
     if fmt == "alpaca":

@@ -95,11 +95,8 @@ class RecordReader:
             return {"text": quality.clean_text(text) if cfg.clean else text}
 
         # Conversations keep their whitespace (answers may hold code); normalise only.
-        def fix(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-            return [
-                {"role": m["role"], "content": quality.normalize(m["content"], cfg.normalize)}
-                for m in msgs
-            ]
+        def fix(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{**m, "content": quality.normalize(m["content"], cfg.normalize)} for m in msgs]
 
         if kind == "ranked":
             return {
@@ -107,7 +104,7 @@ class RecordReader:
                 "responses": [fix(r) for r in rec["responses"]],
                 "ranking": rec["ranking"],
             }
-        return {k: fix(v) for k, v in rec.items()}
+        return {k: v if k == "tools" else fix(v) for k, v in rec.items()}
 
     def _length(self, rec: dict[str, Any]) -> int:
         if "text" in rec:

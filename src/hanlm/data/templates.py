@@ -1,14 +1,20 @@
-"""Chat templates: the one table of them, and `render(messages) -> (input_ids, labels)`.
+"""Chat templates: one table of hanlm's own, and `render(messages) -> (input_ids, labels)`.
 
-Each template is Jinja with `{% generation %}` markers around what the assistant must learn to
-write (its answer *and* its end-of-turn token), so transformers' assistant-token mask — and
-with it trl's assistant-only loss — covers exactly the answers. Training, evaluation and
-serving all render through `render()`, and the template, end-of-turn token and stop tokens are
-saved with the tokenizer and generation config, so a model stops where training taught it to.
+A model keeps its own chat template (`template=auto`): training, evaluation and every runtime
+(chat, serve, RAG, llama.cpp and Ollama through the exported file) render the same text,
+default system prompt included, exactly as `apply_chat_template` renders it. The answers to
+train on are taken from `{% generation %}` markers where the template has them, and otherwise
+by rendering each conversation's prefixes (`answer_spans`). hanlm's table templates mark their
+answers; one is installed only for a tokenizer without a template, or when named, and then it
+is saved with the model, so the model is served with the template it was trained on. The
+end-of-turn token and stop ids are saved with the generation config, so a model stops where
+training taught it to.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -29,12 +35,44 @@ class ChatTemplate:
     bos: str | None = None  # BOS the template expects, set when the tokenizer has none
 
 
+# ChatML; tools the way Qwen2.5 and Hermes render them: declared in the system turn, calls as
+# `<tool_call>` JSON in the assistant's answer (inside the markers: the model learns to write
+# them), results as `<tool_response>` blocks in a user turn (outside: never learned).
+_TOOLS_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_FORMAT = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and"
+    " arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
 _CHATML = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
+    "{{ '" + _TOOLS_SYSTEM.replace("\n", "\\n") + "' }}"
+    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ '" + _TOOLS_FORMAT.replace("\n", "\\n") + "<|im_end|>\\n' }}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else -%}"
+    "{% generation %}{{ message['content'] or '' }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set call = call['function'] if call['function'] is defined else call -%}"
+    "{%- if message['content'] or not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{{ call['arguments'] | tojson }}{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}"
+    "{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}"
+    "{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- elif not (tools and loop.first and message['role'] == 'system') -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -106,49 +144,119 @@ TEMPLATES: dict[str, ChatTemplate] = {
 TEMPLATE_NAMES = get_args(TemplateName)
 
 
-def _guess(existing: str) -> str | None:
-    if "<|im_start|>" in existing:
-        return "chatml"
-    if "<|start_header_id|>" in existing:
-        return "llama3"
-    if "[INST]" in existing:
-        return "llama2"
-    if "### Instruction" in existing:
-        return "alpaca"
-    return None
+_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# A conversation to probe a template with: what it writes after an answer is its end of turn.
+_PROBE_ANSWER = "hanlm-probe-answer"
+_PROBE = [
+    {"role": "user", "content": "hanlm-probe-question"},
+    {"role": "assistant", "content": _PROBE_ANSWER},
+]
+
+
+def own_template(tokenizer: Any) -> str:
+    """The chat template saved with the tokenizer ('' when it has none)."""
+    existing = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(existing, dict):
+        existing = existing.get("default", "")
+    return existing
+
+
+def has_markers(jinja: str) -> bool:
+    """Whether a template marks the assistant's answers with `{% generation %}`."""
+    return bool(_MARKER.search(jinja))
 
 
 def resolve(tokenizer: Any, name: str) -> ChatTemplate | None:
-    """The template to use; `auto` keeps a model's own template if it marks the answers.
+    """The table template to install, or None to keep the tokenizer's own.
 
-    Returns None for `auto` when the tokenizer's template already has generation markers.
+    `auto` keeps a model's own template, marked or not (answers are then found by rendering
+    each conversation's prefixes, see `answer_spans`); a tokenizer without one gets chatml.
     """
     if name in TEMPLATES:
         return TEMPLATES[name]
     if name != "auto":
         raise TemplateError(f"unknown chat template '{name}'; choose one of {TEMPLATE_NAMES}")
-    existing = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(existing, dict):
-        existing = existing.get("default", "")
-    if "{% generation %}" in existing or "{%- generation %}" in existing:
-        return None
-    guess = _guess(existing)
-    if guess is None:
+    return None if own_template(tokenizer) else TEMPLATES["chatml"]
+
+
+def _text(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def check_renders_tools(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> None:
+    """Refuse a template that would silently leave out the tools or calls it is given."""
+    names = [t["function"]["name"] for t in tools or []]
+    names += [
+        c["function"]["name"]
+        for m in messages
+        for c in m.get("tool_calls") or ()
+        if "function" in c
+    ]
+    if not names:
+        return
+    text = _text(tokenizer, messages, False, tools)
+    lost = sorted({n for n in names if n not in text})
+    if lost:
         raise TemplateError(
-            "chat_template=auto: the tokenizer has no chat template hanlm recognises;"
-            f" pick one of {', '.join(TEMPLATES)}"
+            f"the chat template does not render tools (it leaves out {lost}): use the model's"
+            " own template if it has tool support, or template=chatml (Qwen / Hermes tool calls)"
         )
-    return TEMPLATES[guess]
+
+
+def replacement_note(tokenizer: Any, name: str) -> str | None:
+    """What changes when the table template `name` replaces the tokenizer's own, or None.
+
+    Compares the two renderings of a short conversation: where they differ, the model will
+    answer prompts in the new form only, and every runtime must render the new template.
+    """
+    own = own_template(tokenizer)
+    tpl = TEMPLATES.get(name)
+    if not own or tpl is None or own == tpl.jinja:
+        return None
+    try:
+        before = _text(tokenizer, _PROBE[:1], True)
+    except Exception as e:  # a broken own template: replaced anyway, say so
+        return f"the model's own chat template does not render ({e}); it is replaced by {name}"
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = tpl.jinja
+    try:
+        after = _text(tokenizer, _PROBE[:1], True)
+    except Exception:
+        after = None
+    finally:
+        tokenizer.chat_template = saved
+    if after == before:
+        return None
+    return (
+        f"template={name} replaces the model's own chat template, which renders prompts"
+        f" differently (own: {before!r}; {name}: {after!r}). The saved model carries {name}:"
+        " every runtime (hanlm, transformers, llama.cpp, Ollama) then renders that one. Leave"
+        " template=auto to keep the model's own."
+    )
 
 
 def apply_template(tokenizer: Any, name: str = "auto") -> list[str]:
     """Install the template on `tokenizer` (adding its special tokens); returns tokens added.
 
-    The caller must resize the model's embeddings if any token was added.
+    `auto` keeps the tokenizer's own template when it has one. A named template replaces it;
+    where the two render prompts differently, a note on stderr says so. The caller must resize
+    the model's embeddings if any token was added.
     """
     tpl = resolve(tokenizer, name)
     if tpl is None:
         return []
+    note = replacement_note(tokenizer, name)
+    if note:
+        print(f"[hanlm] note: {note}", file=sys.stderr)
     vocab = tokenizer.get_vocab()
     missing = [t for t in tpl.special if t not in vocab]
     if missing:
@@ -164,7 +272,7 @@ def apply_template(tokenizer: Any, name: str = "auto") -> list[str]:
 
 
 def require_template(tokenizer: Any, name: str, model_path: str, stage: str) -> None:
-    """Install `name` on the tokenizer of a model that must already have been tuned with it."""
+    """The template a model that must already be tuned is used with: its own under `auto`."""
     if apply_template(tokenizer, name):
         raise TemplateError(
             f"{model_path}: the tokenizer lacks the {name} chat template's special tokens;"
@@ -172,13 +280,29 @@ def require_template(tokenizer: Any, name: str, model_path: str, stage: str) -> 
         )
 
 
+def _probe_eot(tokenizer: Any) -> str | None:
+    """The special token the tokenizer's own template writes right after an answer, if any."""
+    try:
+        text = _text(tokenizer, _PROBE, False)
+    except Exception:
+        return None
+    i = text.find(_PROBE_ANSWER)
+    if i < 0:
+        return None
+    rest = text[i + len(_PROBE_ANSWER) :].lstrip(" ")
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    for token in sorted({*tokenizer.all_special_tokens, *added}, key=len, reverse=True):
+        if token and rest.startswith(token):
+            return token
+    return None
+
+
 def eot_token(tokenizer: Any, name: str = "auto") -> str:
+    """The token that ends an assistant turn: the template's, else the tokenizer's EOS."""
     tpl = resolve(tokenizer, name)
-    if tpl is None:
-        existing = tokenizer.chat_template or ""
-        guess = _guess(existing)
-        tpl = TEMPLATES[guess] if guess else None
-    return (tpl.eot if tpl and tpl.eot else None) or tokenizer.eos_token
+    if tpl is not None:
+        return tpl.eot or tokenizer.eos_token
+    return _probe_eot(tokenizer) or tokenizer.eos_token
 
 
 def stop_token_ids(tokenizer: Any, name: str = "auto") -> list[int]:
@@ -189,33 +313,90 @@ def stop_token_ids(tokenizer: Any, name: str = "auto") -> list[int]:
     return ids
 
 
+def answer_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[tuple[int, int]]:
+    """Character spans of the assistant answers (end-of-turn token included) in the rendering.
+
+    For templates without `{% generation %}` markers: each answer is what rendering the
+    conversation through that answer adds to rendering the turns before it with the assistant
+    prompt, cut after the end-of-turn token (a runtime stops there; what follows is prompt).
+    A template that renders earlier turns differently once later turns follow (one that drops
+    past reasoning, say) has no such spans and is refused.
+    """
+    full = _text(tokenizer, messages, False, tools)
+    eot = eot_token(tokenizer)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _text(tokenizer, messages[:i], True, tools) if i else ""
+        through = _text(tokenizer, messages[: i + 1], False, tools)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise TemplateError(
+                f"the chat template renders turn {i + 1} differently once later turns follow,"
+                " so the answers to train on cannot be told apart: train with a hanlm template"
+                f" ({', '.join(TEMPLATES)}) or one with {{% generation %}} markers"
+            )
+        answer = through[len(before) :]
+        k = answer.find(eot) if eot else -1
+        end = len(before) + (k + len(eot) if k >= 0 else len(answer.rstrip()))
+        spans.append((len(before), end))
+    return spans
+
+
 def render(
     tokenizer: Any,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation, and labels that keep only the assistant turns.
+    """Token ids of a conversation, exactly as `apply_chat_template` gives them, and labels that
+    keep only the assistant answers and their end-of-turn tokens.
 
-    Labels are IGNORE_INDEX everywhere except the assistant answers and their end-of-turn
-    tokens, taken from the template's generation markers.
+    The answers come from the template's `{% generation %}` markers when it has them, and from
+    `answer_spans` (prefix renderings) otherwise, so a model's own template trains as it is.
+    An assistant turn's tool calls are part of its answer; tool results are prompt.
     """
-    out = tokenizer.apply_chat_template(
-        messages,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-        add_generation_prompt=add_generation_prompt,
-    )
-    ids = list(out["input_ids"])
-    mask = out.get("assistant_masks") or [0] * len(ids)
-    if any(m["role"] == "assistant" for m in messages) and not any(mask):
-        raise TemplateError(
-            "the chat template marks no assistant tokens: it needs {% generation %} markers"
+    check_renders_tools(tokenizer, messages, tools)
+    answers = any(m["role"] == "assistant" for m in messages)
+    if not answers or has_markers(own_template(tokenizer)):
+        out = tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=answers,
+            add_generation_prompt=add_generation_prompt,
         )
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+        ids = list(out["input_ids"])
+        mask = out.get("assistant_masks") or [0] * len(ids)
+        if answers and not any(mask):
+            raise TemplateError("the chat template's {% generation %} markers mark no tokens")
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    spans = answer_spans(tokenizer, messages, tools)
+    text = _text(tokenizer, messages, add_generation_prompt, tools)
+    if not getattr(tokenizer, "is_fast", True):
+        raise TemplateError(
+            "a chat template without {% generation %} markers needs a fast tokenizer"
+            " (tokenizer.json) to find the answers; use a hanlm template instead"
+        )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [
+        t if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+        for t, (start, _) in zip(ids, enc["offset_mapping"])
+    ]
     return ids, labels
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Ids of a conversation ending in the assistant's turn prompt, ready for generation."""
-    return render(tokenizer, messages, add_generation_prompt=True)[0]
+def prompt_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Ids of a conversation ending in the assistant's turn prompt, ready for generation,
+    rendered by the tokenizer's template exactly as `apply_chat_template` renders it."""
+    check_renders_tools(tokenizer, messages, tools)
+    out = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, add_generation_prompt=True
+    )
+    return list(out["input_ids"])

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from hanlm.config import ConfigError, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
 from hanlm.embed.pooling import Embedder, EmbedOptions
-from hanlm.modeling import load_model, load_tokenizer
+from hanlm.modeling import load_model, load_tokenizer, model_config
 from hanlm.runs import Run
 from hanlm.trainer import apply_lora, describe_trainable, optimizer
 
@@ -113,17 +113,31 @@ def batches(pairs: list[dict[str, str]], size: int, rng: random.Random) -> list[
 # --------------------------------------------------------------------------- model
 
 
+# Architectures whose projections have no bias terms and no config flags to add them with
+# (Qwen2 has q/k/v biases; LLaMA has the attention_bias / mlp_bias flags).
+NO_BIASES = ("qwen3", "mistral", "gemma", "gemma2", "phi3")
+
+
+def check_bias_trainable(config: Any, loaded: bool = True) -> None:
+    """trainable=bias needs bias terms, or the config flags that add them (LLaMA's
+    attention_bias and mlp_bias). Before loading (`loaded=False`) only the architectures known
+    to have neither are refused; a loaded model without biases is refused by its config."""
+    if not loaded and getattr(config, "model_type", "") not in NO_BIASES:
+        return
+    if not (hasattr(config, "attention_bias") and hasattr(config, "mlp_bias")):
+        raise ConfigError(
+            f"trainable=bias: this {config.model_type} model has no bias terms and no"
+            " attention_bias/mlp_bias config flags to add them with; use trainable=lora"
+        )
+
+
 def add_zero_biases(model: Any) -> int:
     """Zero biases on a LLaMA-style model's projections, with the config flags that make
     `from_pretrained` rebuild them. Returns how many were added."""
     import torch
 
     cfg = model.config
-    if not (hasattr(cfg, "attention_bias") and hasattr(cfg, "mlp_bias")):
-        raise ValueError(
-            f"trainable=bias: this {cfg.model_type} model has no bias terms and no"
-            " attention_bias/mlp_bias config flags to add them with; use trainable=lora"
-        )
+    check_bias_trainable(cfg)
     added = 0
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -205,6 +219,8 @@ def run(cfg: EmbedTrainConfig) -> Path:
     from tqdm.auto import tqdm
     from transformers import set_seed
 
+    if cfg.trainable == "bias":  # before anything is read or loaded
+        check_bias_trainable(model_config(cfg.model), loaded=False)
     with Run("embed train", cfg) as run:
         set_seed(cfg.train.seed)
         pairs = read_pairs(cfg.data)

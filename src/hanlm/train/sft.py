@@ -35,6 +35,7 @@ from hanlm.modeling import load_model, load_tokenizer, pad_batch
 from hanlm.runs import Run, atomic_write_text
 from hanlm.trainer import (
     apply_lora,
+    batching_args,
     check_launch,
     describe_trainable,
     metrics_callback,
@@ -93,24 +94,32 @@ class SFTConfig(OutputConfig):
 
 
 def fit_to_length(
-    tok: Any, messages: list[dict[str, str]], max_length: int, policy: str
+    tok: Any,
+    messages: list[dict[str, Any]],
+    max_length: int,
+    policy: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[int], int] | None:
     """Render a conversation within `max_length` tokens: (ids, labels, turns dropped) or None.
 
     With truncate_history the oldest user/assistant exchanges after the system prompt are
-    dropped until it fits; an answer is never cut, so what cannot fit whole is dropped.
+    dropped until it fits (an exchange ends with an answer that calls no tool, so a call is
+    never parted from its result); an answer is never cut, so what cannot fit whole is dropped.
     """
     system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
     dropped = 0
     while True:
-        ids, labels = render(tok, system + turns)
+        ids, labels = render(tok, system + turns, tools=tools)
         if len(ids) <= max_length:
             return ids, labels, dropped
         if policy == "drop":
             return None
         # Drop through the first assistant turn: one whole exchange.
-        cut = next((i for i, m in enumerate(turns) if m["role"] == "assistant"), None)
+        ends = [
+            i for i, m in enumerate(turns) if m["role"] == "assistant" and not m.get("tool_calls")
+        ]
+        cut = ends[0] if ends else None
         if cut is None or not any(m["role"] == "assistant" for m in turns[cut + 1 :]):
             return None
         turns = turns[cut + 1 :]
@@ -124,7 +133,9 @@ def _encode(
 
     rows, counts = [], {"kept": 0, "dropped_too_long": 0, "history_truncated": 0}
     for rec in tqdm(records, desc="rendering", leave=False, mininterval=1.0):
-        fitted = fit_to_length(tok, rec["messages"], cfg.max_length, cfg.truncation)
+        fitted = fit_to_length(
+            tok, rec["messages"], cfg.max_length, cfg.truncation, rec.get("tools")
+        )
         if fitted is None:
             counts["dropped_too_long"] += 1
             continue
@@ -133,6 +144,45 @@ def _encode(
         counts["kept"] += 1
         rows.append({"input_ids": ids, "labels": labels})
     return rows, counts
+
+
+class PaddingCount:
+    """trl's collator for padded batches, counting the tokens it hands the model and how many
+    of them are padding (train.batching=random or grouped; padding-free batches have none)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+        self.computed = self.real = 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        self.computed += batch["input_ids"].numel()
+        self.real += int(batch["attention_mask"].sum())
+        return batch
+
+    @property
+    def fraction(self) -> float:
+        return 1 - self.real / self.computed if self.computed else 0.0
+
+
+def _batching_summary(cfg: SFTConfig, args: Any, padding: PaddingCount | None) -> dict[str, Any]:
+    """How the run formed its batches, and the share of computed tokens that were padding."""
+    if cfg.packing:
+        mode = "packed"
+    elif args.padding_free:
+        mode = "padding_free"
+    else:
+        mode = "grouped" if args.train_sampling_strategy == "group_by_length" else "random"
+    out: dict[str, Any] = {"batching": mode}
+    if padding is not None:  # of the batches trained and evaluated in this run
+        out["padding_fraction"] = round(padding.fraction, 4)
+        print(
+            f"[hanlm] sft: {mode} batches; {padding.fraction:.1%} of the tokens computed"
+            " were padding"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- measures
@@ -192,7 +242,10 @@ def run(cfg: SFTConfig) -> Path:
             "quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on this machine use"
             " lora.enabled=true without quantize, or full fine-tuning"
         )
-    check_launch(cfg.train, "hanlm sft")  # before anything loads
+    check_launch(cfg.train, "hanlm sft", batching=True)  # before anything loads
+    batching = batching_args(
+        cfg.train, "sft", grouped=not cfg.packing, padding_free=not cfg.packing
+    )
     with Run("sft", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
@@ -263,10 +316,13 @@ def run(cfg: SFTConfig) -> Path:
             max_length=None,  # lengths were enforced above, by the truncation policy
             packing=cfg.packing,
             neftune_noise_alpha=cfg.neftune_alpha or None,
+            **batching,
         )
+        padding = None if cfg.packing or args.padding_free else PaddingCount(tok.pad_token_id)
         trainer = SFTTrainer(
             model=model,
             args=args,
+            data_collator=padding,
             train_dataset=to_dataset(train_rows),
             eval_dataset=to_dataset(valid_rows) if valid_rows else None,
             processing_class=tok,
@@ -274,6 +330,7 @@ def run(cfg: SFTConfig) -> Path:
         )
         result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
+        summary.update(_batching_summary(cfg, args, padding))
 
         # The stop tokens travel with the model: chat, the API, transformers and vLLM read them.
         stops = stop_token_ids(tok, cfg.template)
