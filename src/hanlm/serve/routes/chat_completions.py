@@ -2,8 +2,9 @@
 
 With a retriever, the last user turn is answered from retrieved passages, returned in an extra
 `sources` field (streamed: a first chunk with no choices). `tools` reach the model through its
-chat template and its `<tool_call>` blocks come back as OpenAI `tool_calls` (hanlm.serve.tool_choice;
-a forced call is constrained like a `response_format`). A `response_format` of
+chat template, and its `<tool_call>` blocks come back as OpenAI `tool_calls`
+(hanlm.serve.tool_choice; a forced call is constrained like a `response_format`). A
+`response_format` of
 `json_object` or `json_schema` constrains the output with a grammar (hanlm.serve.constrain);
 such requests run on the engine's `generate` path."""
 
