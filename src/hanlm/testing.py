@@ -48,13 +48,15 @@ def tiny_tokenizer(
     return fast
 
 
-def tiny_model_dir(path: str | Path, template: str = "chatml", seed: int = 0, **dims: Any) -> Path:
+def tiny_model_dir(
+    path: str | Path, template: str = "chatml", seed: int = 0, max_positions: int = 512, **dims: Any
+) -> Path:
     """Save a randomly initialised `test`-preset LLaMA and its tokenizer to `path`."""
     import torch
 
     torch.manual_seed(seed)
     tok = tiny_tokenizer(template=template)
-    model = build_model("test", vocab_size=len(tok), max_positions=512, **dims)
+    model = build_model("test", vocab_size=len(tok), max_positions=max_positions, **dims)
     model.config.bos_token_id = tok.bos_token_id
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id

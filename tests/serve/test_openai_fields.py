@@ -66,9 +66,6 @@ def test_logit_bias_outside_the_vocabulary_is_400(live):
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("tool_choice", "auto"),
-        ("parallel_tool_calls", False),
         ("functions", [{"name": "f"}]),
         ("function_call", "auto"),
         ("audio", {"voice": "alloy", "format": "wav"}),

@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from hanlm.serve.errors import APIError, invalid_body
 from hanlm.serve.sampling import Sampling
+from hanlm.serve.tool_choice import ToolRequest, parse_tools
 
 MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy decoding
 MAX_STOP = 16  # stop strings per request
@@ -212,6 +213,10 @@ class ChatMessage(BaseModel):
 
     role: Role
     content: Content = ""
+    # an assistant turn's calls and a tool turn's answer to one (checked by serve.tool_choice)
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class StreamOptions(BaseModel):
@@ -346,7 +351,8 @@ class DetokenizeBody(VendorBody):
 
 
 # Fields OpenAI defines that this server does not do: set to anything but null or the value in
-# `ACCEPTED`, each is a 400 naming it. (`tools` and the rest of tool calling come later.)
+# `ACCEPTED`, each is a 400 naming it. (The deprecated `functions` / `function_call` are refused:
+# `tools` and `tool_choice` do the same.)
 REFUSED_CHAT = {
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
@@ -360,11 +366,8 @@ REFUSED_CHAT = {
     "web_search_options": "web search is not supported",
     "service_tier": "there is one service tier ('auto' or 'default')",
     "store": "nothing is stored (false only)",
-    "tools": "tool calls are not supported yet",
-    "tool_choice": "tool calls are not supported yet",
-    "parallel_tool_calls": "tool calls are not supported yet",
-    "functions": "function calls are not supported yet",
-    "function_call": "function calls are not supported yet",
+    "functions": "deprecated by OpenAI: send 'tools' instead",
+    "function_call": "deprecated by OpenAI: send 'tool_choice' instead",
 }
 REFUSED_COMPLETION = {
     "suffix": "inserting text before a suffix is not supported",
@@ -406,11 +409,12 @@ def _default(value: float | None, default: float) -> float:
 
 @dataclass
 class ChatRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
     negative_prompt: str = ""
+    tools: ToolRequest | None = None
     response_format: ResponseFormat | None = None
     model: str | None = None
     user: str = ""  # user / safety_identifier / metadata, for the request log
@@ -447,12 +451,21 @@ def validate(model: type[B], body: Any) -> B:
         raise invalid_body(e.errors(include_url=False)) from None
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template takes them (`developer` is OpenAI's newer `system`)."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-        for m in messages
-    ]
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them (`developer` is OpenAI's newer `system`), with
+    their tool calls and tool-call ids."""
+    out = []
+    for m in messages:
+        msg: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.content,
+        }
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
 
 
 def _who(user: str | None, *more: Any) -> str:
@@ -486,13 +499,28 @@ def parse_chat(body: Any, max_tokens: int, max_n: int) -> ChatRequest:
         sampling.logprobs = b.top_logprobs or 0
     elif b.top_logprobs is not None:
         raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    tools = parse_tools(
+        {
+            "tools": b.tools,
+            "tool_choice": b.tool_choice,
+            "parallel_tool_calls": b.parallel_tool_calls,
+        }
+    )
+    response_format = _response_format(b.response_format)
+    if tools is not None and tools.forced and response_format is not None:
+        raise APIError(
+            "'tool_choice' forces a tool call, whose arguments follow the tool's schema: it cannot"
+            " be combined with 'response_format'",
+            param="tool_choice",
+        )
     return ChatRequest(
         messages=chat_messages(b.messages),
         sampling=sampling,
         stream=bool(b.stream),
         include_usage=b.include_usage,
         negative_prompt=b.negative_prompt,
-        response_format=_response_format(b.response_format),
+        tools=tools,
+        response_format=response_format,
         model=b.model,
         user=_who(b.user, b.safety_identifier, b.metadata),
     )

@@ -135,13 +135,21 @@ class ServeState:
             )
         return prompt
 
-    def chat_ids(self, messages: list[dict[str, str]], generation_prompt: bool = True) -> list[int]:
-        """The chat template's token ids of `messages`, by default ending in the assistant turn's
-        prompt (400 when the template refuses them: a role order it does not take, say)."""
+    def chat_ids(
+        self,
+        messages: list[dict[str, Any]],
+        generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """The chat template's token ids of `messages` (and `tools`), by default ending in the
+        assistant turn's prompt (400 when the template refuses them: a role order it does not
+        take, say)."""
         try:
             if generation_prompt:
-                return prompt_ids(self.tok, messages)
-            out = self.tok.apply_chat_template(messages, tokenize=True, return_dict=True)
+                return prompt_ids(self.tok, messages, tools=tools)
+            out = self.tok.apply_chat_template(
+                messages, tools=tools, tokenize=True, return_dict=True
+            )
             return list(out["input_ids"])
         except Exception as e:
             raise APIError(

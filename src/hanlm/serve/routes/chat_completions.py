@@ -1,12 +1,16 @@
 """`POST /v1/chat/completions`: a chat answer (or `n`), whole or streamed as server-sent events.
 
 With a retriever, the last user turn is answered from retrieved passages, returned in an extra
-`sources` field (streamed: a first chunk with no choices). A `response_format` of
+`sources` field (streamed: a first chunk with no choices). `tools` reach the model through its
+chat template, and its `<tool_call>` blocks come back as OpenAI `tool_calls`
+(hanlm.serve.tool_choice; a forced call is constrained like a `response_format`). A
+`response_format` of
 `json_object` or `json_schema` constrains the output with a grammar (hanlm.serve.constrain);
 such requests run on the engine's `generate` path."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +26,14 @@ from hanlm.serve.protocol import ChatCompletionBody, ChatRequest, parse_chat, re
 from hanlm.serve.state import ServeState, usage
 from hanlm.serve.streaming import Answer, collect, pieces, sse, stream_response, until_disconnect
 from hanlm.serve.text import token_bytes, token_text
+from hanlm.serve.tool_choice import (
+    OPEN,
+    CallStream,
+    call_deltas,
+    call_schema,
+    split_answer,
+    tool_conversation,
+)
 
 router = APIRouter()
 
@@ -37,13 +49,24 @@ async def chat_completions(
     model = state.model_id(req.model)
     state.check_bias(req.sampling.logit_bias)
     req.sampling.constraint = await state.constraint(req.response_format)
+    calls = req.tools
+    req.messages = tool_conversation(req.messages, calls, state.tok)
+    if calls is not None and calls.forced:  # the call's JSON follows the tools' schemas
+        req.sampling.constraint = await asyncio.to_thread(
+            state.engine.grammars.constraint,
+            call_schema(calls),
+            True,
+            f"{OPEN}\n",
+            "\n</tool_call>",
+            "tool_choice",
+        )
     hits: list[Any] = []
     retriever = state.retriever
     if retriever is not None and req.messages[-1]["role"] == "user":
         question = req.messages[-1]["content"]
         grounded, hits = await state.engine.run(retriever.prompt, question)
         req.messages = [*req.messages[:-1], {"role": "user", "content": grounded}]
-    prompt = state.chat_ids(req.messages)
+    prompt = state.chat_ids(req.messages, tools=calls.prompt_tools if calls else None)
     s = state.fit(req.sampling, len(prompt), "messages")
     if s.guidance_scale != 1 and req.negative_prompt:
         s.negative_ids = prompt_ids(state.tok, [{"role": "user", "content": req.negative_prompt}])
@@ -82,8 +105,13 @@ def _completion(
         lp = None
         if req.sampling.logprobs is not None:
             lp = {"content": [_logprob(state.tok, t) for t in a.tokens], "refusal": None}
-        message = {"role": "assistant", "content": a.text}
-        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": a.finish})
+        content, calls = split_answer(a.text, req.tools)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        finish = a.finish
+        if calls:
+            message["tool_calls"] = calls
+            finish = "tool_calls" if finish == "stop" else finish
+        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
     spent = sum(len(a.tokens) for a in answers)
     extra: dict[str, Any] = {}
     if state.retriever is not None:  # the passages given, and which the first answer cites
@@ -118,6 +146,7 @@ async def _events(
     for i in range(s.n):
         yield chunk(i, {"role": "assistant", "content": ""})
     spent = 0
+    calls = [CallStream(req.tools) for _ in range(s.n)]  # holds back <tool_call> blocks
     async for row, text, tokens, finish in pieces(job, tok, s.n, s.logprobs is None):
         spent += len(tokens)
         served.completion_tokens = spent
@@ -126,10 +155,16 @@ async def _events(
         lp = None
         if tokens and s.logprobs is not None:  # (not merged: one token)
             lp = {"content": [_logprob(tok, t) for t in tokens], "refusal": None}
+        text = calls[row].feed(text)
         if text or lp:
             yield chunk(row, {"content": text}, None, lp)
         if finish:
-            yield chunk(row, {}, finish)
+            rest, made = calls[row].finish()
+            if rest:
+                yield chunk(row, {"content": rest})
+            for delta in call_deltas(made):
+                yield chunk(row, delta)
+            yield chunk(row, {}, "tool_calls" if made and finish == "stop" else finish)
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(served.prompt_tokens, spent)})
 
