@@ -325,6 +325,16 @@ def _tools_of(rec: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, 
     return {"messages": messages, **({"tools": tools} if tools else {})}
 
 
+def tool_turns(messages: Any, tools: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A request's messages and tools in the canonical shape, tool use checked as in training
+    data (`check_tool_use`) but without a training record's other rules (a user turn, ...)."""
+    declared = tool_list(tools) if tools else []
+    canonical = _messages(messages, "messages")
+    if declared or any(m["role"] == "tool" or m.get("tool_calls") for m in canonical):
+        check_tool_use(canonical, declared)
+    return canonical, declared
+
+
 def from_messages(rec: dict[str, Any], require_answer: bool = True) -> dict[str, Any]:
     messages = _check_chat(_messages(rec.get("messages"), "messages"), require_answer)
     return _tools_of(rec, messages)

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from hanlm.data.formats import RecordError, convert, tool_list
+from hanlm.data.formats import RecordError, tool_list, tool_turns
 from hanlm.data.templates import TemplateError, check_renders_tools
 from hanlm.data.tools import parse_tool_calls
 from hanlm.serve.errors import APIError
@@ -81,12 +81,12 @@ def tool_conversation(
     messages: list[dict[str, Any]], req: ToolRequest | None, tokenizer: Any
 ) -> list[dict[str, Any]]:
     """The request's messages with their tool calls and results in hanlm's canonical shape
-    (arguments as objects, as chat templates render them); checked as training data is."""
-    if not any(m.get("tool_calls") or m.get("role") == "tool" for m in messages) and req is None:
+    (arguments as objects, as chat templates render them), tool use checked as in training data
+    (every call declared and answered, arguments that match the schema)."""
+    if req is None and not any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
         return messages
-    record = {"messages": messages, **({"tools": req.tools} if req else {})}
     try:
-        canonical = convert(record, "messages", require_answer=False)["messages"]
+        canonical, _ = tool_turns(messages, req.tools if req else None)
         check_renders_tools(tokenizer, canonical, req.prompt_tools if req else None)
     except (RecordError, TemplateError) as e:
         raise APIError(str(e), param="messages" if isinstance(e, RecordError) else "tools") from e
