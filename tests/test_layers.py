@@ -19,7 +19,7 @@ PKG = SRC / "hanlm"
 # cycle test still applies); from floor 2 up every entry is a feature package, which imports
 # only the kernel and packages on floors below its own.
 FLOORS = [
-    {"hanlm", "hanlm.config", "hanlm.losses", "hanlm.compat"},
+    {"hanlm", "hanlm.config", "hanlm.losses", "hanlm.compat", "hanlm.console"},
     {"hanlm.runs", "hanlm.modeling", "hanlm.trainer", "hanlm.generation", "hanlm.stage"}
     | {"hanlm.headline"}
     | {"hanlm.testing", "hanlm.data"},

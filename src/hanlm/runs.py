@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from hanlm import console
 from hanlm.config import LoraConfig, to_dict
 from hanlm.modeling import finish_lora
 from hanlm.modeling import save_model as _save_model
@@ -211,6 +212,7 @@ class Run:
             return
         self.dir = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
         self.metrics_path = self.dir / METRICS_FILE
+        console.attach(self.dir)  # the libraries' warnings from here on: hanlm.log
         # Checked before anything is written or loaded: a damaged checkpoint stops the run here.
         self._resume_ckpt = resume_checkpoint(self.dir) if resume else None
         if resume:
