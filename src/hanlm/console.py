@@ -178,9 +178,9 @@ def quiet_libraries(loads_model: bool = False) -> Iterator[None]:
             _LOG.file.close()
         _LOG.active, _LOG.file, _LOG.held = False, None, []
         if held and int(os.environ.get("RANK", "0")) == 0:
+            lines = "1 line" if held == 1 else f"{held} lines"
             print(
-                f"[hanlm] {held} lines of library warnings were not shown"
-                f" ({VERBOSE_ENV}=1 shows them)",
+                f"[hanlm] {lines} of library output were not shown ({VERBOSE_ENV}=1 shows them)",
                 file=sys.stderr,
             )
 
@@ -222,7 +222,8 @@ def _value(v: Any) -> str:
 
 def figures(values: dict[str, Any]) -> str:
     """`loss 4.213  lr 2.80e-03` from {"loss": 4.213, "lr": 0.0028} (None values left out)."""
-    return "  ".join(f"{k} {_value(v)}" for k, v in values.items() if v is not None)
+    shown = [(k, f"{v:.2e}" if k == "lr" and isinstance(v, float) else _value(v)) for k, v in values.items()]
+    return "  ".join(f"{k} {v}" for k, v in shown if v != "None")
 
 
 class Progress:
@@ -258,7 +259,7 @@ class Progress:
             parts.append(figures(self.values))
         if done > 0:
             per = elapsed / done
-            parts.append(f"{per:.2f} s/step" if per < 100 else f"{duration(per)}/step")
+            parts.append(f"{per:.2f} s/step" if per < 10 else f"{duration(per)}/step")
             parts.append(f"ETA {duration(per * max(self.total - self.step, 0))}")
         else:
             parts.append("ETA ?")

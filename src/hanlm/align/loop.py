@@ -11,7 +11,7 @@ from typing import Any
 from hanlm.compat import reset_accelerator_state
 from hanlm.modeling import pick_precision
 from hanlm.runs import Run
-from hanlm.trainer import check_world, env_true
+from hanlm.trainer import TENSORBOARD_DIR, check_world, env_true
 
 
 def trainable_state(model: Any) -> dict[str, Any]:
@@ -65,11 +65,14 @@ def weights_equal_across_processes(models: list[Any]) -> bool:
     return all(f == fingerprint for f in gather_object([fingerprint]))
 
 
-def loop_accelerator(precision: str, command: str) -> Any:
+def loop_accelerator(
+    precision: str, command: str, report_to: list[str] | None = None, run_dir: Path | None = None
+) -> Any:
     """The accelerate `Accelerator` of a hand-written loop: one process, or one of W under
     torchrun / `accelerate launch` (DDP); the CPU when there is no GPU, as the Trainer stages;
-    autocast for bf16/fp16. accelerate's state is per process: what an earlier run in this
-    process set is dropped first, as the Trainer does."""
+    autocast for bf16/fp16; accelerate's experiment trackers for `report_to` (started by
+    `start_trackers` once the run directory exists). accelerate's state is per process: what
+    an earlier run in this process set is dropped first, as the Trainer does."""
     import torch
     from accelerate import Accelerator
 
@@ -80,6 +83,8 @@ def loop_accelerator(precision: str, command: str) -> Any:
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=chosen if chosen in ("bf16", "fp16") else "no",
+        log_with=tracker_list(report_to or [], run_dir) or None,
+        project_dir=str(run_dir) if run_dir is not None else None,
     )
     sharded = acc.distributed_type.name
     # accelerate's CPU processes may say MULTI_CPU under an FSDP/DeepSpeed launch: its env says
@@ -92,6 +97,39 @@ def loop_accelerator(precision: str, command: str) -> Any:
         )
     check_world(acc.num_processes, command)
     return acc
+
+
+def tracker_list(report_to: list[str], run_dir: Path | None) -> list[Any]:
+    """accelerate's `log_with` for `train.report_to`: TensorBoard as a tracker writing to
+    RUN/tensorboard (the Trainer stages' directory), the others by name."""
+    from accelerate.tracking import TensorBoardTracker
+
+    out: list[Any] = []
+    for name in report_to:
+        if name == "tensorboard":
+            out.append(TensorBoardTracker(TENSORBOARD_DIR, str(run_dir or ".")))
+        elif name != "none":
+            out.append(name)
+    return out
+
+
+def start_trackers(acc: Any, run: Run, config: dict[str, Any]) -> None:
+    """Start the trackers of `acc` (project "hanlm", named after the run directory) with the
+    run's config, flattened to the scalars trackers accept."""
+    if not acc.log_with:
+        return
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(config)}
+    name = run.dir.name
+    kwargs = {"wandb": {"name": name}, "mlflow": {"run_name": name}}
+    kwargs["swanlab"] = {"experiment_name": name}
+    acc.init_trackers("hanlm", config=flat, init_kwargs=kwargs)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out
 
 
 def save_loop(
