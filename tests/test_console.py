@@ -112,14 +112,13 @@ def test_warning_routing_by_origin(tmp_path, capsys):
 
     lib = tmp_path / "site-packages" / "somelib.py"
     own = Path(console.__file__)
-    with pytest.warns(UserWarning, match="hanlm says look") as seen:
-        with console.quiet_libraries():
-            warnings.warn_explicit("library noise", UserWarning, str(lib), 1)
-            warnings.warn_explicit("library deprecation", FutureWarning, str(lib), 2)
-            warnings.warn_explicit("hanlm says look", UserWarning, str(own), 3)
-            warnings.warn_explicit("deprecated via hanlm", DeprecationWarning, str(own), 4)
-            logging.getLogger("torchao.somewhere").warning("torchao noise")
-            console.attach(tmp_path)
+    with pytest.warns(UserWarning, match="hanlm says look") as seen, console.quiet_libraries():
+        warnings.warn_explicit("library noise", UserWarning, str(lib), 1)
+        warnings.warn_explicit("library deprecation", FutureWarning, str(lib), 2)
+        warnings.warn_explicit("hanlm says look", UserWarning, str(own), 3)
+        warnings.warn_explicit("deprecated via hanlm", DeprecationWarning, str(own), 4)
+        logging.getLogger("torchao.somewhere").warning("torchao noise")
+        console.attach(tmp_path)
     assert [str(w.message) for w in seen] == ["hanlm says look"]
     log = (tmp_path / console.LOG_FILE).read_text(encoding="utf-8")
     assert "hanlm says look" not in log
@@ -149,7 +148,9 @@ def test_verbose_turns_quieting_off(monkeypatch):
     before = warnings.showwarning
     with console.quiet_libraries():
         assert warnings.showwarning is before
-        assert not any(h.stream is console._LOG for h in logging.root.handlers if hasattr(h, "stream"))
+        assert not any(
+            h.stream is console._LOG for h in logging.root.handlers if hasattr(h, "stream")
+        )
         assert not console._LOG.active
 
 

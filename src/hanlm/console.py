@@ -82,6 +82,8 @@ class _LibraryLog:
         self.held: list[str] = []
         self.active = False
         self.lines = 0
+        self.moved: list[tuple[logging.StreamHandler, Any]] = []  # (handler, its stream before)
+        self.bars_were_on = False  # transformers' progress bars, before
 
     def write(self, text: str) -> int:
         if self.file is not None:
@@ -142,11 +144,13 @@ def route_libraries() -> None:
         logger = logging.getLogger(name)
         for handler in logger.handlers:
             if type(handler) is logging.StreamHandler and handler.stream in consoles:
-                handler.setStream(_LOG)
+                _LOG.moved.append((handler, handler.setStream(_LOG)))
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        if hf_logging.is_progress_bar_enabled():
+            _LOG.bars_were_on = True
+            hf_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -173,6 +177,13 @@ def quiet_libraries(loads_model: bool = False) -> Iterator[None]:
     finally:
         warnings.showwarning = _console_showwarning
         logging.root.removeHandler(_ROOT_HANDLER)
+        for handler, stream in _LOG.moved:  # as they were (a process may run more commands)
+            handler.setStream(stream)
+        if _LOG.bars_were_on:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
+        _LOG.moved, _LOG.bars_were_on = [], False
         held = _LOG.lines if _LOG.file is None else 0
         if _LOG.file is not None:
             _LOG.file.close()
@@ -222,8 +233,12 @@ def _value(v: Any) -> str:
 
 def figures(values: dict[str, Any]) -> str:
     """`loss 4.213  lr 2.80e-03` from {"loss": 4.213, "lr": 0.0028} (None values left out)."""
-    shown = [(k, f"{v:.2e}" if k == "lr" and isinstance(v, float) else _value(v)) for k, v in values.items()]
-    return "  ".join(f"{k} {v}" for k, v in shown if v != "None")
+    shown = {
+        k: f"{v:.2e}" if k == "lr" and isinstance(v, float) else _value(v)
+        for k, v in values.items()
+        if v is not None
+    }
+    return "  ".join(f"{k} {v}" for k, v in shown.items())
 
 
 class Progress:

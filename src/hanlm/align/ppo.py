@@ -192,7 +192,8 @@ def _steps(
         ppo.acc.log(metrics, step=step)  # the trackers of train.report_to (main process)
         if progress is not None:
             if "eval_score" in metrics:
-                progress.note(f"eval at step {step}/{cfg.train.max_steps}: {_fmt(metrics, 'eval_')}")
+                total = cfg.train.max_steps
+                progress.note(f"eval at step {step}/{total}: {_fmt(metrics, 'eval_')}")
             shown = {k: metrics.get(k) for k in ("score", "kl", "pg_loss")}
             progress.update(step, **shown, lr=metrics.get("lr"))
         elif main and (step % max(cfg.train.logging_steps, 1) == 0 or step == cfg.train.max_steps):

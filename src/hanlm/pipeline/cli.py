@@ -40,6 +40,7 @@ def _print_main_help() -> None:
         "",
         "usage: hanlm <command> [CONFIG.yaml] [key.sub=value ...]",
         "       hanlm <command> --help     (lists the command's config keys)",
+        "       hanlm -v <command> ...     (verbose: library warnings and raw training logs)",
         "",
         "commands:",
     ]
