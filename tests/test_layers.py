@@ -76,7 +76,7 @@ def _imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
 def test_every_module_is_on_a_floor():
     assert all(_unit(name) for name in MODULES)
     loose = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
-    assert len(loose) <= 11, f"the kernel is small: {loose}; a module one feature uses lives in it"
+    assert len(loose) <= 12, f"the kernel is small: {loose}; a module one feature uses lives in it"
 
 
 def test_features_import_only_lower_floors():
