@@ -229,8 +229,7 @@ def test_report_to_is_checked_before_anything_loads(monkeypatch):
 
 def test_trackers_reach_transformers_and_accelerate(tmp_path):
     """wandb, swanlab and mlflow are not installed here: what reaches the libraries is checked."""
-    from hanlm.align.loop import tracker_list
-    from hanlm.trainer import training_args
+    from hanlm.trainer import tracker_list, training_args
 
     train = TrainConfig(max_steps=2, report_to=["wandb", "swanlab", "mlflow"])
     args = training_args(train, tmp_path / "my-run", has_eval=False)

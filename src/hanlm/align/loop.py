@@ -11,7 +11,7 @@ from typing import Any
 from hanlm.compat import reset_accelerator_state
 from hanlm.modeling import pick_precision
 from hanlm.runs import Run
-from hanlm.trainer import TENSORBOARD_DIR, check_world, env_true
+from hanlm.trainer import check_world, env_true, tracker_list
 
 
 def trainable_state(model: Any) -> dict[str, Any]:
@@ -97,39 +97,6 @@ def loop_accelerator(
         )
     check_world(acc.num_processes, command)
     return acc
-
-
-def tracker_list(report_to: list[str], run_dir: Path | None) -> list[Any]:
-    """accelerate's `log_with` for `train.report_to`: TensorBoard as a tracker writing to
-    RUN/tensorboard (the Trainer stages' directory), the others by name."""
-    from accelerate.tracking import TensorBoardTracker
-
-    out: list[Any] = []
-    for name in report_to:
-        if name == "tensorboard":
-            out.append(TensorBoardTracker(TENSORBOARD_DIR, str(run_dir or ".")))
-        elif name != "none":
-            out.append(name)
-    return out
-
-
-def start_trackers(acc: Any, run: Run, config: dict[str, Any]) -> None:
-    """Start the trackers of `acc` (project "hanlm", named after the run directory) with the
-    run's config, flattened to the scalars trackers accept."""
-    if not acc.log_with:
-        return
-    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(config)}
-    name = run.dir.name
-    kwargs = {"wandb": {"name": name}, "mlflow": {"run_name": name}}
-    kwargs["swanlab"] = {"experiment_name": name}
-    acc.init_trackers("hanlm", config=flat, init_kwargs=kwargs)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-    return out
 
 
 def save_loop(

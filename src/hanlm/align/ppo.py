@@ -69,7 +69,7 @@ def run(cfg: PPOConfig) -> Path:
     acc = loop.loop_accelerator(cfg.train.precision, "hanlm ppo", trackers(cfg.train), out)
     world = acc.num_processes
     with Run("ppo", cfg) as run:
-        loop.start_trackers(acc, run, to_dict(cfg))
+        trainer.start_trackers(acc, run, to_dict(cfg))
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
         require_template(tok, cfg.template, cfg.model.path, "PPO")
