@@ -219,7 +219,7 @@ def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
     for cb in trainer.callback_handler.callbacks:
         if hasattr(cb, "trainer"):
             cb.trainer = trainer
-            name = cb.command
+            name = getattr(cb, "command", name)
     if not console.verbose():  # hanlm's progress line instead of the Trainer's bar and dicts
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
