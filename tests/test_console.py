@@ -209,7 +209,7 @@ def test_progress_redraws_one_line_on_a_terminal(monkeypatch):
 def test_evaluation_line_puts_the_loss_first_and_hides_timings():
     m = {"eval_runtime": 0.1, "eval_accuracy": 0.75, "eval_loss": 0.5, "epoch": 1.0}
     m |= {"eval_samples_per_second": 90.0, "eval_num_tokens": 100}
-    assert console.evaluation_line(3, 6, m) == "eval at step 3/6: loss 0.5  accuracy 0.75"
+    assert console.evaluation_line("at step 3/6", m) == "eval at step 3/6: loss 0.5  accuracy 0.75"
 
 
 # --------------------------------------------------------------------------- trackers
@@ -253,3 +253,22 @@ def test_sft_writes_tensorboard_curves(tmp_path, tiny_model_path, chats):
     assert len({v for _, v in loss}) > 1  # the curve moves
     assert [s for s, _ in scalars["eval/loss"]] == [3, 6]
     assert "train/learning_rate" in scalars
+
+
+def test_pretrain_shows_its_measurement_before_training_as_a_line(tmp_path, tiny_tokenizer, capfd):
+    from hanlm.pipeline import cli
+    from hanlm.testing import SAMPLE_TEXT
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"text": t + str(i)} for i in range(20) for t in SAMPLE_TEXT]
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    args = [f"tokenizer={tmp_path / 'tok'}", "preset=test", "block_size=32"]
+    args += [f"data.paths=[{corpus}]", "data.valid_fraction=0.1", "data.dedup=none"]
+    args += ["train.max_steps=4", "train.batch_size=4", "train.eval_steps=2"]
+    assert cli.main(["pretrain", *args, f"output_dir={tmp_path / 'out'}"]) == 0
+    out = capfd.readouterr().out
+    assert "{'eval_loss'" not in out and "{'loss'" not in out
+    assert re.search(r"^\[pretrain\] eval before training: loss [\d.]+", out, re.M), out
+    assert "[pretrain] eval at step 2/4: loss " in out and "[pretrain] trained 4 steps in " in out
+    assert out.count("[pretrain] eval") == 3  # before, at 2 and at 4; not the final re-measure

@@ -327,10 +327,10 @@ class Progress:
 _EVAL_HIDDEN = ("runtime", "samples_per_second", "steps_per_second", "epoch", "num_tokens")
 
 
-def evaluation_line(step: int, total: int, metrics: dict[str, Any], shown: int = 4) -> str:
-    """`eval at step 100/400: loss 4.1  accuracy 0.62` from the Trainer's `eval_*` metrics (the
-    loss first, then the first few others)."""
+def evaluation_line(when: str, metrics: dict[str, Any], shown: int = 4) -> str:
+    """`eval at step 100/400: loss 4.1  accuracy 0.62` (`when`: "at step 100/400") from the
+    Trainer's `eval_*` metrics: the loss first, then the first few others."""
     plain = {k.removeprefix("eval_"): v for k, v in metrics.items()}
     keys = [k for k in plain if not k.endswith(_EVAL_HIDDEN) and isinstance(plain[k], (int, float))]
     keys.sort(key=lambda k: k != "loss")
-    return f"eval at step {step}/{total}: " + figures({k: plain[k] for k in keys[:shown]})
+    return f"eval {when}: " + figures({k: plain[k] for k in keys[:shown]})

@@ -178,6 +178,8 @@ def progress_callback(name: str) -> Any:
 
     class _Progress(TrainerCallback):
         progress: console.Progress | None = None
+        progress_line = True  # `use_progress_line` adds one only
+        trained = False
 
         def on_train_begin(self, args, state, control, **kw):
             if state.is_world_process_zero:
@@ -193,11 +195,16 @@ def progress_callback(name: str) -> Any:
                 self.progress.update(state.global_step, loss=logs["loss"], lr=lr)
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if self.progress and metrics:
-                line = console.evaluation_line(state.global_step, state.max_steps, metrics)
-                self.progress.note(line)
+            if not metrics or not state.is_world_process_zero:
+                return
+            if self.progress:
+                when = f"at step {state.global_step}/{state.max_steps}"
+                self.progress.note(console.evaluation_line(when, metrics))
+            elif not self.trained:  # a measurement before training
+                print(f"[{name}] {console.evaluation_line('before training', metrics)}", flush=True)
 
         def on_train_end(self, args, state, control, **kw):
+            self.trained = True
             if self.progress:
                 p, self.progress = self.progress, None
                 took = console.duration(time.time() - p.started)
@@ -206,25 +213,35 @@ def progress_callback(name: str) -> Any:
     return _Progress()
 
 
+def use_progress_line(trainer: Any) -> None:
+    """hanlm's progress line in place of the Trainer's progress bar and raw log dicts (not when
+    verbose). Idempotent; `run_trainer` calls it, and a stage that evaluates before training
+    calls it first."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    console.route_libraries()  # what the Trainer's set-up loaded (accelerate, deepspeed ...)
+    callbacks = trainer.callback_handler.callbacks
+    if console.verbose() or any(getattr(cb, "progress_line", False) for cb in callbacks):
+        return
+    name = next((cb.command for cb in callbacks if hasattr(cb, "command")), "train")
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress_callback(name))
+
+
 def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
     """`trainer.train(resume_from_checkpoint=checkpoint)`, but a checkpoint of the last step
     (a run killed while saving its final model) takes no further step: transformers would take
     one more than `max_steps` there (see `compat.load_trainer_checkpoint`). Its weights and
     state are loaded instead; `training_loss` is then the mean of the logged losses. trl's
     token count, which trl does not checkpoint, is set back from hanlm's `EXTRA_STATE`."""
-    from transformers import PrinterCallback, ProgressCallback, TrainerState
+    from transformers import TrainerState
     from transformers.trainer_utils import TrainOutput
 
-    name = "train"
     for cb in trainer.callback_handler.callbacks:
         if hasattr(cb, "trainer"):
             cb.trainer = trainer
-            name = getattr(cb, "command", name)
-    if not console.verbose():  # hanlm's progress line instead of the Trainer's bar and dicts
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(progress_callback(name))
-    console.route_libraries()  # what the Trainer's set-up loaded (accelerate, deepspeed ...)
+    use_progress_line(trainer)
     extra = Path(checkpoint) / EXTRA_STATE if checkpoint else None
     if extra is not None and extra.is_file():
         saved = json.loads(extra.read_text(encoding="utf-8"))

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from hanlm import __version__, console
-from hanlm.config import ConfigError, describe, load_config, parse_value
+from hanlm.config import (
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    describe,
+    load_config,
+    parse_value,
+)
 from hanlm.data.sources import DataError
 from hanlm.modeling import ModelError
 from hanlm.pipeline.commands import COMMANDS, config_class
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hanlm {name}: {e}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name].module)
-    loads_model = any(f.name in ("model", "train") for f in dataclasses.fields(cfg))
+    parts = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
+    loads_model = any(isinstance(p, (ModelConfig, TrainConfig)) for p in parts)
     try:
         with console.quiet_libraries(loads_model):
             result = getattr(module, COMMANDS[name].func)(cfg)
