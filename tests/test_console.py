@@ -203,7 +203,8 @@ def test_progress_redraws_one_line_on_a_terminal(monkeypatch):
     assert "\n" not in text.split("[ppo] eval")[0]  # one line redrawn until the evaluation
     assert "\r[ppo] step 2/4  score 0.5  lr 1.00e-04  1m00s/step  ETA 2m00s\x1b[K" in text
     assert "\r\x1b[K[ppo] eval at step 3/4: score 0.6\n\r[ppo] step 3/4" in text
-    assert text.endswith("\r\x1b[K[ppo] trained 3 steps in 3m00s\n")
+    last = "\r[ppo] step 4/4  score 0.5  lr 1.00e-04  1m00s/step  ETA 0s\x1b[K"
+    assert text.endswith(last + "\n[ppo] trained 3 steps in 3m00s\n")  # the last state stays
 
 
 def test_evaluation_line_puts_the_loss_first_and_hides_timings():

@@ -317,8 +317,12 @@ class Progress:
             self._draw()
 
     def close(self, text: str = "") -> None:
-        """End the progress line; `text`, if given, is printed as the stage's closing line."""
-        self._clear()
+        """End the progress line (on a terminal its last state stays on screen); `text`, if
+        given, is printed as the stage's closing line."""
+        if self.shown:
+            self._draw()
+            self.stream.write("\n")
+            self.shown = False
         if text:
             print(f"[{self.name}] {text}", file=self.stream, flush=True)
 
