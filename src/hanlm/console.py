@@ -329,6 +329,7 @@ class Progress:
 
 # evaluation figures not worth a console line (all stay in metrics.jsonl)
 _EVAL_HIDDEN = ("runtime", "samples_per_second", "steps_per_second", "epoch", "num_tokens")
+_EVAL_HIDDEN += ("preparation_time",)
 
 
 def evaluation_line(when: str, metrics: dict[str, Any], shown: int = 4) -> str:
