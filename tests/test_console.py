@@ -208,10 +208,12 @@ def test_progress_redraws_one_line_on_a_terminal(monkeypatch):
 
 
 def test_evaluation_line_puts_the_loss_first_and_hides_timings():
-    m = {"eval_runtime": 0.1, "eval_accuracy": 0.75, "eval_loss": 0.5, "epoch": 1.0}
+    m = {"eval_runtime": 0.1, "eval_margin": 2.0, "eval_accuracy": 0.75, "eval_loss": 0.5}
+    m |= {"epoch": 1.0}
     m |= {"eval_samples_per_second": 90.0, "eval_num_tokens": 100}
     m |= {"eval_model_preparation_time": 0.01}
-    assert console.evaluation_line("at step 3/6", m) == "eval at step 3/6: loss 0.5  accuracy 0.75"
+    line = "eval at step 3/6: loss 0.5  accuracy 0.75  margin 2"
+    assert console.evaluation_line("at step 3/6", m) == line
 
 
 # --------------------------------------------------------------------------- trackers

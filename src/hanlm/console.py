@@ -334,8 +334,8 @@ _EVAL_HIDDEN += ("preparation_time",)
 
 def evaluation_line(when: str, metrics: dict[str, Any], shown: int = 4) -> str:
     """`eval at step 100/400: loss 4.1  accuracy 0.62` (`when`: "at step 100/400") from the
-    Trainer's `eval_*` metrics: the loss first, then the first few others."""
+    Trainer's `eval_*` metrics: the loss first, then accuracies, then the first few others."""
     plain = {k.removeprefix("eval_"): v for k, v in metrics.items()}
     keys = [k for k in plain if not k.endswith(_EVAL_HIDDEN) and isinstance(plain[k], (int, float))]
-    keys.sort(key=lambda k: k != "loss")
+    keys.sort(key=lambda k: (k != "loss", "accuracies" not in k and "accuracy" not in k))
     return f"eval {when}: " + figures({k: plain[k] for k in keys[:shown]})
