@@ -193,7 +193,10 @@ def _steps(
         if progress is not None:
             if "eval_score" in metrics:
                 total = cfg.train.max_steps
-                progress.note(f"eval at step {step}/{total}: {_fmt(metrics, 'eval_')}")
+                shown = {
+                    k[5:]: metrics[k] for k in _SHOWN if k.startswith("eval_") and k in metrics
+                }
+                progress.note(f"eval at step {step}/{total}: {console.figures(shown)}")
             shown = {k: metrics.get(k) for k in ("score", "kl", "pg_loss")}
             progress.update(step, **shown, lr=metrics.get("lr"))
         elif main and (step % max(cfg.train.logging_steps, 1) == 0 or step == cfg.train.max_steps):
@@ -276,7 +279,5 @@ _SHOWN = ("score", "eval_score", "eval_gold_score", "eval_distinct_answers", "kl
 _SHOWN += ("entropy", "clip_frac", "value_loss", "ptx_loss", "eval_ptx_loss", "length")
 
 
-def _fmt(metrics: dict[str, float], prefix: str = "") -> str:
-    """The shown figures of `metrics` (only those starting with `prefix`, without it)."""
-    keys = [k for k in _SHOWN if k.startswith(prefix) and metrics.get(k) is not None]
-    return ", ".join(f"{k.removeprefix(prefix)} {metrics[k]:.4g}" for k in keys)
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in _SHOWN if metrics.get(k) is not None)

@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name].module)
     parts = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
     loads_model = any(isinstance(p, (ModelConfig, TrainConfig)) for p in parts)
+    loads_model = loads_model or bool(getattr(cfg, "loads_model", lambda: False)())
     try:
         with console.quiet_libraries(loads_model):
             result = getattr(module, COMMANDS[name].func)(cfg)

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from hanlm import ASSETS
+from hanlm import ASSETS, console
 from hanlm.config import (
     ConfigError,
     Tracker,
@@ -74,6 +74,10 @@ class RunConfig:
 
     def validate(self) -> None:
         check_trackers(self.report_to)
+
+    def loads_model(self) -> bool:
+        """The report answers prompts with each stage's model (for `console.quiet_libraries`)."""
+        return self.report and not self.dry_run
 
 
 @dataclass
@@ -368,6 +372,7 @@ def run(cfg: RunConfig) -> int:
     if cfg.dry_run:
         return 0
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    console.attach(recipe.run_dir)  # the libraries' warnings while the report is written
     state = _read_state(recipe)
     state_path = recipe.run_dir / STATE_FILE
     failed = None
