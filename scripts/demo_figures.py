@@ -46,12 +46,12 @@ WHAT = {
 def record(run_dir: Path) -> dict:
     """The headline row of every stage of the demo run in `run_dir`."""
     from hanlm.pipeline.headline_rows import load_reports, stage_headline
-    from hanlm.pipeline.recipe import default_recipe, load_recipe
+    from hanlm.pipeline.recipe import find_recipe, load_recipe, stage_dir
 
-    recipe = load_recipe(default_recipe())
+    recipe = load_recipe(find_recipe("demo"))
     stages, seconds = [], 0.0
     for stage in recipe.stages:
-        d = run_dir / stage.name
+        d = stage_dir(recipe, stage.name) if run_dir is None else run_dir / stage.name
         info_path = d / "hanlm.json"
         if not info_path.is_file():
             sys.exit(f"{info_path}: missing; run the whole demo first (make demo)")

@@ -19,7 +19,7 @@ PKG = SRC / "hanlm"
 # cycle test still applies); from floor 2 up every entry is a feature package, which imports
 # only the kernel and packages on floors below its own.
 FLOORS = [
-    {"hanlm", "hanlm.config", "hanlm.losses", "hanlm.compat"},
+    {"hanlm", "hanlm.config", "hanlm.losses", "hanlm.compat", "hanlm.console"},
     {"hanlm.runs", "hanlm.modeling", "hanlm.trainer", "hanlm.generation", "hanlm.stage"}
     | {"hanlm.headline"}
     | {"hanlm.testing", "hanlm.data"},
@@ -76,7 +76,7 @@ def _imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
 def test_every_module_is_on_a_floor():
     assert all(_unit(name) for name in MODULES)
     loose = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
-    assert len(loose) <= 11, f"the kernel is small: {loose}; a module one feature uses lives in it"
+    assert len(loose) <= 12, f"the kernel is small: {loose}; a module one feature uses lives in it"
 
 
 def test_features_import_only_lower_floors():

@@ -240,3 +240,22 @@ def test_failed_stage_stops_the_run_and_keeps_earlier_ones(tmp_path, files, caps
     state = json.loads((tmp_path / "run" / "recipe_state.json").read_text())
     assert state["pretrain"]["status"] == "complete" and state["sft"]["status"] == "failed"
     assert "stage 'sft' failed" in capsys.readouterr().err
+
+
+def test_report_to_in_a_stage_or_for_every_stage_without_rerunning(tmp_path, files):
+    """train.report_to is a stage key like any other, `hanlm run report_to=...` sets it for every
+    training stage that does not set its own, and it does not change a stage's fingerprint."""
+    path = recipe(files, tmp_path, sft__train__report_to="tensorboard")
+    rec = load_recipe(path)
+    steps = {s["stage"].name: s for s in plan(rec, RunConfig())}
+    assert steps["sft"]["config"]["train"]["report_to"] == ["tensorboard"]
+    assert steps["pretrain"]["config"]["train"]["report_to"] == []
+    rec.report_to = ["tensorboard"]
+    every = {s["stage"].name: s for s in plan(rec, RunConfig())}
+    assert every["pretrain"]["config"]["train"]["report_to"] == ["tensorboard"]
+    plain = {s["stage"].name: s for s in plan(load_recipe(recipe(files, tmp_path)), RunConfig())}
+    for name in ("pretrain", "sft"):
+        assert every[name]["fingerprint"] == plain[name]["fingerprint"], name
+    with pytest.raises(RecipeError, match="'comet' is not allowed"):
+        plan(load_recipe(recipe(files, tmp_path, sft__train__report_to="comet")), RunConfig())
+    assert cli.main(["run", str(path), "report_to=[nope]", "--dry-run"]) == 2

@@ -24,6 +24,14 @@ _MISSING = dataclasses.MISSING
 
 # Chat template names, for every stage that takes one (the table lives in data/templates.py).
 TemplateName = Literal["auto", "chatml", "llama2", "llama3", "alpaca"]
+# Experiment trackers (`train.report_to`), with the module each needs and its pip package.
+Tracker = Literal["none", "tensorboard", "wandb", "swanlab", "mlflow"]
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "swanlab": ("swanlab", "swanlab"),
+    "mlflow": ("mlflow", "mlflow"),
+}
 
 
 class InputError(ValueError):
@@ -205,10 +213,40 @@ class TrainConfig:
         "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); launch with torchrun;"
         ' "auto" values are filled from these settings',
     )
+    report_to: list[Tracker] = opt(
+        [],
+        "experiment trackers that receive the training metrics: tensorboard (event files in"
+        " OUTPUT_DIR/tensorboard), wandb, swanlab, mlflow; one name or a list; none (or [])"
+        " = only metrics.jsonl",
+    )
 
     def validate(self) -> None:
         if self.deepspeed:
             deepspeed_config(self.deepspeed)
+        check_trackers(self.report_to)
+
+
+def trackers(train: TrainConfig) -> list[str]:
+    """The trackers `train.report_to` names ("none" left out)."""
+    return [t for t in dict.fromkeys(train.report_to) if t != "none"]
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse "none" beside a tracker, and a tracker whose package is not installed (named with
+    the pip command), before anything loads."""
+    import importlib.util
+
+    if "none" in names and len(set(names)) > 1:
+        raise ConfigError(f"train.report_to={names}: 'none' cannot be combined with a tracker")
+    for name in names:
+        if name == "none":
+            continue
+        module, package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"train.report_to={name} needs the {package} package, which is not installed:"
+                f" pip install {package}"
+            )
 
 
 def zero_stage(train: TrainConfig) -> int | None:

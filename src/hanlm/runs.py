@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from hanlm import console
 from hanlm.config import InputError, LoraConfig, to_dict
 from hanlm.modeling import finish_lora
 from hanlm.modeling import save_model as _save_model
@@ -102,11 +103,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` only if the block completes.
-
-    Used for checkpoints and saved models: a crash mid-save leaves the previous complete
-    directory (or nothing), never a partial one under the final name.
-    """
+    """Yield a temporary directory that replaces `path` only if the block completes (checkpoints
+    and saved models: a crash mid-save leaves the previous complete directory, or nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -206,6 +204,7 @@ class Run:
         if not self.main:
             self.dir = Path(output_dir)
             self.metrics_path = self.dir / METRICS_FILE
+        console.attach(self.dir)  # the libraries' warnings from here on: hanlm.log
             before = (read_run(self.dir) or {}).get("summary", {}) if resume else {}
             # the same `initial` as rank 0, so that all skip (or all run) the measurement
             self.info = {"summary": {k: v for k, v in before.items() if k.startswith("initial_")}}

@@ -244,3 +244,18 @@ class ServedApp:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def tensorboard_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `log_dir` (subdirectories included),
+    read back with TensorBoard's own reader: tag -> [(step, value), ...] in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    dirs = sorted({p.parent for p in Path(log_dir).rglob("events.out.tfevents.*")})
+    for d in dirs:
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})  # 0: keep every event
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {tag: sorted(points) for tag, points in out.items()}

@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+from hanlm import console
 from hanlm.compat import (
     load_trainer_checkpoint,
     set_trl_token_count,
     trl_token_count,
 )
-from hanlm.config import ConfigError, LoraConfig, TrainConfig
+from hanlm.config import ConfigError, LoraConfig, TrainConfig, trackers
 from hanlm.modeling import count_parameters, pick_precision
 from hanlm.runs import CHECKPOINTS, Run, atomic_write_json, mark_complete, prune_checkpoints
 
 # what hanlm adds to a Trainer checkpoint: counters the libraries do not keep (see `run_trainer`)
 EXTRA_STATE = "hanlm_state.json"
+# where `train.report_to=tensorboard` writes its event files, inside the run directory
+TENSORBOARD_DIR = "tensorboard"
 
 
 def training_args(
@@ -46,6 +51,9 @@ def training_args(
     # (DefaultFlowCallback), in epoch mode too.
     eval_every = cfg.eval_steps if cfg.eval_steps > 0 else 10**9
     save_every = cfg.save_steps if cfg.save_steps > 0 else None
+    report_to = trackers(cfg)
+    if "tensorboard" in report_to:  # transformers' TensorBoardCallback reads its directory here
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(run_dir) / TENSORBOARD_DIR)
     args = args_cls(
         output_dir=str(run_dir / CHECKPOINTS),
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
@@ -71,10 +79,13 @@ def training_args(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=on_cpu,
-        report_to=[],
+        report_to=report_to,
+        run_name=Path(run_dir).name,  # the run's name in wandb, swanlab and mlflow
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=False,
+        # verbose: the Trainer's progress bar and raw log dicts; otherwise `run_trainer` puts
+        # hanlm's progress line in place of the Trainer's printer
+        disable_tqdm=not console.verbose(),
         deepspeed=cfg.deepspeed or None,  # a JSON path; the Trainer fills its "auto" values
         **extra,
     )
@@ -162,6 +173,7 @@ def metrics_callback(run: Run, tokens_per_char: float | None = None) -> Any:
 
     class _Metrics(TrainerCallback):
         trainer: Any = None  # set by `run_trainer`, for what the checkpoint must add
+        command = run.command  # names the progress line
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -188,6 +200,64 @@ def metrics_callback(run: Run, tokens_per_char: float | None = None) -> Any:
     return _Metrics()
 
 
+def progress_callback(name: str) -> Any:
+    """A TrainerCallback drawing `console.Progress` (step/total, loss, learning rate, ETA), a
+    line per evaluation, and the stage's training time at its end (main process only)."""
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        progress: console.Progress | None = None
+        progress_line = True  # `use_progress_line` adds one only
+        trained = False
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.progress = console.Progress(name, state.max_steps, state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.progress:
+                self.progress.tick(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.progress and logs and "loss" in logs:
+                lr = logs.get("learning_rate")
+                self.progress.update(state.global_step, loss=logs["loss"], lr=lr)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if not metrics or not state.is_world_process_zero:
+                return
+            if self.progress:
+                when = f"at step {state.global_step}/{state.max_steps}"
+                self.progress.note(console.evaluation_line(when, metrics))
+            elif not self.trained:  # a measurement before training
+                print(f"[{name}] {console.evaluation_line('before training', metrics)}", flush=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.trained = True
+            if self.progress:
+                p, self.progress = self.progress, None
+                took = console.duration(time.time() - p.started)
+                p.close(f"trained {state.global_step - p.first} steps in {took}")
+
+    return _Progress()
+
+
+def use_progress_line(trainer: Any) -> None:
+    """hanlm's progress line in place of the Trainer's progress bar and raw log dicts (not when
+    verbose). Idempotent; `run_trainer` calls it, and a stage that evaluates before training
+    calls it first."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    console.route_libraries()  # what the Trainer's set-up loaded (accelerate, deepspeed ...)
+    callbacks = trainer.callback_handler.callbacks
+    if console.verbose() or any(getattr(cb, "progress_line", False) for cb in callbacks):
+        return
+    name = next((cb.command for cb in callbacks if hasattr(cb, "command")), "train")
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress_callback(name))
+
+
 def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
     """`trainer.train(resume_from_checkpoint=checkpoint)`, but a checkpoint of the last step
     (a run killed while saving its final model) takes no further step: transformers would take
@@ -200,6 +270,7 @@ def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
     for cb in trainer.callback_handler.callbacks:
         if hasattr(cb, "trainer"):
             cb.trainer = trainer
+    use_progress_line(trainer)
     extra = Path(checkpoint) / EXTRA_STATE if checkpoint else None
     if extra is not None and extra.is_file():
         saved = json.loads(extra.read_text(encoding="utf-8"))
@@ -284,3 +355,37 @@ def env_true(name: str) -> bool:
     import os
 
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def tracker_list(report_to: list[str], run_dir: Path | None) -> list[Any]:
+    """accelerate's `log_with` for `train.report_to`, for the loops that are not a Trainer
+    (`hanlm ppo`, `hanlm embed train`): TensorBoard as a tracker writing to RUN/tensorboard (the
+    Trainer stages' directory), the others by name."""
+    from accelerate.tracking import TensorBoardTracker
+
+    out: list[Any] = []
+    for name in report_to:
+        if name == "tensorboard":
+            out.append(TensorBoardTracker(TENSORBOARD_DIR, str(run_dir or ".")))
+        elif name != "none":
+            out.append(name)
+    return out
+
+
+def start_trackers(acc: Any, run: Run, config: dict[str, Any]) -> None:
+    """Start the trackers of `acc` (project "hanlm", named after the run directory) with the
+    run's config, flattened to the scalars trackers accept."""
+    if not acc.log_with:
+        return
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(config)}
+    name = run.dir.name
+    kwargs = {"wandb": {"name": name}, "mlflow": {"run_name": name}}
+    kwargs["swanlab"] = {"experiment_name": name}
+    acc.init_trackers("hanlm", config=flat, init_kwargs=kwargs)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out

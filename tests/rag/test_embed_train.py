@@ -29,7 +29,7 @@ def pairs_file(tmp_path_factory):
     return p
 
 
-def _train(tiny_model_path, pairs_file, out, trainable, steps=25):
+def _train(tiny_model_path, pairs_file, out, trainable, steps=25, *extra):
     from hanlm.embed.train import EmbedTrainConfig, run
 
     cfg = load_config(
@@ -45,6 +45,7 @@ def _train(tiny_model_path, pairs_file, out, trainable, steps=25):
             "train.lr=1e-2",
             "train.warmup_ratio=0",
             "train.logging_steps=1",
+            *extra,
         ],
     )
     return run(cfg)
@@ -99,3 +100,19 @@ def test_bad_pairs_are_errors_naming_the_line(tmp_path):
     rows = [{"query": str(i), "positive": "same" if i < 3 else str(i)} for i in range(8)]
     for b in batches(rows, 4, random.Random(0)):
         assert len({rows[i]["positive"] for i in b}) == len(b)
+
+
+def test_embed_train_shows_progress_and_reports_to_tensorboard(
+    tiny_model_path, pairs_file, tmp_path, capsys
+):
+    from hanlm.testing import tensorboard_scalars
+
+    out = _train(
+        tiny_model_path, pairs_file, tmp_path / "tb", "bias", 6, "train.report_to=tensorboard"
+    )
+    text = capsys.readouterr().out
+    assert "[embed train] step 6/6  loss " in text and "[embed train] trained 6 steps in " in text
+    loss = tensorboard_scalars(out / "tensorboard")["loss"]
+    assert [s for s, _ in loss] == [1, 2, 3, 4, 5, 6] and len({v for _, v in loss}) > 1
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["loss"], 5) for r in rows if "loss" in r] == [round(v, 5) for _, v in loss]

@@ -593,3 +593,21 @@ def test_the_critic_starts_centred_on_the_shifted_scores(
         assert abs(row["value_error"]) < 0.05 * abs(shift), row["value_error"]
     else:
         assert abs(row["value_error"]) > 0.5 * abs(shift), row["value_error"]
+
+
+def test_ppo_reports_to_tensorboard_through_accelerate(tmp_path, tiny_model_path, pref, capfd):
+    """PPO's own loop (not a Trainer) writes its curves with accelerate's TensorBoard tracker
+    into RUN/tensorboard, and shows one progress line instead of a line of figures per step."""
+    from hanlm.testing import tensorboard_scalars
+
+    out = tmp_path / "ppo"
+    argv = ppo_argv(tiny_model_path, pref, out, "train.report_to=tensorboard", "train.max_steps=3")
+    assert cli.main(["ppo", *argv]) == 0
+    text = capfd.readouterr().out
+    assert "[ppo] step 3/3  score " in text and " lr " in text and "ETA 0s" in text
+    assert "[ppo] eval at step 2/3: score " in text and "[hanlm] ppo step" not in text
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert [s for s, _ in scalars["score"]] == [1, 2, 3]
+    assert len({v for _, v in scalars["pg_loss"]}) > 1  # the curve moves
+    assert [s for s, _ in scalars["eval_score"]] == [0, 2, 3]  # before training, then when due
+    assert [s for s, _ in scalars["lr"]] == [1, 2, 3]

@@ -11,7 +11,7 @@ from typing import Any
 from hanlm.compat import reset_accelerator_state
 from hanlm.modeling import pick_precision
 from hanlm.runs import Run
-from hanlm.trainer import check_world, env_true
+from hanlm.trainer import check_world, env_true, tracker_list
 
 
 def trainable_state(model: Any) -> dict[str, Any]:
@@ -65,11 +65,14 @@ def weights_equal_across_processes(models: list[Any]) -> bool:
     return all(f == fingerprint for f in gather_object([fingerprint]))
 
 
-def loop_accelerator(precision: str, command: str) -> Any:
+def loop_accelerator(
+    precision: str, command: str, report_to: list[str] | None = None, run_dir: Path | None = None
+) -> Any:
     """The accelerate `Accelerator` of a hand-written loop: one process, or one of W under
     torchrun / `accelerate launch` (DDP); the CPU when there is no GPU, as the Trainer stages;
-    autocast for bf16/fp16. accelerate's state is per process: what an earlier run in this
-    process set is dropped first, as the Trainer does."""
+    autocast for bf16/fp16; accelerate's experiment trackers for `report_to` (started by
+    `start_trackers` once the run directory exists). accelerate's state is per process: what
+    an earlier run in this process set is dropped first, as the Trainer does."""
     import torch
     from accelerate import Accelerator
 
@@ -80,6 +83,8 @@ def loop_accelerator(precision: str, command: str) -> Any:
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=chosen if chosen in ("bf16", "fp16") else "no",
+        log_with=tracker_list(report_to or [], run_dir) or None,
+        project_dir=str(run_dir) if run_dir is not None else None,
     )
     sharded = acc.distributed_type.name
     # accelerate's CPU processes may say MULTI_CPU under an FSDP/DeepSpeed launch: its env says

@@ -49,11 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hanlm import trainer
+from hanlm import console, trainer
 from hanlm.align import loop, rollouts
 from hanlm.align.checks import warnings_for
 from hanlm.align.ppo_algorithm import PPO
 from hanlm.align.ppo_config import PPOConfig
+from hanlm.config import to_dict, trackers
 from hanlm.data.templates import require_template, stop_token_ids
 from hanlm.modeling import load_tokenizer
 from hanlm.runs import Run
@@ -64,9 +65,11 @@ from hanlm.runs import Run
 def run(cfg: PPOConfig) -> Path:
     from transformers import set_seed
 
-    acc = loop.loop_accelerator(cfg.train.precision, "hanlm ppo")
+    out = Path(cfg.output_dir)
+    acc = loop.loop_accelerator(cfg.train.precision, "hanlm ppo", trackers(cfg.train), out)
     world = acc.num_processes
     with Run("ppo", cfg) as run:
+        trainer.start_trackers(acc, run, to_dict(cfg))
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
         require_template(tok, cfg.template, cfg.model.path, "PPO")
@@ -95,6 +98,7 @@ def run(cfg: PPOConfig) -> Path:
         )
         summary.update(ppo.engines.describe())  # DeepSpeed; the frozen models' weights held
         _finish(cfg, run, ppo, data, best, (before, after), summary)
+        acc.end_training()  # the trackers flush and close
     return run.dir
 
 
@@ -151,6 +155,7 @@ def _resume_or_measure(
         initial = ppo.evaluate(data.held_out, data.ptx_valid, samples=before)
         summary.update({f"initial_eval_{k}": v for k, v in initial.items()})
         run.log(0, **{f"eval_{k}": v for k, v in initial.items()})
+        ppo.acc.log({f"eval_{k}": v for k, v in initial.items()}, step=0)
         if ppo.main:
             print(f"[hanlm] before PPO: {_fmt(initial)}")
     return start, before
@@ -168,6 +173,8 @@ def _steps(
     metrics: dict[str, Any] = run.logged(start, last=cfg.train.max_steps)  # resumed at the end
     after: list[dict[str, Any]] = []  # the last evaluation's answers
     best_gold, best_step = -math.inf, 0
+    quiet = main and not console.verbose()
+    progress = console.Progress("ppo", cfg.train.max_steps, start) if quiet else None
     for step in range(start + 1, cfg.train.max_steps + 1):
         t0 = time.time()
         ids = ppo.mine(ppo.prompt_cycle.take(cfg.rollout_batch * world), cfg.rollout_batch)
@@ -182,10 +189,23 @@ def _steps(
                 best_gold, best_step = ev["gold_score"], step
                 torch.save(loop.trainable_state(ppo.policy), run.dir / ".best_policy.pt")
         run.log(step, **metrics)
-        if main and (step % max(cfg.train.logging_steps, 1) == 0 or step == cfg.train.max_steps):
+        ppo.acc.log(metrics, step=step)  # the trackers of train.report_to (main process)
+        if progress is not None:
+            if "eval_score" in metrics:
+                total = cfg.train.max_steps
+                shown = {
+                    k[5:]: metrics[k] for k in _SHOWN if k.startswith("eval_") and k in metrics
+                }
+                progress.note(f"eval at step {step}/{total}: {console.figures(shown)}")
+            shown = {k: metrics.get(k) for k in ("score", "kl", "pg_loss")}
+            progress.update(step, **shown, lr=metrics.get("lr"))
+        elif main and (step % max(cfg.train.logging_steps, 1) == 0 or step == cfg.train.max_steps):
             print(f"[hanlm] ppo step {step}/{cfg.train.max_steps}: {_fmt(metrics)}")
         if cfg.train.save_steps > 0 and step % cfg.train.save_steps == 0:
             ppo.save(run, step, {k: v for k, v in summary.items() if k.startswith("initial")})
+    if progress is not None:
+        took = console.duration(time.time() - progress.started)
+        progress.close(f"trained {cfg.train.max_steps - start} steps in {took}")
     return metrics, after, (best_gold, best_step)
 
 

@@ -19,16 +19,33 @@ from __future__ import annotations
 import math
 import random
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from hanlm.config import ConfigError, LoraConfig, ModelConfig, OutputConfig, TrainConfig, opt
+from hanlm import console
+from hanlm.config import (
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    OutputConfig,
+    TrainConfig,
+    opt,
+    to_dict,
+    trackers,
+)
 from hanlm.data.sources import DataError, read_json_line, read_lines
 from hanlm.embed.pooling import Embedder, EmbedOptions
 from hanlm.modeling import load_model, load_tokenizer, model_config
 from hanlm.runs import Run
-from hanlm.trainer import apply_lora, describe_trainable, optimizer
+from hanlm.trainer import (
+    apply_lora,
+    describe_trainable,
+    optimizer,
+    start_trackers,
+    tracker_list,
+)
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -214,13 +231,17 @@ def evaluate(emb: Embedder, rows: list[dict[str, str]], temperature: float) -> d
 
 
 def run(cfg: EmbedTrainConfig) -> Path:
-    import torch
-    from tqdm.auto import tqdm
+    from accelerate import Accelerator
     from transformers import set_seed
 
     if cfg.trainable == "bias":  # before anything is read or loaded
         check_bias_trainable(model_config(cfg.model), loaded=False)
     with Run("embed train", cfg) as run:
+        # accelerate's trackers for train.report_to (the accelerator prepares nothing here)
+        tracked = tracker_list(trackers(cfg.train), run.dir)
+        acc = Accelerator(log_with=tracked, project_dir=str(run.dir)) if tracked else None
+        if acc is not None:
+            start_trackers(acc, run, to_dict(cfg))
         set_seed(cfg.train.seed)
         pairs = read_pairs(cfg.data)
         rng = random.Random(cfg.train.seed)
@@ -247,25 +268,7 @@ def run(cfg: EmbedTrainConfig) -> Path:
 
         steps_per_epoch = max(1, len(train) // cfg.train.batch_size)
         total = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
-        opt, sched = optimizer(model, cfg.train, total)
-        params = [p for p in model.parameters() if p.requires_grad]
-        queue: list[list[int]] = []
-        losses: list[float] = []
-        model.train()
-        for step in tqdm(range(1, total + 1), desc="embed train", mininterval=1.0):
-            if not queue:
-                queue = batches(train, cfg.train.batch_size, rng)
-            loss = info_nce(emb, [train[i] for i in queue.pop(0)], cfg.temperature)
-            loss.backward()
-            if cfg.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if step % cfg.train.logging_steps == 0 or step == total:
-                recent = losses[-cfg.train.logging_steps :]
-                run.log(step, loss=sum(recent) / len(recent), lr=sched.get_last_lr()[0])
+        losses = _train(cfg, run, emb, train, rng, total, acc)
         summary.update(steps=total, first_loss=losses[0], last_loss=losses[-1])
 
         lora = replace(cfg.lora, enabled=True) if cfg.trainable == "lora" else None
@@ -279,4 +282,49 @@ def run(cfg: EmbedTrainConfig) -> Path:
                 f" -> {summary['valid_recall@1']:.3f}"
             )
         run.finish(summary)
+        if acc is not None:
+            acc.end_training()
     return run.dir
+
+
+def _train(
+    cfg: EmbedTrainConfig,
+    run: Run,
+    emb: Embedder,
+    train: list[Any],
+    rng: random.Random,
+    total: int,
+    acc: Any,
+) -> list[float]:
+    """`total` InfoNCE steps over `train`, logged to metrics.jsonl (and the trackers of `acc`),
+    with a progress line; returns every step's loss."""
+    import torch
+
+    model = emb.model
+    opt, sched = optimizer(model, cfg.train, total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    queue: list[list[int]] = []
+    losses: list[float] = []
+    progress = console.Progress("embed train", total)
+    model.train()
+    for step in range(1, total + 1):
+        if not queue:
+            queue = batches(train, cfg.train.batch_size, rng)
+        loss = info_nce(emb, [train[i] for i in queue.pop(0)], cfg.temperature)
+        loss.backward()
+        if cfg.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        progress.tick(step)
+        if step % cfg.train.logging_steps == 0 or step == total:
+            recent = losses[-cfg.train.logging_steps :]
+            row = {"loss": sum(recent) / len(recent), "lr": sched.get_last_lr()[0]}
+            run.log(step, **row)
+            if acc is not None:
+                acc.log(row, step=step)
+            progress.update(step, **row)
+    progress.close(f"trained {total} steps in {console.duration(time.time() - progress.started)}")
+    return losses

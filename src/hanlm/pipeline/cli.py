@@ -17,14 +17,23 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from hanlm import __version__
-from hanlm.config import ConfigError, describe, load_config, parse_value
+from hanlm import __version__, console
+from hanlm.config import (
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    describe,
+    load_config,
+    parse_value,
+)
 from hanlm.data.sources import DataError
 from hanlm.modeling import ModelError
 from hanlm.pipeline.commands import COMMANDS, config_class
-from hanlm.runs import OutputDirError, is_main_process
+from hanlm.pipeline.headline_rows import load_reports, stage_headline
+from hanlm.runs import OutputDirError, is_main_process, read_metrics, read_run
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
+_VERBOSE = ("-v", "--verbose")
 
 
 class UsageError(ValueError):
@@ -38,6 +47,7 @@ def _print_main_help() -> None:
         "",
         "usage: hanlm <command> [CONFIG.yaml] [key.sub=value ...]",
         "       hanlm <command> --help     (lists the command's config keys)",
+        "       hanlm -v <command> ...     (verbose: library warnings and raw training logs)",
         "",
         "commands:",
     ]
@@ -127,6 +137,9 @@ def _is_option_like(arg: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in _VERBOSE for a in argv):  # anywhere; the stages of `hanlm run` inherit it
+        argv = [a for a in argv if a not in _VERBOSE]
+        os.environ[console.VERBOSE_ENV] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         _print_main_help()
         return 0
@@ -152,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hanlm {name}: {e}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name].module)
+    parts = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
+    loads_model = any(isinstance(p, (ModelConfig, TrainConfig)) for p in parts)
+    loads_model = loads_model or bool(getattr(cfg, "loads_model", lambda: False)())
     try:
-        result = getattr(module, COMMANDS[name].func)(cfg)
+        with console.quiet_libraries(loads_model):
+            result = getattr(module, COMMANDS[name].func)(cfg)
     except (ConfigError, DataError, ModelError, OutputDirError, FileNotFoundError) as e:
         print(f"hanlm {name}: error: {e}", file=sys.stderr)
         return 1
@@ -169,7 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         return result
     if isinstance(result, (str, Path)) and is_main_process():  # once per job, not per process
         print(f"hanlm {name}: done -> {result}")
+        for line in headline_lines(name, Path(result)):
+            print(f"  {line}")
     return 0
+
+
+def headline_lines(command: str, run_dir: Path) -> list[str]:
+    """The stage's headline (the report's row: figures before -> after, verdict, warnings) as
+    console lines; none for a command without one."""
+    info = read_run(run_dir) if run_dir.is_dir() else None
+    if not info or not COMMANDS[command].headline:
+        return []
+    reports = load_reports(run_dir, command)
+    h = stage_headline(run_dir.name, command, info, reports, read_metrics(run_dir))
+    lines = ["headline: " + "; ".join(f.text() for f in h.figures)] if h.figures else []
+    lines += [f"verdict: {h.verdict}"] if h.verdict else []
+    return lines + [f"warning: {w}" for w in h.warnings]
 
 
 def fields_of(name: str) -> list[str]:

@@ -30,14 +30,23 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hanlm import ASSETS
-from hanlm.config import ConfigError, load_config, opt, read_yaml, to_dict
+from hanlm import ASSETS, console
+from hanlm.config import (
+    ConfigError,
+    Tracker,
+    all_keys,
+    check_trackers,
+    load_config,
+    opt,
+    read_yaml,
+    to_dict,
+)
 from hanlm.pipeline.commands import COMMANDS, config_class
 from hanlm.pipeline.report import write_report
 from hanlm.runs import atomic_write_json, atomic_write_text, read_run
@@ -69,6 +78,18 @@ class RunConfig:
     only: str = opt("", "run only this stage, even if unchanged (--only)")
     dry_run: bool = opt(False, "print the plan and exit (--dry-run)")
     report: bool = opt(True, "write report.html and report.md after the run")
+    report_to: list[Tracker] = opt(
+        [],
+        "experiment trackers for every training stage (its train.report_to) that does not set"
+        " its own: tensorboard, wandb, swanlab, mlflow",
+    )
+
+    def validate(self) -> None:
+        check_trackers(self.report_to)
+
+    def loads_model(self) -> bool:
+        """The report answers prompts with each stage's model (for `console.quiet_libraries`)."""
+        return self.report and not self.dry_run
 
 
 @dataclass
@@ -86,6 +107,7 @@ class Recipe:
     run_dir: Path
     stages: list[Stage]
     report: dict[str, Any]
+    report_to: list[str] = field(default_factory=list)  # `hanlm run report_to=...`
 
 
 # --------------------------------------------------------------------------- parsing
@@ -222,6 +244,10 @@ def resolve_config(recipe: Recipe, stage: Stage) -> dict[str, Any]:
     config = _substitute(stage.config, env)
     config.setdefault("output_dir", str(stage_dir(recipe, stage.name)))
     cls = config_class(stage.command)
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    own = "report_to" in train or "train.report_to" in config
+    if recipe.report_to and not own and "train.report_to" in all_keys(cls):
+        config["train"] = {**train, "report_to": recipe.report_to}
     try:
         cfg = load_config(cls, None, [(k, v) for k, v in config.items()])
     except ConfigError as e:
@@ -267,6 +293,8 @@ def fingerprint(
     """Hash of what determines a stage's output (not where it goes or how it is resumed)."""
     h = hashlib.sha256()
     pure = {k: v for k, v in config.items() if k not in _RUNNER_KEYS}
+    if isinstance(pure.get("train"), dict):  # trackers watch a run; they do not change it
+        pure["train"] = {k: v for k, v in pure["train"].items() if k != "report_to"}
     h.update(json.dumps([stage.command, pure], sort_keys=True, default=str).encode())
     for dep in stage.needs:
         h.update(f"{dep}={upstream[dep]}".encode())
@@ -384,6 +412,7 @@ def _run_stage(recipe: Recipe, step: dict[str, Any], log: Any) -> dict[str, Any]
 
 def run(cfg: RunConfig) -> int:
     recipe = load_recipe(cfg.recipe, cfg.run_dir)
+    recipe.report_to = list(cfg.report_to)
     steps = plan(recipe, cfg)
     print(f"recipe {recipe.name} ({recipe.path}) -> {recipe.run_dir}")
     width = max(len(s["stage"].name) for s in steps)
@@ -394,6 +423,7 @@ def run(cfg: RunConfig) -> int:
     if cfg.dry_run:
         return 0
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    console.attach(recipe.run_dir)  # the libraries' warnings while the report is written
     state = _read_state(recipe)
     state_path = recipe.run_dir / STATE_FILE
     failed = None

@@ -50,6 +50,7 @@ from hanlm.trainer import (
     metrics_callback,
     run_trainer,
     training_args,
+    use_progress_line,
 )
 
 
@@ -371,6 +372,7 @@ def run(cfg: PretrainConfig) -> Path:
         checkpoint = run.resume_from()
         summary: dict[str, Any] = {**params, **run.initial}  # initial: kept across a resume
         if valid_ds is not None and not run.initial:
+            use_progress_line(trainer)  # its evaluation as a line, not the Trainer's raw dict
             first = trainer.evaluate()  # the starting point the report compares against
             summary["initial_eval_loss"] = first["eval_loss"]
             if tokens_per_char:
