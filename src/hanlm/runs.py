@@ -204,7 +204,6 @@ class Run:
         if not self.main:
             self.dir = Path(output_dir)
             self.metrics_path = self.dir / METRICS_FILE
-        console.attach(self.dir)  # the libraries' warnings from here on: hanlm.log
             before = (read_run(self.dir) or {}).get("summary", {}) if resume else {}
             # the same `initial` as rank 0, so that all skip (or all run) the measurement
             self.info = {"summary": {k: v for k, v in before.items() if k.startswith("initial_")}}
@@ -215,6 +214,7 @@ class Run:
         self._fresh = not held or (overwrite and not resume)  # (see __exit__)
         self.dir = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
         self.metrics_path = self.dir / METRICS_FILE
+        console.attach(self.dir)  # the libraries' warnings from here on: hanlm.log
         # Checked before anything is written or loaded: a damaged checkpoint stops the run here.
         self._resume_ckpt = resume_checkpoint(self.dir) if resume else None
         if resume:
