@@ -190,7 +190,9 @@ def test_single_grades_with_malformed_replies_429_and_500(tmp_path, judge_server
     first = next(text for _, text in t if "<<t1:s=8>>" in text and "<<t2:s=6>>" not in text)
     assert "[参考答案开始]\n2\n[参考答案结束]" in first
     second = next(text for _, text in t if "<<t2:s=6>>" in text)
-    assert all(s in second for s in ("一加一等于几？", "<<t1:s=8>>", "再加一呢？", "第2个问题的参考答案"))
+    assert all(
+        s in second for s in ("一加一等于几？", "<<t1:s=8>>", "再加一呢？", "第2个问题的参考答案")
+    )
     writing = next(text for _, text in t if "<<t2:s=3>>" in text)
     assert "参考答案" not in writing
     info = json.loads((tmp_path / "out/hanlm.json").read_text())

@@ -6,11 +6,15 @@ people's rankings from `hanlm label`). Pure Python over the judgment records, ex
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from hanlm.data.templates import render
+from hanlm.modeling import ModelError, load_tokenizer, pad_batch, resolve_source
 
 OVERALL = "overall"
 
@@ -167,13 +171,8 @@ def reward_scores(
     """The gold reward model's score of each whole conversation (a one-output
     sequence-classification model as `hanlm reward` saves it; read at the last real token,
     conversations cut to the last `max_length` tokens it was trained with)."""
-    import json
-
     import torch
     from transformers import AutoModelForSequenceClassification
-
-    from hanlm.data.templates import render
-    from hanlm.modeling import ModelError, load_tokenizer, pad_batch, resolve_source
 
     src = resolve_source(path)
     tok = load_tokenizer(path)
