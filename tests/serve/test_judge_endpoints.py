@@ -129,6 +129,14 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
 
 
+def _headline(out: Path):
+    """The report's headline row of a judge run, as `hanlm run` builds it."""
+    from hanlm.pipeline.headline_rows import load_reports, stage_headline
+
+    info = json.loads((out / "hanlm.json").read_text())
+    return stage_headline("judge", "judge", info, load_reports(out, "judge"))
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -205,6 +213,10 @@ def test_single_grades_with_malformed_replies_429_and_500(tmp_path, judge_server
     assert report["single"]["a"]["writing"]["unparsed"] == 2
     summary_declared(tmp_path / "out", absent=("win_rate", "win_rate_se", "position_bias",
                                                "gold_agreement", "label_agreement"))  # fmt: skip
+    h = _headline(tmp_path / "out")
+    assert h.verdict.startswith("mean grade by the judge: a 5.75")
+    assert any("math: mean grade (n=2)" in f.text() for f in h.figures)
+    assert any(w.startswith("2 verdicts unparseable") for w in h.warnings)
 
 
 # --------------------------------------------------------------------------- pairs
@@ -259,6 +271,9 @@ def test_pairwise_both_orders_position_bias_and_people(tmp_path, judge_server, s
     assert s["win_rate"] == pytest.approx(3.5 / 6) and s["label_agreement"] == pytest.approx(0.75)
     assert s["position_bias"] == pytest.approx(2 / 6)
     summary_declared(tmp_path / "out", absent=("*/score", "*/score_se", "gold_agreement"))
+    h = _headline(tmp_path / "out")
+    assert h.verdict.startswith("no clear winner") and "agrees with people on 75%" in h.verdict
+    assert any(w.startswith("position bias") and "33%" in w for w in h.warnings)
     # the order is really swapped: in "ba" the judge is shown b's answer first
     shown = [t for _, t in script.requests if "<<t1:q=9>>" in t and "<<t2" not in t]
     assert sorted(t.index("<<t1:q=9>>") < t.index("<<t1:q=1>>") for t in shown) == [False, True]
