@@ -240,8 +240,8 @@ def figures(
     if records:
         report["judge"] = records[0]["judge"]
     singles = [r for r in records if r["kind"] == "single"]
-    pairs = [r for r in records if r["kind"] == "pair" and r["category"] != "labels"]
-    ranked = [r for r in records if r["kind"] == "pair" and r["category"] == "labels"]
+    pairs = [r for r in records if r["kind"] == "pair" and not r["pair"].startswith("label/")]
+    ranked = [r for r in records if r["kind"] == "pair" and r["pair"].startswith("label/")]
     if singles:
         report["single"] = single_table(singles)
     if pairs:
