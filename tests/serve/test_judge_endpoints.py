@@ -395,6 +395,7 @@ def test_answers_from_hanlm_serve_carry_the_history(tmp_path, live, judge_server
     assert run(cfg) == 0
     (ans,) = _read(tmp_path / "out/answers.jsonl")
     assert ans["turns"][0] == live.answer and ans["temperature"] == 0.0
+    assert ans["finish_reasons"][0] == "stop" and len(ans["finish_reasons"]) == 2
     client = live.client()
     history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": live.answer},
                {"role": "user", "content": "第二个问题"}]  # fmt: skip

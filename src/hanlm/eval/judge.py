@@ -275,10 +275,11 @@ def connect(cfg: JudgeConfig, url: str, model: str, max_tokens: int) -> Endpoint
         raise ConfigError(str(e)) from None
 
 
-def ask(endpoint: Endpoint, messages: list[dict[str, str]], temperature: float) -> str:
-    """The reply's text; an unreachable endpoint or a refused key stops the run."""
+def ask(endpoint: Endpoint, messages: list[dict[str, str]], temperature: float) -> tuple[str, str]:
+    """(the reply's text, its finish_reason); an unreachable endpoint or a refused key stops
+    the run."""
     try:
-        return endpoint.chat(messages, temperature)[0]
+        return endpoint.chat(messages, temperature)
     except Exception as e:  # the openai client already retried
         err = endpoint.explain(e)
         if isinstance(err, (ConnectionError, PermissionError)):
@@ -328,15 +329,16 @@ def collect_answers(
         ) -> None:
             t = cfg.temperature if cfg.temperature >= 0 else TEMPERATURES.get(q["category"], 0.7)
             history: list[dict[str, str]] = []
-            turns = []
+            turns, finish = [], []
             for text in q["turns"]:
                 history.append({"role": "user", "content": text})
-                reply = ask(ep, history, t)
+                reply, why = ask(ep, history, t)
                 history.append({"role": "assistant", "content": reply})
                 turns.append(reply)
+                finish.append(why)
             key = f"{name}/{q['question_id']}"
             rec = {"key": key, "model": name, "source": src, "question_id": q["question_id"]}
-            log.add({**rec, "temperature": t, "turns": turns})
+            log.add({**rec, "temperature": t, "turns": turns, "finish_reasons": finish})
 
         _run_all(pool, [lambda q=q: answer(q) for q in todo], "answers")
         got = {r["question_id"]: r["turns"] for r in log.rows.values() if r["model"] == name}
@@ -379,7 +381,7 @@ def verdict(
     """(parsed verdict or None, the replies): an unparseable reply is asked once more."""
     replies = []
     for _ in range(2):
-        replies.append(ask(judge, messages, 0.0))
+        replies.append(ask(judge, messages, 0.0)[0])
         value = parse(replies[-1])
         if value is not None:
             return value, replies
@@ -489,6 +491,10 @@ def run(cfg: JudgeConfig) -> int:
         records = list(judgments.rows.values())
         gold = cfg.gold_reward_model
         report = stats.figures(cfg.mode, questions, answers, labels, records, gold, cfg.labels)
+        cut: dict[str, int] = {}
+        for r in answer_log.rows.values():  # answers that reached max_tokens (judged as cut)
+            cut[r["model"]] = cut.get(r["model"], 0) + r.get("finish_reasons", []).count("length")
+        report["answers_cut_off"] = cut
         report["torn_lines_dropped"] = answer_log.torn + judgments.torn
         report["failed_requests"] = failed
         atomic_write_json(run.dir / REPORT_FILE, report)
