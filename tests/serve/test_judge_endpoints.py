@@ -376,6 +376,10 @@ def test_bad_inputs_are_named(tmp_path):
     cfg = _cfg(tmp_path, a=str(_write(tmp_path / "a.jsonl", A[:1])), judge="http://127.0.0.1:9")
     with pytest.raises(DataError, match="no answer to every turn of question 2"):
         run(cfg)
+    cfg = _cfg(tmp_path, a=str(_write(tmp_path / "a.jsonl", A)), judge="http://127.0.0.1:9")
+    cfg.overwrite, cfg.retries = True, 0
+    with pytest.raises(ConfigError, match=r"cannot reach http://127.0.0.1:9/v1.*judge="):
+        run(cfg)
 
 
 # --------------------------------------------------------------------------- hanlm serve answers

@@ -272,7 +272,12 @@ def connect(cfg: JudgeConfig, url: str, model: str, max_tokens: int) -> Endpoint
     try:
         return Endpoint(settings)  # type: ignore[arg-type]
     except (ConnectionError, PermissionError) as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(_for_judge(e, url)) from None
+
+
+def _for_judge(e: Exception, url: str) -> str:
+    """The endpoint's error message, naming the settings of `hanlm judge` (a=, b=, judge=)."""
+    return str(e).replace("Set endpoint=URL", f"Check a=, b= and judge= ({url})")
 
 
 def ask(endpoint: Endpoint, messages: list[dict[str, str]], temperature: float) -> tuple[str, str]:
@@ -283,7 +288,7 @@ def ask(endpoint: Endpoint, messages: list[dict[str, str]], temperature: float) 
     except Exception as e:  # the openai client already retried
         err = endpoint.explain(e)
         if isinstance(err, (ConnectionError, PermissionError)):
-            raise ConfigError(str(err)) from None
+            raise ConfigError(_for_judge(err, endpoint.url)) from None
         raise
 
 
