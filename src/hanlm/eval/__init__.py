@@ -1,5 +1,5 @@
-"""Evaluation: `hanlm eval` (benchmarks, perplexity, probes, samples) and the contamination
-audit."""
+"""Evaluation: `hanlm eval` (benchmarks, perplexity, probes, samples), the contamination audit
+and `hanlm judge` (chat answers judged by a model, MT-bench's way)."""
 
 from hanlm.stage import Command
 
@@ -25,5 +25,24 @@ COMMANDS = (
         headline="hanlm.eval.headlines:audit",
         summary=("*/contaminated",),
         reports=("contamination.json",),
+    ),
+    Command(
+        "judge",
+        "hanlm.eval.judge",
+        "JudgeConfig",
+        "judge chat answers with a model over OpenAI-compatible endpoints (MT-bench's methods)",
+        resumable=True,
+        headline="hanlm.eval.headlines:judge",
+        summary=(
+            "*/score",
+            "*/score_se",
+            "win_rate",
+            "win_rate_se",
+            "position_bias",
+            "gold_agreement",
+            "label_agreement",
+            "unparsed",
+        ),
+        reports=("judge_report.json",),
     ),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hanlm.headline import Figure, Headline, Outcome, band, is_num, num
+from hanlm.headline import Figure, Headline, Outcome, band, is_num, num, pct
 
 
 def evaluate(h: Headline, o: Outcome) -> None:
@@ -89,3 +89,59 @@ def audit(h: Headline, o: Outcome) -> None:
     else:
         h.verdict = "no benchmark item found in the training data"
         h.tone = "good"
+
+
+POSITION_BIAS_WARN = 0.2  # a judge whose verdict changes with the order this often is doubtful
+
+
+def judge(h: Headline, o: Outcome) -> None:
+    """`hanlm judge`: mean grades, or a's win rate over b; beside them, how far to trust the
+    judge (position bias, agreement with a gold reward model and with people)."""
+    s = o.summary
+    report = o.reports.get("judge_report.json") or {}
+    parts = []
+    for key in sorted(k for k in s if k.endswith("/score") and is_num(s[k])):
+        model, se = key[: -len("/score")], s.get(f"{key[: -len('/score')]}/score_se")
+        note = f"± {num(se)}, 1-10" if is_num(se) else "1-10"
+        h.figures.append(Figure(f"{model}: judge's mean grade", s[key], note=note, keys=(key,)))
+        parts.append(f"{model} {num(s[key])}")
+        rows = ((report.get("single") or {}).get(model)) or {}
+        for group, r in rows.items():
+            if group != "overall" and is_num(r.get("mean")):
+                label = f"{model} · {group}: mean grade (n={r['n']})"
+                h.figures.append(Figure(label, r["mean"], note=f"± {num(r.get('se'))}"))
+    if parts:
+        h.verdict = "mean grade by the judge: " + ", ".join(parts)
+    rate, se = s.get("win_rate"), s.get("win_rate_se")
+    if is_num(rate):
+        note = f"± {num(se)}; ties count half" if is_num(se) else "ties count half"
+        h.figures.append(Figure("a's win rate over b (both orders agree)", rate, note=note))
+        for group, r in (report.get("pairwise") or {}).items():
+            if group != "overall" and is_num(r.get("win_rate")):
+                label = f"{group}: a's win rate (n={r['n']})"
+                h.figures.append(Figure(label, r["win_rate"], note=f"± {num(r.get('se'))}"))
+        if is_num(se) and abs(rate - 0.5) > 2 * se:
+            h.verdict = f"{'a' if rate > 0.5 else 'b'} judged better ({num(rate)} ± {num(se)})"
+        else:
+            h.verdict = f"no clear winner ({num(rate)} ± {num(se)}, within two standard errors)"
+    if report.get("judge"):
+        h.verdict = f"{h.verdict} (judge: {report['judge']})".strip()
+    trust = []
+    bias = s.get("position_bias")
+    if is_num(bias):
+        name = "position bias (pairs whose verdict changes with the order)"
+        h.figures.append(Figure(name, bias, pct=True))
+        if bias > POSITION_BIAS_WARN:
+            h.warnings.append(
+                f"position bias: the judge's verdict changes with the order of the answers in"
+                f" {pct(bias)} of pairs; its verdicts are weak evidence"
+            )
+    for key, who in (("gold_agreement", "the gold reward model"), ("label_agreement", "people")):
+        v = s.get(key)
+        if is_num(v):
+            h.figures.append(Figure(f"agreement with {who}", v, pct=True, note="chance 50%"))
+            trust.append(f"agrees with {who} on {pct(v)}")
+    if trust:
+        h.verdict = "; ".join(x for x in (h.verdict, "judge " + ", ".join(trust)) if x)
+    if is_num(s.get("unparsed")) and s["unparsed"]:
+        h.warnings.append(f"{s['unparsed']} verdicts unparseable after a retry (left out)")
