@@ -202,11 +202,9 @@ class TrainConfig:
     )
     batching: Literal["auto", "random", "grouped", "padding_free"] = opt(
         "auto",
-        "how conversations form batches: random (padded to the longest of each batch), grouped"
-        " (batches of similar lengths: almost no padding), padding_free (each batch one"
-        " sequence, positions restarting per conversation; needs flash-attention on a GPU to"
-        " gain); auto = padding_free on a CUDA GPU with flash-attention, else grouped. Exact"
-        " either way: the same per-example losses",
+        "sft batches: random (padded to their longest), grouped (similar lengths), padding_free"
+        " (one sequence, positions restarting per conversation); auto = padding_free on a CUDA"
+        " GPU with flash-attention, else grouped. Each gives the same per-example losses",
     )
     deepspeed: str = opt(
         "",
