@@ -232,8 +232,26 @@ def _dir_bytes(path: str, patterns: tuple[str, ...]) -> int:
 # --------------------------------------------------------------------------- run
 
 
+def default_output_dir(cfg: ExportConfig) -> Path:
+    """Where an export without output_dir writes: beside what the user named (the adapter when
+    one is given), as NAME-gguf, NAME-<dtype> or NAME-export; in the working directory for a
+    hub id or an installed package's file."""
+    named = cfg.adapter or cfg.model.path
+    suffix = {"gguf": "gguf", "safetensors": cfg.dtype, "both": "export"}[cfg.format]
+    p = Path(named).expanduser()
+    if named.startswith("pkg:"):
+        return Path.cwd() / f"{Path(named).stem}-{suffix}"
+    if not p.exists():  # a hub id
+        return Path.cwd() / f"{p.name or 'model'}-{suffix}"
+    p = p.resolve()
+    return p.parent / f"{p.stem if p.is_file() else p.name}-{suffix}"
+
+
 def run(cfg: ExportConfig) -> Path:
     t0 = time.time()
+    if not cfg.output_dir:
+        cfg = replace(cfg, output_dir=str(default_output_dir(cfg)))
+        print(f"[hanlm] output_dir not set: writing to {cfg.output_dir}")
     base, adapter, tok_path = resolve_inputs(cfg)
     src = resolve_source(base)
     with Run("export", cfg) as run:
@@ -532,3 +550,4 @@ def _finish(cfg: ExportConfig, run: Run, summary: dict[str, Any], checks: Parity
     if failures and cfg.parity == "warn":
         print("[hanlm] WARNING: parity check failed: " + "; ".join(failures))
     run.finish(summary)
+    print(f"[hanlm] export written to {run.dir}")

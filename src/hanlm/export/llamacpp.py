@@ -32,8 +32,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hanlm.modeling import ModelError
 
@@ -95,7 +96,7 @@ class LlamaServer:
     def _start(self) -> bool:
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self._log = tempfile.TemporaryFile(mode="w+b")
+        self._log = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 - closed in __exit__
         cmd = [
             str(self.binary),
             *("-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port)),

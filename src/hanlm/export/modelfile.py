@@ -191,7 +191,7 @@ def translate(tok: Any, add_bos: bool) -> tuple[Family | None, str]:
     for conv in PROBES:
         try:
             want = _hf(tok, conv)
-        except Exception:  # noqa: BLE001 - a template may refuse a role (raise_exception)
+        except Exception:
             if any(m["role"] == "system" for m in conv):
                 continue
             raise
