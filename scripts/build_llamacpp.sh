@@ -44,12 +44,18 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && have_all; then
     exit 0
 fi
 
-for tool in cmake ninja c++; do
-    if ! command -v "$tool" >/dev/null; then
-        echo "llama.cpp: '$tool' is missing; install it (Debian: apt-get install cmake ninja-build g++)" >&2
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null || ! command -v c++ >/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        echo "llama.cpp: installing cmake, ninja-build and g++ (apt)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            cmake ninja-build g++ >/dev/null ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                --no-install-recommends cmake ninja-build g++ >/dev/null; }
+    else
+        echo "llama.cpp: cmake, ninja and g++ are needed (Debian: apt-get install cmake ninja-build g++)" >&2
         exit 1
     fi
-done
+fi
 
 WORK="$PREFIX/work"
 mkdir -p "$WORK"

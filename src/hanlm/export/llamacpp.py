@@ -269,6 +269,7 @@ def llamacpp_parity(
         "llama_server": str(server.binary),
         "token_ids_equal": not differ,
         "texts_checked": len(texts),
+        "texts_equal": len(texts) - len(differ),
         "differ": differ[:5],
         "template_equal": f"{sum(rendered)}/{len(rendered)}",
         "max_abs_logprob_diff": worst,
