@@ -428,9 +428,8 @@ def _export_gguf(
                 ref.chats,
                 ref.prompt_ids,
                 ref.answers,
-                ref.probe,
-                ref.logits,
-                lambda ids: forward_logits(model, [ids])[0][-1],
+                max(float(x.abs().max()) for x in ref.logits),
+                lambda ids: forward_logits(model, [ids])[0],
                 cfg.max_new_tokens,
                 limit,
             )

@@ -6,10 +6,11 @@ What is compared (`llamacpp_parity`):
   on a string set that includes prompts rendered by the chat template, special tokens and all;
 - the chat template: `/apply-template` (llama.cpp's own Jinja engine on the template the GGUF
   carries) against `apply_chat_template`;
-- first-step probabilities: `/completion` with `n_probs` gives llama.cpp's log-probabilities
-  before sampling for its top k tokens; they are compared with the fp32 model's log-softmax on the
-  same ids (log-probabilities differ from logits by a constant per position, so their error is
-  judged as a logit error, against the largest reference logit);
+- probabilities: `/completion` with `n_probs` gives llama.cpp's log-probabilities before
+  sampling for its top k tokens at each step; they are compared with the fp32 model's
+  log-softmax on the same ids at every step where both share the context (the first step on, up
+  to where the greedy answers part). Log-probabilities differ from logits by a constant per
+  position, so their error is judged as a logit error, against the largest reference logit;
 - greedy answers (temperature 0, the prompt sent as the template's ids) and where they stop. Where
   an answer differs, the fp32 model is asked for its logits at the first differing step: a
   difference is a near tie when transformers' choice beats llama.cpp's by no more than the
@@ -176,8 +177,10 @@ class LlamaServer:
         return str(self.post("/apply-template", {"messages": messages})["prompt"])
 
     def complete(self, ids: list[int], n_predict: int, n_probs: int = TOP_K) -> dict[str, Any]:
-        """Greedy continuation of `ids`: the sampled ids (an end-of-generation token included
-        when it stopped on one), whether it stopped so, and each step's top log-probabilities."""
+        """Greedy continuation of `ids`: every sampled id (the end-of-generation token included
+        when it stopped on one), whether it stopped so, and the top log-probabilities before
+        sampling by step (`top[j]`: step j's, for the steps llama-server reports: it leaves out
+        a token that ends inside a UTF-8 character)."""
         out = self.post(
             "/completion",
             {
@@ -187,16 +190,21 @@ class LlamaServer:
                 "top_k": 1,
                 "n_probs": n_probs,
                 "post_sampling_probs": False,
+                "return_tokens": True,
                 "cache_prompt": False,
                 "stream": False,
             },
         )
-        steps = out.get("completion_probabilities") or []
-        return {
-            "ids": [int(s["id"]) for s in steps],
-            "stopped": out.get("stop_type") == "eos",
-            "top": [{int(t["id"]): float(t["logprob"]) for t in s["top_logprobs"]} for s in steps],
-        }
+        tokens = [int(t) for t in out.get("tokens") or []]
+        top: dict[int, dict[int, float]] = {}
+        j = 0
+        for step in out.get("completion_probabilities") or []:
+            while j < len(tokens) and tokens[j] != int(step["id"]):
+                j += 1  # a token inside a UTF-8 character: reported with the one ending it
+            if j < len(tokens):
+                top[j] = {int(t["id"]): float(t["logprob"]) for t in step["top_logprobs"]}
+                j += 1
+        return {"ids": tokens, "stopped": out.get("stop_type") == "eos", "top": top}
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -210,16 +218,15 @@ def llamacpp_parity(
     chats: list[list[dict[str, str]]],
     prompt_ids: list[list[int]],
     answers: list[list[int]],
-    probe: list[list[int]],
-    probe_logits: list[Any],
-    step_logits: Callable[[list[int]], Any],
+    scale: float,
+    path_logits: Callable[[list[int]], Any],
     n_predict: int,
     limit: float,
 ) -> dict[str, Any]:
     """llama.cpp against the fp32 model (see the module docstring). `answers` are the fp32
-    model's greedy answers to `prompt_ids`, cut before their stop id; `probe_logits` its logits on
-    `probe` (whose first-step probabilities are compared); `step_logits(ids)` its last-position
-    logits; `limit` the type's tolerance, as a fraction of the largest reference logit."""
+    model's greedy answers to `prompt_ids`, cut before their stop id; `path_logits(ids)` its
+    logits at every position of `ids`; `scale` the largest reference logit; `limit` the type's
+    tolerance, as a fraction of it."""
     import torch
 
     differ = [t[:40] for t in texts if server.tokenize(t) != tok(t)["input_ids"]]
@@ -228,32 +235,32 @@ def llamacpp_parity(
         == tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
         for c in chats
     ]
-    worst = scale = 0.0
-    top1 = 0
-    for ids, logits in zip(probe, probe_logits):
-        ref = torch.log_softmax(logits[-1].double(), -1)
-        got = server.complete(ids, 1)["top"][0]
-        worst = max(worst, max(abs(ref[i].item() - lp) for i, lp in got.items()))
-        scale = max(scale, float(logits.abs().max()))
-        top1 += int(max(got, key=got.get) == int(ref.argmax()))
-    same = stops_same = near = 0
+    worst = 0.0
+    steps = top1 = same = stops_same = near = 0
     unexplained: list[str] = []
     for k, (ids, ref_answer) in enumerate(zip(prompt_ids, answers)):
         got = server.complete(ids, n_predict)
         answer = got["ids"][:-1] if got["stopped"] else got["ids"]
         ref_stopped = len(ref_answer) < n_predict
+        at = _first_difference(ref_answer, got["ids"])
+        # the fp32 model's log-probabilities along its own greedy path, which llama.cpp shares
+        # up to step `at`
+        logits = path_logits(ids + ref_answer)[len(ids) - 1 :].double()
+        logp = torch.log_softmax(logits, -1)
+        for j, top in got["top"].items():
+            if j <= at:
+                worst = max(worst, max(abs(logp[j, i].item() - lp) for i, lp in top.items()))
+                top1 += int(max(top, key=top.get) == int(logp[j].argmax()))
+                steps += 1
         stops_same += int(ref_stopped == got["stopped"])
         if answer == ref_answer and ref_stopped == got["stopped"]:
             same += 1
             continue
-        at = _first_difference(ref_answer, got["ids"])
         if at >= len(got["ids"]):
             unexplained.append(f"prompt {k}: llama.cpp ended after {at} tokens")
             continue
-        logits = step_logits(ids + ref_answer[:at]).double()
-        theirs = got["ids"][at]
-        ours = int(logits.argmax())
-        margin = float(logits[ours] - logits[theirs]) / max(scale, 1e-12)
+        theirs, ours = got["ids"][at], int(logits[at].argmax())
+        margin = float(logits[at, ours] - logits[at, theirs]) / max(scale, 1e-12)
         if ours == theirs:
             unexplained.append(f"prompt {k}: id {theirs} ends the answer in one runtime only")
         elif margin <= limit:
@@ -263,6 +270,8 @@ def llamacpp_parity(
                 f"prompt {k}, step {at}: llama.cpp chose id {theirs}, transformers id {ours},"
                 f" {margin:.2e} of the largest logit apart"
             )
+    if not steps:
+        unexplained.append("llama-server reported no log-probabilities to compare")
     n = len(prompt_ids)
     return {
         "judge": "llama.cpp",
@@ -274,7 +283,8 @@ def llamacpp_parity(
         "template_equal": f"{sum(rendered)}/{len(rendered)}",
         "max_abs_logprob_diff": worst,
         "rel_logit_diff": worst / max(scale, 1e-12),
-        "top1_agreement": top1 / max(len(probe), 1),
+        "logprob_steps_compared": steps,
+        "top1_agreement": top1 / max(steps, 1),
         "top_k_compared": TOP_K,
         "greedy_identical": f"{same}/{n}",
         "greedy_equal": same == n,
