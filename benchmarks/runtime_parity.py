@@ -113,7 +113,7 @@ def measure(name: str, path: str, prompts: list[str], gtype: str, work: Path) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0"])
+    ap.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0", "q4_k_m"])
     ap.add_argument("--qwen", action="store_true", help="also the real Qwen2.5-Coder-0.5B")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime_parity"))
     args = ap.parse_args()

@@ -26,9 +26,11 @@ from hanlm.export.gguf import check_architecture, gguf_vocab, source_pre, write_
 from hanlm.export.llamacpp import (
     ENV_VAR,
     LLAMACPP_TOLERANCE,
+    QUANTIZE_TYPES,
     LlamaServer,
     find_llama_cpp,
     llamacpp_parity,
+    quantize_gguf,
 )
 from hanlm.export.modelfile import write_modelfile
 from hanlm.export.parity import (
@@ -81,7 +83,9 @@ class ExportConfig(OutputConfig):
         "safetensors", "safetensors (transformers, vLLM), gguf (llama.cpp, Ollama) or both"
     )
     dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "safetensors weight dtype")
-    gguf_type: Literal["f32", "f16", "q8_0"] = opt("f16", "GGUF tensor type (norms stay f32)")
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_k_m"] = opt(
+        "f16", "GGUF tensor type (norms stay f32; q4_k_m: made by llama.cpp's llama-quantize)"
+    )
     gguf_name: str = opt("", "the .gguf file's name in output_dir (default model-<gguf_type>.gguf)")
     gguf_pre: str = opt(
         "auto",
@@ -415,7 +419,11 @@ def _export_gguf(
         pre = source_pre(Path(src.path) / src.gguf_file) or "auto"
     rows = model.get_input_embeddings().weight.shape[0]
     vocab = gguf_vocab(tok, rows, pre, stops[0] if stops else None)
-    info = write_gguf(model, vocab, run.dir / gguf_name, cfg.gguf_type, Path(base).stem)
+    if cfg.gguf_type in QUANTIZE_TYPES:
+        write = lambda p: write_gguf(model, vocab, p, "f32", Path(base).stem)  # noqa: E731
+        info = quantize_gguf(find_llama_cpp(), write, run.dir / gguf_name, cfg.gguf_type)
+    else:
+        info = write_gguf(model, vocab, run.dir / gguf_name, cfg.gguf_type, Path(base).stem)
     written = time.time() - t2
     bin_dir = _llama_cpp(cfg.judge)
     if bin_dir is not None:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hanlm.export.gguf import read_gguf_types
 from hanlm.modeling import ModelError
 
 ENV_VAR = "HANLM_LLAMA_CPP"
@@ -45,6 +46,8 @@ SERVER = "llama-server"
 # 1e-6 of the largest logit away; the others keep the transformers-reader limits.
 LLAMACPP_TOLERANCE = {"f32": 1e-4}
 TOP_K = 10
+# GGUF types llama.cpp's llama-quantize makes from hanlm's f32 GGUF (hanlm's writer has no k-quants)
+QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M"}
 
 
 class LlamaCppError(ModelError):
@@ -68,6 +71,29 @@ def find_llama_cpp() -> Path | None:
         return local
     found = shutil.which(SERVER)
     return Path(found).parent if found else None
+
+
+def quantize_gguf(
+    bin_dir: Path | None, write_f32: Callable[[Path], Any], dst: Path, gtype: str
+) -> dict[str, Any]:
+    """`dst` in `gtype` (a QUANTIZE_TYPES key): `write_f32(path)` writes the f32 GGUF, which
+    llama-quantize (one thread) turns into `dst`. Returns the file's size and tensor types."""
+    binary = bin_dir / "llama-quantize" if bin_dir else None
+    if binary is None or not binary.is_file():
+        raise LlamaCppError(
+            f"gguf_type={gtype} is made by llama.cpp's llama-quantize, which was not found: run"
+            f" `make llamacpp` or set ${ENV_VAR}"
+        )
+    with tempfile.TemporaryDirectory(prefix=".f32.", dir=dst.parent) as d:
+        f32, part = Path(d) / "model-f32.gguf", Path(d) / dst.name
+        write_f32(f32)
+        cmd = [str(binary), str(f32), str(part), QUANTIZE_TYPES[gtype], "1"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            tail = "\n".join((p.stdout + p.stderr).splitlines()[-10:])
+            raise LlamaCppError(f"llama-quantize failed ({p.returncode}):\n{tail}")
+        os.replace(part, dst)
+    return {"file": dst.name, "bytes": dst.stat().st_size, "tensors": read_gguf_types(dst)}
 
 
 def _free_port() -> int:
