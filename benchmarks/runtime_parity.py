@@ -115,6 +115,7 @@ def measure(name: str, path: str, prompts: list[str], gtype: str, work: Path) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0", "q4_k_m"])
+    ap.add_argument("--real-types", nargs="+", help="types for the real models (default: --types)")
     ap.add_argument("--qwen", action="store_true", help="also the real Qwen2.5-Coder-0.5B")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime_parity"))
     args = ap.parse_args()
@@ -136,7 +137,8 @@ def main() -> None:
         if args.qwen and QWEN.is_file():
             models.append(("Qwen2.5-Coder-0.5B-Instruct", str(QWEN), DEFAULT_PROMPTS + ENGLISH))
         for name, path, prompts in models:
-            for gtype in args.types:
+            real = not name.startswith("tiny")
+            for gtype in (args.real_types or args.types) if real else args.types:
                 print(f"== {name} {gtype}", flush=True)
                 rows.append(measure(name, path, prompts, gtype, work))
     stamp = bin_dir.parent / "BUILT"

