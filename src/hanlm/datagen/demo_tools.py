@@ -106,8 +106,8 @@ def _missing(what: str) -> dict[str, Any]:
 
 
 def next_line(db: Database, line: str) -> dict[str, Any]:
-    parts = clauses(line)
-    key = norm(parts[-1]) if parts else ""
+    parts = [norm(c) for c in clauses(line) if norm(c)]
+    key = parts[-1] if parts else ""
     hit = db.next.get(key) if key else None
     if hit is None:
         return _missing(line.strip())
