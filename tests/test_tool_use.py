@@ -282,6 +282,7 @@ def test_eval_tools_end_to_end_on_a_tiny_sft_model(tmp_path, tiny_model_path, su
         return path
 
     train = write(tmp_path / "train.jsonl", records("train")[:12])
+    valid = write(tmp_path / "valid.jsonl", records("valid")[:2])
     test = write(tmp_path / "test.jsonl", records("test")[:6])
     cfg = load_config(
         SFTConfig,
@@ -289,9 +290,10 @@ def test_eval_tools_end_to_end_on_a_tiny_sft_model(tmp_path, tiny_model_path, su
         [
             f"model.path={tiny_model_path}",
             f"data.paths=[{train}]",
+            f"data.valid_paths=[{valid}]",
             "data.dedup=none",
             "max_length=1200",
-            "train.max_steps=4",
+            "train.max_steps=3",
             "train.batch_size=4",
             "train.lr=5e-3",
             "eval_prompts=0",
@@ -299,7 +301,8 @@ def test_eval_tools_end_to_end_on_a_tiny_sft_model(tmp_path, tiny_model_path, su
         ],
     )
     model = run(cfg)
-    assert read_run(model)["summary"]["answer_loss"] > 0
+    s = read_run(model)["summary"]
+    assert s["answer_loss"] < s["initial_answer_loss"]  # the tool records were learned from
     out = tmp_path / "ev"
     argv = ["eval", str(model), "bench=[]", f"tools={test}", "tools_max_new_tokens=8"]
     assert cli.main([*argv, f"output_dir={out}"]) == 0
@@ -316,7 +319,8 @@ def test_eval_tools_end_to_end_on_a_tiny_sft_model(tmp_path, tiny_model_path, su
 
 def test_eval_tools_refuses_a_set_without_tools(tmp_path, tiny_model_path, capsys):
     bad = tmp_path / "plain.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    bad.write_text(json.dumps({"messages": chat}) + "\n")
     argv = ["eval", str(tiny_model_path), "bench=[]", f"tools={bad}"]
     assert cli.main([*argv, f"output_dir={tmp_path / 'o'}"]) != 0
     assert "declares no tools" in capsys.readouterr().err
