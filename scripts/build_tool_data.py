@@ -126,7 +126,9 @@ def read_sources(rng: random.Random) -> dict[str, Any]:
         "idioms": {k: idioms[k] for k in sorted(idiom_names[:N_IDIOMS])},
         "other_idioms": [x for x in idiom_names[N_IDIOMS:] if x not in held_names],
         "poets": {k: sorted(v) for k, v in sorted(poets.items())},
-        "other_poets": sorted(a for a in authors if a not in poets and a not in held_names and 2 <= len(a) <= 3),
+        "other_poets": sorted(
+            a for a in authors if a not in poets and a not in held_names and 2 <= len(a) <= 3
+        ),
         "chats": chats,
     }
 
@@ -146,7 +148,9 @@ Q = {
         "{x}是哪个朝代的诗人？", "{x}是什么朝代的？", "请问{x}生活在哪个朝代？",
         "查一下{x}的朝代。", "诗人{x}属于哪个朝代？",
     ),
-    "calculator": ("{x} 等于多少？", "帮我算一下 {x}", "计算：{x}", "{x} = ?", "请算出 {x} 的结果。"),
+    "calculator": (
+        "{x} 等于多少？", "帮我算一下 {x}", "计算：{x}", "{x} = ?", "请算出 {x} 的结果。",
+    ),
 }  # fmt: skip
 Q_EN = {
     "next_line": ("What line comes after “{x}”?", "What is the next line of the poem after {x}?"),
@@ -163,12 +167,19 @@ def answer(name: str, res: dict[str, Any], en: bool) -> str:
     if name == "next_line":
         if en:
             return f"The next line is “{res['next']}” ({res['author']}, 《{res['title']}》)."
-        return f"「{res['line']}」的下一句是「{res['next']}」，出自{res['author']}的《{res['title']}》。"
+        where = f"出自{res['author']}的《{res['title']}》"
+        return f"「{res['line']}」的下一句是「{res['next']}」，{where}。"
     if name == "idiom_meaning":
-        return f"“{res['idiom']}” means: {res['meaning']}" if en else f"「{res['idiom']}」的意思是：{res['meaning']}"
+        if en:
+            return f"“{res['idiom']}” means: {res['meaning']}"
+        return f"「{res['idiom']}」的意思是：{res['meaning']}"
     if name == "poet_dynasty":
-        return f"{res['poet']} was a poet of the {res['dynasty']} dynasty." if en else f"{res['poet']}是{res['dynasty']}代诗人。"
-    return f"{res['expression']} = {res['result']}." if en else f"{res['expression']} 的结果是 {res['result']}。"  # fmt: skip
+        if en:
+            return f"{res['poet']} was a poet of the {res['dynasty']} dynasty."
+        return f"{res['poet']}是{res['dynasty']}代诗人。"
+    if en:
+        return f"{res['expression']} = {res['result']}."
+    return f"{res['expression']} 的结果是 {res['result']}。"
 
 
 class Builder:
@@ -182,12 +193,20 @@ class Builder:
         cid = f"call_{self.n_calls}"
         self.n_calls += 1
         res = T.execute(name, {T.ARG[name]: arg}, self.db)
-        call = {"id": cid, "type": "function", "function": {"name": name, "arguments": {T.ARG[name]: arg}}}  # fmt: skip
-        return call, {"role": "tool", "content": T.result_text(res), "tool_call_id": cid, "res": res}
+        function = {"name": name, "arguments": {T.ARG[name]: arg}}
+        call = {"id": cid, "type": "function", "function": function}
+        turn = {"role": "tool", "content": T.result_text(res), "tool_call_id": cid, "res": res}
+        return call, turn
 
     def record(
-        self, task: str, question: str, rounds: list[list[tuple[str, str]]], final: Any, keys: list[str], en: bool
-    ) -> dict[str, Any]:  # fmt: skip
+        self,
+        task: str,
+        question: str,
+        rounds: list[list[tuple[str, str]]],
+        final: Any,
+        keys: list[str],
+        en: bool,
+    ) -> dict[str, Any]:
         msgs: list[dict[str, Any]] = [{"role": "user", "content": question}]
         self.n_calls = 0  # call ids count within a record: call_0, call_1, ...
         results, used = [], []
@@ -210,7 +229,8 @@ class Builder:
     def one(self, name: str, arg: str, key: str, task: str | None = None) -> dict[str, Any]:
         en = self.rng.random() < EN_SHARE
         q = self.ask(name, arg, en)
-        return self.record(task or name, q, [[(name, arg)]], lambda rs: answer(name, rs[0][1], en), [key], en)  # fmt: skip
+        fin = lambda rs: answer(name, rs[0][1], en)  # noqa: E731
+        return self.record(task or name, q, [[(name, arg)]], fin, [key], en)
 
 
 def poem_item(db: T.Database, rng: random.Random, poem: dict[str, Any]) -> str | None:
@@ -268,6 +288,10 @@ def build_split(b: Builder, split: str, pools: dict[str, list[Any]]) -> list[dic
     return out
 
 
+def dynasties(rs: list[tuple[str, dict[str, Any]]]) -> str:
+    return "；".join(answer("poet_dynasty", r, False).rstrip("。") for _, r in rs) + "。"
+
+
 def two_calls(b: Builder, n: int, pools: dict[str, list[Any]]) -> list[dict[str, Any]]:
     rng, out = b.rng, []
     poets, idioms = pools["poets"], pools["idioms"]
@@ -276,15 +300,19 @@ def two_calls(b: Builder, n: int, pools: dict[str, list[Any]]) -> list[dict[str,
         kind = ("poets", "idioms", "chain")[i % 3]
         if kind == "poets":
             x, y = rng.sample(poets, 2)
-            q = rng.choice(("{x}和{y}分别是哪个朝代的？", "{x}、{y}各是什么朝代的诗人？")).format(x=x, y=y)
+            q = rng.choice(("{x}和{y}分别是哪个朝代的？", "{x}、{y}各是什么朝代的诗人？"))
+            q = q.format(x=x, y=y)
             keys = [f"bio:{b.db.poets[v][0]}:{v}" for v in (x, y)]
-            fin = lambda rs: "；".join(answer("poet_dynasty", r, False).rstrip("。") for _, r in rs) + "。"  # noqa: E731
-            out.append(b.record("two_calls", q, [[("poet_dynasty", x), ("poet_dynasty", y)]], fin, keys, False))  # fmt: skip
+            calls = [("poet_dynasty", x), ("poet_dynasty", y)]
+            out.append(b.record("two_calls", q, [calls], dynasties, keys, False))
         elif kind == "idioms":
             x, y = rng.sample(idioms, 2)
-            q = rng.choice(("「{x}」和「{y}」分别是什么意思？", "解释一下{x}和{y}。")).format(x=x, y=y)
+            q = rng.choice(("「{x}」和「{y}」分别是什么意思？", "解释一下{x}和{y}。"))
+            q = q.format(x=x, y=y)
             fin = lambda rs: "\n".join(answer("idiom_meaning", r, False) for _, r in rs)  # noqa: E731
-            out.append(b.record("two_calls", q, [[("idiom_meaning", x), ("idiom_meaning", y)]], fin, [f"idiom:{x}", f"idiom:{y}"], False))  # fmt: skip
+            calls = [("idiom_meaning", x), ("idiom_meaning", y)]
+            keys = [f"idiom:{x}", f"idiom:{y}"]
+            out.append(b.record("two_calls", q, [calls], fin, keys, False))
         elif with_author:
             p = with_author[i % len(with_author)]
             if (line := poem_item(b.db, rng, p)) is None:
@@ -298,7 +326,8 @@ def two_calls(b: Builder, n: int, pools: dict[str, list[Any]]) -> list[dict[str,
                 return f"下一句是「{nl['next']}」，作者{nl['author']}是{dy['dynasty']}代诗人。"
 
             keys = [p["key"], f"bio:{b.db.poets[author][0]}:{author}"]
-            out.append(b.record("two_calls", q, [[("next_line", line)], [("poet_dynasty", author)]], fin, keys, False))  # fmt: skip
+            rounds = [[("next_line", line)], [("poet_dynasty", author)]]
+            out.append(b.record("two_calls", q, rounds, fin, keys, False))
     return out
 
 
@@ -339,7 +368,8 @@ def check(out: Path, seed: int) -> dict[str, Any]:
     entries = {}
     for split in SPLITS:
         path = out / f"tools.{split}.jsonl.gz"
-        recs = [json.loads(x) for x in gzip.open(path, "rt", encoding="utf-8")]
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            recs = [json.loads(x) for x in f]
         loaded = load(DataConfig(paths=[str(path)], dedup="none"), kind="chat").train
         if len(loaded) != len(recs):
             die(f"{path}: the loader kept {len(loaded)} of {len(recs)} records")
@@ -381,13 +411,19 @@ def main() -> None:
     db = T.load_db(db_path)
     b = Builder(src, db, args.seed)
     for split in SPLITS:
-        keyed = lambda xs, key: [x for x in xs if split_of(args.seed, key(x)) == split]  # noqa: E731
+
+        def keyed(xs: list[Any], key: Any, split: str = split) -> list[Any]:
+            return [x for x in xs if split_of(args.seed, key(x)) == split]
+
+        def bio(x: str) -> str:
+            return f"bio:{src['poets'][x][0]}:{x}"
+
         pools = {
             "poems": keyed(src["poems"], lambda p: p["key"]),
             "other_poems": keyed(src["other_poems"], lambda p: p["key"]),
             "idioms": keyed(sorted(src["idioms"]), lambda x: f"idiom:{x}"),
             "other_idioms": keyed(src["other_idioms"], lambda x: f"idiom:{x}"),
-            "poets": [x for x in keyed(sorted(src["poets"]), lambda x: f"bio:{src['poets'][x][0]}:{x}") if len(src["poets"][x]) == 1],  # fmt: skip
+            "poets": [x for x in keyed(sorted(src["poets"]), bio) if len(src["poets"][x]) == 1],
             "other_poets": keyed(src["other_poets"], lambda x: f"poet:{x}"),
             "chats": keyed(src["chats"], lambda c: c["key"]),
         }

@@ -108,7 +108,9 @@ def test_lookups_hit_miss_and_relay(db):
     assert T.next_line(db, "低头思故乡") == {"error": "「低头思故乡」是李白《静夜思》的最后一句"}
     assert T.next_line(db, "春眠不觉晓") == {"error": "没有查到「春眠不觉晓」"}
     assert T.execute("idiom_meaning", {"idiom": "「画蛇添足」"}, db)["meaning"].startswith("比喻")
-    assert T.execute("idiom_meaning", {"idiom": "守株待兔"}, db) == {"error": "没有查到「守株待兔」"}
+    assert T.execute("idiom_meaning", {"idiom": "守株待兔"}, db) == {
+        "error": "没有查到「守株待兔」"
+    }
     assert T.execute("poet_dynasty", {"poet": " 李白 "}, db) == {"poet": "李白", "dynasty": "唐"}
     assert T.execute("poet_dynasty", {"poet": "王维"}, db)["dynasty"] == "唐、宋"
     assert T.execute("poet_dynasty", {"poet": "杜甫"}, db) == {"error": "没有查到「杜甫」"}
