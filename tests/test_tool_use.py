@@ -326,3 +326,20 @@ def test_eval_tools_refuses_a_set_without_tools(tmp_path, tiny_model_path, capsy
     argv = ["eval", str(tiny_model_path), "bench=[]", f"tools={bad}"]
     assert cli.main([*argv, f"output_dir={tmp_path / 'o'}"]) != 0
     assert "declares no tools" in capsys.readouterr().err
+
+
+def test_eval_headline_shows_the_tool_use_figures():
+    from hanlm.pipeline.headline_rows import stage_headline
+
+    u = {"n": 200, "n_tool": 175, "n_no_tool": 25, "right_tool": 0.9, "valid_args": 0.95}
+    u |= {"correct_args": 0.5, "answer_uses_result": 0.4, "no_tool_direct": 1.0}
+    u["malformed_calls"] = 3
+    info = {"command": "eval", "status": "complete", "summary": {}, "data": {}}
+    h = stage_headline("after", "eval", info, {"eval_report.json": {"tool_use": u}}, None)
+    assert h.verdict == (
+        "tool use: right tool 0.9, correct arguments 0.5, answers with the result 0.4"
+    )
+    texts = [f.text() for f in h.figures]
+    assert "tool use: call arguments equal the reference: 0.5 (n=175)" in texts
+    assert "tool use: answers directly when no tool is needed: 1 (n=25)" in texts
+    assert h.warnings == ["tool use: 3 malformed <tool_call> blocks"]
