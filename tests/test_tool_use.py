@@ -343,3 +343,11 @@ def test_eval_headline_shows_the_tool_use_figures():
     assert "tool use: call arguments equal the reference: 0.5 (n=175)" in texts
     assert "tool use: answers directly when no tool is needed: 1 (n=25)" in texts
     assert h.warnings == ["tool use: 3 malformed <tool_call> blocks"]
+
+
+def test_data_check_shows_tool_records(capsys):
+    assert cli.main(["data", "check", str(ASSETS / "tools.test.jsonl.gz")]) == 0
+    out = capsys.readouterr().out
+    assert "records: 200 good, 0 bad" in out
+    assert "tools: next_line, idiom_meaning, poet_dynasty, calculator" in out
+    assert 'assistant: idiom_meaning({"idiom": "大请大受"})' in out
