@@ -1192,6 +1192,15 @@ reproduced as-is (corpus documents, chatterbot conversations) carries `meta.deri
 * `bench.*`: four-option questions (poem author, next line, idiom meaning both ways, poet
   dynasty, source book of a classic quotation); answers and distractors are real data, options
   placed with a fixed seed, answer letters balanced.
+* `tools.*` and `tools_db.json.gz` (built afterwards by `scripts/build_tool_data.py`, seed
+  0, from the files above only): the look-up database of hanlm's demo tools
+  (`hanlm.datagen.demo_tools`) — poems (title, author, lines) from zh_corpus, idiom
+  explanations from the sft idiom records, poets' dynasties from the sft biography records'
+  source keys — and tool-use conversations: a question a tool answers, the call, the result of
+  running the tool, an answer relaying it; two-call and not-found records; and chatterbot chats
+  from sft answered without a tool. Licences as their sources (MIT; chatterbot BSD). The test
+  split shares no poem, idiom, poet, chat or arithmetic expression with train and valid, and
+  nothing held out for the benchmark is used (checked by the builder).
 
 ## Hold-out
 
@@ -1297,6 +1306,10 @@ def main() -> None:
         "files": stats,
         "held_out_source_keys": sorted(held.keys),
     }
+    old = out / "manifest.json"
+    if old.exists() and "tools" in (previous := json.loads(old.read_text("utf-8"))):
+        # scripts/build_tool_data.py's section; rerun that builder after this one
+        manifest["tools"] = previous["tools"]
     (out / "manifest.json").write_text(
         json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", "utf-8"
     )

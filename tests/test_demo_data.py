@@ -24,6 +24,7 @@ SFT = [f"sft.{s}.jsonl.gz" for s in SPLITS]
 PREF = [f"preference.{s}.jsonl.gz" for s in SPLITS]
 BENCH = ["bench.dev.jsonl", "bench.test.jsonl"]
 TRAIN = ["zh_corpus.train.jsonl.gz", "sft.train.jsonl.gz", "preference.train.jsonl.gz"]
+TOOLS = [f"tools.{s}.jsonl.gz" for s in ("train", "valid", "test")]  # scripts/build_tool_data.py
 
 
 @cache
@@ -79,6 +80,10 @@ def test_manifest_matches_files() -> None:
             chars = sum(len(t) for r in recs for t in texts(r))
         assert info["chars"] == chars, name
         assert recs, f"{name} is empty"
+    tools = manifest()["tools"]["files"]
+    assert sorted(tools) == sorted([*TOOLS, "tools_db.json.gz"])
+    for name, info in tools.items():
+        assert info["bytes"] == (DEMO / name).stat().st_size, name
     total = sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file())
     assert total < 9_000_000, "the embedded demo data should stay small"
     assert (DEMO / "LICENSES.md").read_text("utf-8").count("Licence:") >= 4
@@ -161,7 +166,7 @@ def test_holdout_source_keys() -> None:
     bench = {k for name in BENCH for r in records(name) for k in keys(r)}
     held = set(manifest()["held_out_source_keys"])
     assert bench <= held
-    for name in TRAIN + [n.replace("train", "valid") for n in TRAIN]:
+    for name in TRAIN + [n.replace("train", "valid") for n in TRAIN] + TOOLS:
         leaked = held & {k for r in records(name) for k in keys(r)}
         assert not leaked, f"{name} uses held-out sources: {sorted(leaked)[:5]}"
 
@@ -172,5 +177,6 @@ def test_holdout_text() -> None:
         for r in records(name):
             for text in (r[r["answer"]], r["meta"]["stem"], r["question"]):
                 needles[text] = r["id"]
-    found = present(needles, (t for name in TRAIN for r in records(name) for t in texts(r)))
+    trained = TRAIN + TOOLS
+    found = present(needles, (t for name in trained for r in records(name) for t in texts(r)))
     assert not found, {t: needles[t] for t in sorted(found)[:5]}

@@ -92,8 +92,10 @@ def generate(
     conversations: list[list[dict[str, str]]],
     opts: GenerationOptions,
     batch_size: int = 8,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Answers for each conversation: {"text", "stopped" (ended on a stop token), "tokens"}."""
+    """Answers for each conversation: {"text", "stopped" (ended on a stop token), "tokens"};
+    `tools` (OpenAI function tools) are declared to the model through its chat template."""
     import torch
 
     stop_ids = stop_token_ids(tok)
@@ -103,7 +105,8 @@ def generate(
     model.eval()
     torch.manual_seed(opts.seed)
     for start in range(0, len(conversations), batch_size):
-        batch = [prompt_ids(tok, conv) for conv in conversations[start : start + batch_size]]
+        convs = conversations[start : start + batch_size]
+        batch = [prompt_ids(tok, conv, tools=tools) for conv in convs]
         width = max(len(ids) for ids in batch)
         # Left padding keeps every prompt's last token next to its first generated one.
         input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], device=device)

@@ -7,6 +7,7 @@ statistics and samples in the canonical form a stage will see.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,11 +53,19 @@ def _show(rec: dict[str, Any], width: int = 160) -> str:
         if key == "ranking":
             lines.append(f"    ranking (best first, ties grouped): {msgs}")
             continue
+        if key == "tools":
+            lines.append(f"    tools: {', '.join(t['function']['name'] for t in msgs)}")
+            continue
         for i, side in enumerate(msgs if key == "responses" else [msgs]):
             for m in side:
                 label = m["role"] if key == "messages" else f"{key}/{m['role']}"
                 label = f"responses[{i}]/{m['role']}" if key == "responses" else label
-                lines.append(f"    {label}: {cut(m['content'])}")
+                calls = [
+                    c["function"]["name"]
+                    + f"({json.dumps(c['function']['arguments'], ensure_ascii=False)})"
+                    for c in m.get("tool_calls") or ()
+                ]
+                lines.append(f"    {label}: {cut(' '.join([m['content'], *calls]).strip())}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ COMMANDS = (
         positional="model.path",
         usage="MODEL_DIR",
         headline="hanlm.eval.headlines:evaluate",
-        summary=("*/accuracy",),
+        summary=("*/accuracy", "tools/*"),
         reports=("eval_report.json",),
     ),
     Command(

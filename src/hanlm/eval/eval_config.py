@@ -64,6 +64,14 @@ class EvalConfig(OutputConfig):
     cloze_span: int = opt(2, "cloze: tokens blanked per item")
     cloze_choices: int = opt(4, "cloze: candidates per item (the true span + same-length others)")
     cloze_context: int = opt(48, "cloze: tokens of context kept on each side of the blank")
+    tools: str = opt(
+        "",
+        "tool-use measure: `demo` (the embedded held-out tool prompts) or a chat file with tools"
+        " calling the demo tools; each prompt runs the call / result / answer loop greedily",
+    )
+    tools_limit: int = opt(0, "tools: score at most this many prompts (0 = all)")
+    tools_max_new_tokens: int = opt(128, "tools: tokens generated per turn")
+    tools_max_rounds: int = opt(3, "tools: most rounds of calls before the final answer")
     prompts: str = opt("", "prompt file for samples: .txt (one a line) or JSONL prompt/messages")
     max_new_tokens: int = opt(128, "samples: tokens generated per prompt")
     temperature: float = opt(0.0, "samples: 0 = greedy (deterministic); > 0 samples")
@@ -74,6 +82,8 @@ class EvalConfig(OutputConfig):
             raise ConfigError(
                 f"shots={self.shots} needs dev_from_head >= shots (it is {self.dev_from_head})"
             )
+        if self.tools_limit < 0 or self.tools_max_new_tokens < 1 or self.tools_max_rounds < 1:
+            raise ConfigError("tools_limit must be >= 0, tools_max_new_tokens and rounds >= 1")
         if self.shots < 0 or self.batch_size < 1 or self.limit < 0 or self.max_length < 0:
             raise ConfigError("shots, limit and max_length must be >= 0 and batch_size >= 1")
         if not 0 < self.ppl_stride <= self.ppl_window:

@@ -57,8 +57,18 @@ from hanlm.eval.eval_config import EvalConfig
 from hanlm.eval.loglik import perplexity
 from hanlm.eval.multiple_choice import AUDIT_GROUPS, Encoder, check_dev_shots, evaluate_benchmark
 from hanlm.eval.recite import recite_probe
+from hanlm.eval.tool_use import measure_tool_use, model_generate, read_tool_set
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.runs import Run, atomic_write_json
+
+TOOL_FIGURES = (
+    "right_tool",
+    "valid_args",
+    "correct_args",
+    "answer_uses_result",
+    "no_tool_direct",
+    "malformed_calls",
+)
 
 # --------------------------------------------------------------------------- perplexity
 
@@ -242,6 +252,10 @@ def _table(report: dict[str, Any]) -> str:
     for path, v in report.get("cloze", {}).items():
         modes = "  ".join(f"{m} {v[m]['accuracy']:.4f}" for m in ("causal", "glm") if m in v)
         lines.append(f"cloze {path}: {modes}  n={v['n']}  chance {v['chance']:.2f}")
+    if report.get("tool_use"):
+        u = report["tool_use"]
+        figures = "  ".join(f"{k} {u[k]}" for k in TOOL_FIGURES)
+        lines.append(f"tools {u['set']} (n={u['n']}, {u['n_no_tool']} without a tool): {figures}")
     if report.get("samples"):
         lines.append(f"samples: {report['samples']['n']} -> {report['samples']['path']}")
     return "\n".join(lines)
@@ -279,6 +293,18 @@ def run(cfg: EvalConfig) -> Path:
                 p: cloze_probe(model, tokenizer, recs, cfg)
                 for p, recs in inputs.cloze_texts.items()
             }
+        if inputs.tool_set:
+            t = time.perf_counter()
+            gen = model_generate(model, tokenizer, cfg.tools_max_new_tokens, cfg.batch_size)
+            res = measure_tool_use(
+                inputs.tool_set, gen, run.dir / "tool_use.jsonl", cfg.tools_max_rounds
+            )
+            report["tool_use"] = {
+                "set": cfg.tools,
+                "path": "tool_use.jsonl",
+                **res,
+                "seconds": round(time.perf_counter() - t, 2),
+            }
         if inputs.prompts:
             samples = generate_samples(model, tokenizer, inputs.prompts, cfg)
             with open(run.dir / "samples.jsonl", "w", encoding="utf-8") as f:
@@ -304,13 +330,16 @@ class Inputs:
     texts: dict[str, str]
     cloze_texts: dict[str, list[str]]
     prompts: list[dict[str, Any]]
+    tool_set: list[dict[str, Any]]
 
 
 def _read_inputs(cfg: EvalConfig) -> Inputs:
     """Every input, read and checked before the model loads, so that a bad path fails in a
     second, not a minute."""
-    if not (cfg.bench or cfg.ppl or cfg.prompts or cfg.cloze or cfg.recite):
-        raise ConfigError("nothing to evaluate: give bench=, ppl=, cloze=, recite= or prompts=")
+    if not (cfg.bench or cfg.ppl or cfg.prompts or cfg.cloze or cfg.recite or cfg.tools):
+        raise ConfigError(
+            "nothing to evaluate: give bench=, ppl=, cloze=, recite=, tools= or prompts="
+        )
     benches = [
         load_benchmark(s, cfg.split, cfg.shots, cfg.limit, dev_from_head=cfg.dev_from_head)
         for s in cfg.bench
@@ -331,7 +360,8 @@ def _read_inputs(cfg: EvalConfig) -> Inputs:
     texts = {p: _read_texts(p, cfg.ppl_max_chars) for p in cfg.ppl}
     cloze_texts = {p: _read_records(p) for p in cfg.cloze}
     prompts = read_prompts(cfg.prompts) if cfg.prompts else []
-    return Inputs(benches, audit, recites, texts, cloze_texts, prompts)
+    tool_set = read_tool_set(cfg.tools, cfg.tools_limit) if cfg.tools else []
+    return Inputs(benches, audit, recites, texts, cloze_texts, prompts, tool_set)
 
 
 def _score_benchmarks(
@@ -397,5 +427,6 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
             for mode in ("causal", "glm")
             if mode in v
         },
+        **{f"tools/{k}": v for k, v in report.get("tool_use", {}).items() if k in TOOL_FIGURES},
         "report": "eval_report.json",
     }

@@ -58,9 +58,37 @@ def evaluate(h: Headline, o: Outcome) -> None:
             if is_num(g.get("bpc")):
                 label = f"{name} reference answers, {group}: bits per character (n={g['n']})"
                 h.figures.append(Figure(label, g["bpc"]))
+    _tool_use(h, report.get("tool_use") or {}, parts)
     h.verdict = "; ".join(parts) or "no benchmark accuracy in this stage's summary"
     if tones:
         h.tone = "good" if all(t == "good" for t in tones) else "bad"
+
+
+TOOL_LABELS = {
+    "right_tool": "calls the right tool",
+    "valid_args": "call arguments valid (schema)",
+    "correct_args": "call arguments equal the reference",
+    "answer_uses_result": "final answer contains the tool's result",
+    "no_tool_direct": "answers directly when no tool is needed",
+}
+
+
+def _tool_use(h: Headline, u: dict, parts: list[str]) -> None:
+    """The tool-use measure: exact match against the reference calls and tool results."""
+    if not u:
+        return
+    for key, label in TOOL_LABELS.items():
+        if is_num(u.get(key)):
+            n = u["n_no_tool"] if key == "no_tool_direct" else u.get("n_tool")
+            label = f"tool use: {label}"
+            h.figures.append(Figure(label, u[key], note=f"n={n}", keys=(f"tool_use.{key}",)))
+    if is_num(u.get("malformed_calls")) and u["malformed_calls"]:
+        h.warnings.append(f"tool use: {u['malformed_calls']} malformed <tool_call> blocks")
+    if is_num(u.get("correct_args")):
+        parts.append(
+            f"tool use: right tool {num(u.get('right_tool'))}, correct arguments"
+            f" {num(u['correct_args'])}, answers with the result {num(u.get('answer_uses_result'))}"
+        )
 
 
 def audit(h: Headline, o: Outcome) -> None:
