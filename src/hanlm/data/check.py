@@ -20,9 +20,9 @@ from hanlm.data.sources import DataError, resolve
 @dataclass
 class DataCheckConfig:
     paths: list[str] = opt([], "data files, directories, globs or saved datasets to check")
-    format: Literal["auto", "text", "alpaca", "sharegpt", "messages", "preference", "ranked"] = opt(
-        "auto", "record format; auto detects it per file from the first record"
-    )
+    format: Literal[
+        "auto", "text", "alpaca", "sharegpt", "messages", "preference", "ranked", "unpaired"
+    ] = opt("auto", "record format; auto detects it per file from the first record")
     text_field: str = opt("text", "field holding the text for the text format")
     txt_unit: Literal["line", "paragraph", "file"] = opt(
         "paragraph", "what one record of a .txt file is"

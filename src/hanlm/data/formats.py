@@ -8,6 +8,8 @@
               (trl's conversational preference layout; strings become one-message lists)
 - ranked:     {"prompt": [messages], "responses": [[messages], ...], "ranking": [[i, ...], ...]}
               (InstructGPT's K ranked answers; the ranking as tie groups, best first)
+- unpaired:   {"prompt": [messages], "completion": [messages], "label": true|false}
+              (trl's unpaired preference layout, for KTO: one answer marked good or bad)
 
 Every converter raises `RecordError` saying which field was expected and what was found; the
 caller adds the file and line.
@@ -18,8 +20,16 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-Format = Literal["text", "alpaca", "sharegpt", "messages", "preference", "ranked"]
-FORMATS: tuple[str, ...] = ("text", "alpaca", "sharegpt", "messages", "preference", "ranked")
+Format = Literal["text", "alpaca", "sharegpt", "messages", "preference", "ranked", "unpaired"]
+FORMATS: tuple[str, ...] = (
+    "text",
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "preference",
+    "ranked",
+    "unpaired",
+)
 ROLES = ("system", "user", "assistant", "tool")
 
 # ShareGPT speaker names seen in the wild, mapped to chat roles.
@@ -52,7 +62,7 @@ FORMAT_HELP = (
     "text ({'text': ...}), alpaca ({'instruction','input','output'}), "
     "sharegpt ({'conversations': [{'from','value'}]}), "
     "messages ({'messages': [{'role','content'}]}), preference ({'prompt','chosen','rejected'}),"
-    " ranked ({'prompt','responses','ranking'})"
+    " ranked ({'prompt','responses','ranking'}), unpaired ({'prompt','completion','label'})"
 )
 
 
@@ -61,8 +71,9 @@ class RecordError(ValueError):
 
 
 def kind_of(fmt: str) -> str:
-    """The canonical shape a format converts to: text, chat, preference or ranked."""
-    return {"text": "text", "preference": "preference", "ranked": "ranked"}.get(fmt, "chat")
+    """The canonical shape a format converts to: text, chat, preference, ranked or unpaired."""
+    same = ("text", "preference", "ranked", "unpaired")
+    return fmt if fmt in same else "chat"
 
 
 def message_lists(rec: dict[str, Any]) -> list[list[dict[str, str]]]:
@@ -72,7 +83,7 @@ def message_lists(rec: dict[str, Any]) -> list[list[dict[str, str]]]:
     for key, value in rec.items():
         if key == "responses":
             out += value
-        elif key not in ("ranking", "tools"):
+        elif key not in ("ranking", "tools", "label"):
             out.append(value)
     return out
 
@@ -194,6 +205,8 @@ def detect(rec: Any, text_field: str = "text") -> str:
         return "preference"
     if {"responses", "ranking"} <= keys:
         return "ranked"
+    if {"completion", "label"} <= keys:
+        return "unpaired"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
     if text_field in keys:
@@ -506,6 +519,26 @@ def from_ranked(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def from_unpaired(rec: dict[str, Any]) -> dict[str, Any]:
+    """KTO's data: one answer to a prompt, labelled desirable (true) or undesirable (false)."""
+    for key in ("prompt", "completion", "label"):
+        if rec.get(key) is None:
+            raise RecordError(f"missing field '{key}' (record has keys {sorted(rec)})")
+    prompt = _side(rec["prompt"], "prompt", "user")
+    if not any(m["role"] == "user" for m in prompt):
+        raise RecordError("field 'prompt': no user turn")
+    completion = _side(rec["completion"], "completion", "assistant")
+    if completion[-1]["role"] != "assistant":
+        raise RecordError("field 'completion': must end with an assistant turn")
+    label = rec["label"]
+    if not isinstance(label, bool):
+        raise RecordError(
+            f"field 'label': expected true (a desirable answer) or false (an undesirable one),"
+            f" found {describe(label)}"
+        )
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
 def ranked_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:
     """Every (better, worse) pair a tie-group ranking implies: C(K, 2) minus the tied pairs."""
     return [
@@ -535,6 +568,8 @@ def convert(
         return from_preference(rec)
     if fmt == "ranked":
         return from_ranked(rec)
+    if fmt == "unpaired":
+        return from_unpaired(rec)
     raise RecordError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
