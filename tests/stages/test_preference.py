@@ -41,6 +41,7 @@ def pref(tmp_path_factory):
         for i in range(40)
     ]
     _write(d / "train.jsonl", rows[:32])
+    _write(d / "train8.jsonl", rows[:8])  # one batch of 8: the first step sees every pair
     _write(d / "valid.jsonl", rows[32:])
     unpaired = [
         {"prompt": f"{QUESTIONS[i % 4]} #{i}", "completion": (GOOD if i % 2 else BAD)[i % 4],
@@ -73,3 +74,134 @@ def _dpo(tmp_path, model, name, *extra):
     )
     out = run(cfg)
     return out, read_run(out)["summary"], read_metrics(out)
+
+
+def _data(pref, train="train", valid="valid"):
+    return [f"data.paths=[{pref / f'{train}.jsonl'}]", f"data.valid_paths=[{pref / f'{valid}.jsonl'}]"]
+
+
+@pytest.fixture(scope="module")
+def gold(tmp_path_factory, tiny_model_path, pref):
+    """A reward model to stand as the gold judge (two steps: the figures only need to exist)."""
+    from hanlm.align.reward_model import RewardConfig, run
+
+    out = tmp_path_factory.mktemp("gold") / "out"
+    cfg = load_config(
+        RewardConfig,
+        None,
+        [f"model.path={tiny_model_path}", *_data(pref), "train.max_steps=2", f"output_dir={out}"],
+    )
+    return run(cfg)
+
+
+# --------------------------------------------------------------------------- record format
+
+
+def test_unpaired_records_are_read_and_bad_ones_named():
+    rec = {"prompt": "问", "completion": "答", "label": False}
+    assert detect(rec) == "unpaired"
+    assert convert(rec, "unpaired") == {
+        "prompt": [{"role": "user", "content": "问"}],
+        "completion": [{"role": "assistant", "content": "答"}],
+        "label": False,
+    }
+    for bad, field in (
+        ({"prompt": "问", "completion": "答", "label": "yes"}, "'label'"),
+        ({"prompt": "问", "completion": "答", "label": 1}, "'label'"),
+        ({"prompt": "问", "label": True}, "'completion'"),
+        ({"completion": "答", "label": True}, "'prompt'"),
+        ({"prompt": "问", "completion": "", "label": True}, "'completion'"),
+    ):
+        with pytest.raises(RecordError, match=field):
+            convert(bad, "unpaired")
+
+
+# --------------------------------------------------------------------------- first losses
+
+
+def _answer_logps(model, tok, rows):
+    """Per-token mean log-prob of each row's chosen and rejected answer, and the mean token NLL
+    of the chosen sequences, the way trl's ORPO and CPO trainers tokenize them: the chat template
+    as text, BOS before the prompt, the answer's text continuing it, EOS after."""
+    import torch
+
+    means, nll_sum, nll_n = [], 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+            )
+            pair = []
+            for side in ("chosen", "rejected"):
+                full = tok.apply_chat_template(
+                    [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[side]}],
+                    tokenize=False,
+                )
+                p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                ids = [tok.bos_token_id, *tok(full, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+                token = logp[:-1].gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+                pair.append(float(token[len(p_ids) :].mean()))  # answer tokens, EOS included
+                if side == "chosen":
+                    nll_sum, nll_n = nll_sum - float(token.sum()), nll_n + len(ids) - 1
+            means.append(pair)
+    return means, nll_sum / nll_n
+
+
+def _formula(loss, model_dir, pref, beta=0.1, gamma=0.5):
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [json.loads(x) for x in (pref / "train8.jsonl").read_text("utf-8").splitlines()]
+    means, nll = _answer_logps(model, tok, rows)
+    c, r = torch.tensor([m[0] for m in means]), torch.tensor([m[1] for m in means])
+    if loss == "simpo":  # -log σ(β(mean log p(y_w) - mean log p(y_l)) - γ)
+        return float(-F.logsigmoid(beta * (c - r) - gamma).mean())
+    # ORPO: NLL of the chosen sequence - λ log σ(log odds(y_w) - log odds(y_l))
+    log_odds = (c - r) - (torch.log1p(-c.exp()) - torch.log1p(-r.exp()))
+    return nll - beta * float(F.logsigmoid(log_odds).mean())
+
+
+# The first training step's loss on the tiny fp32 model (test preset, seed 0) and these 8 pairs,
+# one batch: computed once and pinned. KTO's is its formula's value at the start exactly: the
+# policy is the reference, so every log-ratio and the KL estimate are 0 and each answer's loss is
+# 1 - σ(0) = 0.5.
+FIRST_LOSS = {"kto": 0.5, "orpo": 6.353423, "simpo": 0.972630}
+
+
+@pytest.mark.parametrize("loss", ["kto", "orpo", "simpo"])
+def test_each_loss_runs_judged_by_gold_from_its_pinned_first_loss(
+    loss, tmp_path, tiny_model_path, pref, gold, summary_declared, capsys
+):
+    from hanlm.pipeline.headline_rows import stage_headline
+
+    out, s, metrics = _dpo(
+        tmp_path,
+        tiny_model_path,
+        loss,
+        f"loss_type={loss}",
+        "train.batch_size=8",
+        *_data(pref, "train8"),
+        f"gold_reward_model={gold}",
+    )
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[0] == pytest.approx(FIRST_LOSS[loss], abs=1e-4)
+    if loss != "kto":  # and recomputed from the formula, apart from trl's loss code
+        assert losses[0] == pytest.approx(_formula(loss, tiny_model_path, pref), abs=1e-4)
+    assert losses[-1] < losses[0]
+    summary_declared(out, absent=NO_WARNINGS)
+    assert s["initial_reward_accuracy"] == 0.5 and s["reward_accuracy"] > 0.5
+    # judged by the gold reward model like DPO: before and after, in the headline
+    assert {"initial_eval_gold_score", "eval_gold_score", "eval_gold_score_sem"} <= set(s)
+    h = stage_headline(loss, "dpo", read_run(out), metrics=metrics)
+    assert "gold judge" in h.verdict
+    assert any(f.name.startswith("gold RM score") for f in h.figures)
+    text = capsys.readouterr()
+    assert "trl.experimental" not in text.out + text.err  # trl's notice stays out
+    if loss == "kto":
+        assert "8 preference pairs -> 16 unpaired answers (chosen -> label true" in text.out
+    info = read_run(out)
+    assert info["config"]["loss_type"] == loss
