@@ -2,15 +2,14 @@
 SimPO run end to end, start from the loss their formula gives, and refuse data they cannot use."""
 
 import json
-import math
 
 import pytest
 
 from hanlm.config import ConfigError, load_config
-from hanlm.data import DataError
 from hanlm.data.formats import RecordError, convert, detect
 from hanlm.pipeline import cli
 from hanlm.runs import read_metrics, read_run
+from hanlm.testing import SAMPLE_TEXT
 
 GOOD = ["疑是地上霜。", "黄河入海流。", "处处闻啼鸟。", "Hello, world!"]
 BAD = ["The quick brown fox.", "0123456789", "😀😀😀", "不亦乐乎？不亦乐乎？"]
@@ -44,8 +43,11 @@ def pref(tmp_path_factory):
     _write(d / "train8.jsonl", rows[:8])  # one batch of 8: the first step sees every pair
     _write(d / "valid.jsonl", rows[32:])
     unpaired = [
-        {"prompt": f"{QUESTIONS[i % 4]} #{i}", "completion": (GOOD if i % 2 else BAD)[i % 4],
-         "label": bool(i % 2)}
+        {
+            "prompt": f"{QUESTIONS[i % 4]} #{i}",
+            "completion": (GOOD if i % 2 else BAD)[i % 4],
+            "label": bool(i % 2),
+        }
         for i in range(40)
     ]
     _write(d / "unpaired.jsonl", unpaired[:32])
@@ -77,7 +79,10 @@ def _dpo(tmp_path, model, name, *extra):
 
 
 def _data(pref, train="train", valid="valid"):
-    return [f"data.paths=[{pref / f'{train}.jsonl'}]", f"data.valid_paths=[{pref / f'{valid}.jsonl'}]"]
+    return [
+        f"data.paths=[{pref / f'{train}.jsonl'}]",
+        f"data.valid_paths=[{pref / f'{valid}.jsonl'}]",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +134,25 @@ def _answer_logps(model, tok, rows):
     with torch.no_grad():
         for r in rows:
             prompt = tok.apply_chat_template(
-                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": r["prompt"]}],
+                tokenize=False,
+                add_generation_prompt=True,
             )
             pair = []
             for side in ("chosen", "rejected"):
                 full = tok.apply_chat_template(
-                    [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[side]}],
+                    [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r[side]},
+                    ],
                     tokenize=False,
                 )
                 p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-                ids = [tok.bos_token_id, *tok(full, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+                ids = [
+                    tok.bos_token_id,
+                    *tok(full, add_special_tokens=False)["input_ids"],
+                    tok.eos_token_id,
+                ]
                 logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
                 token = logp[:-1].gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
                 pair.append(float(token[len(p_ids) :].mean()))  # answer tokens, EOS included
@@ -205,3 +219,143 @@ def test_each_loss_runs_judged_by_gold_from_its_pinned_first_loss(
         assert "8 preference pairs -> 16 unpaired answers (chosen -> label true" in text.out
     info = read_run(out)
     assert info["config"]["loss_type"] == loss
+
+
+def test_the_headline_names_the_method_and_reads_the_gold_judge():
+    from hanlm.pipeline.headline_rows import stage_headline
+
+    def head(summary):
+        return stage_headline("s", "dpo", {"status": "complete", "summary": summary})
+
+    start = {"initial_reward_accuracy": 0.5, "reward_accuracy": 0.8}
+    assert "ORPO's own objective" in head({**start, "loss_type": "orpo"}).verdict
+    assert "DPO's own objective" in head({**start, "loss_type": "sigmoid"}).verdict
+    gold = {"initial_eval_gold_score": 0.1, "eval_gold_score": 0.9, "loss_type": "kto"}
+    h = head({**start, **gold, "initial_eval_gold_score_sem": 0.1, "eval_gold_score_sem": 0.1})
+    assert h.verdict.startswith("better on the gold judge (+0.8")
+
+
+def test_data_a_loss_cannot_use_is_refused_before_a_model_loads(
+    tmp_path, tiny_model_path, pref, monkeypatch, capsys
+):
+    import hanlm.align.dpo as dpo
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(dpo, "load_model", no_model)
+    chat = _write(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}],
+    )
+    for loss, data, says in (
+        ("orpo", pref / "unpaired.jsonl", "train them with loss_type=kto, or give pairs"),
+        ("simpo", pref / "unpaired.jsonl", "train them with loss_type=kto"),
+        ("sigmoid", pref / "unpaired.jsonl", "loss_type=sigmoid compares a chosen"),
+        ("kto", chat, "or unpaired labelled answers"),
+    ):
+        argv = ["dpo", f"model.path={tiny_model_path}", f"loss_type={loss}", f"data.paths=[{data}]"]
+        assert cli.main([*argv, f"output_dir={tmp_path / loss}"]) == 1
+        err = capsys.readouterr().err
+        assert str(data) in err and says in err and "Traceback" not in err, err
+    # settings a method cannot use, refused as the config is read
+    from hanlm.align.dpo import DPOConfig
+
+    for bad, says in (
+        (["loss_type=orpo", "ref_model=x"], "uses no reference model"),
+        (["loss_type=simpo", "precompute_ref=true"], "uses no reference model"),
+        (["loss_type=kto", "precompute_ref=true"], "drop precompute_ref"),
+        (["loss_type=kto", "train.batch_size=1"], "batch_size >= 2"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            load_config(DPOConfig, None, bad)
+
+
+def test_kto_learns_from_unpaired_answers(tmp_path, tiny_model_path, pref, gold, summary_declared):
+    out, s, metrics = _dpo(
+        tmp_path,
+        tiny_model_path,
+        "kto",
+        "loss_type=kto",
+        *_data(pref, "unpaired", "unpaired_valid"),
+        f"gold_reward_model={gold}",
+    )
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[0] == pytest.approx(0.5, abs=1e-6) and losses[-1] < 0.5
+    # no held-out pairs to measure; the held-out prompts are answered and judged
+    summary_declared(out, absent=("reward_accuracy", "reward_margin", *NO_WARNINGS))
+    assert {"initial_eval_gold_score", "eval_gold_score"} <= set(s)
+    assert read_run(out)["data"]["dropped_too_long"] == 0
+
+
+# --------------------------------------------------------------------------- GRPO losses
+
+
+def test_grpo_losses_come_with_their_papers_settings():
+    from hanlm.align.grpo import GRPOConfig, loss_settings
+
+    def settings(*extra):
+        return loss_settings(load_config(GRPOConfig, None, ["rules.funcs=[stop]", *extra]))
+
+    assert settings() == {
+        "loss_type": "dapo",
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "scale_rewards": "group",
+        "mask_truncated_completions": False,
+    }
+    assert settings("loss_type=grpo") == {
+        "loss_type": "grpo",
+        "epsilon": 0.2,
+        "epsilon_high": 0.2,
+        "scale_rewards": "group",
+        "mask_truncated_completions": False,
+    }
+    dr = settings("loss_type=dr_grpo")
+    assert dr["scale_rewards"] == "none" and dr["epsilon_high"] == 0.2
+    assert settings("loss_type=dr_grpo", "scale_rewards=group")["scale_rewards"] == "group"
+    assert settings("epsilon_high=0.3")["epsilon_high"] == 0.3
+    with pytest.raises(ConfigError, match="epsilon_high=0.1 must be >= epsilon"):
+        settings("epsilon_high=0.1")
+
+
+def test_grpo_first_losses_follow_each_aggregation(tmp_path, tiny_model_path, pref):
+    """One step of each loss on the same sampled answers (same seed, same advantages): at ratio
+    1 an answer's token terms are all -A. grpo averages per answer, and the advantages of a group
+    sum to 0, so its first loss is 0; dapo divides Σ A·n by the tokens Σ n; dr_grpo divides it by
+    answers x max_new_tokens. So dr_grpo's loss = dapo's x mean answer length / max_new_tokens."""
+    from hanlm.align.grpo import GRPOConfig, run
+
+    def first(loss):
+        cfg = load_config(
+            GRPOConfig,
+            None,
+            [
+                f"model.path={tiny_model_path}",
+                *_data(pref),
+                "rules.funcs=[token_share]",
+                f"rules.target={''.join(SAMPLE_TEXT[:4])}",
+                "max_new_tokens=8",
+                "num_generations=4",
+                "train.batch_size=8",
+                "train.max_steps=1",
+                "train.logging_steps=1",
+                "eval_prompts=0",
+                f"loss_type={loss}",
+                "scale_rewards=group",
+                f"output_dir={tmp_path / loss}",
+            ],
+        )
+        out = run(cfg)
+        row = next(m for m in read_metrics(out) if "loss" in m)
+        return row, read_run(out)
+
+    grpo, _ = first("grpo")
+    dapo, info = first("dapo")
+    dr, _ = first("dr_grpo")
+    assert info["loss"]["epsilon_high"] == 0.28
+    assert grpo["loss"] == pytest.approx(0.0, abs=1e-6)
+    assert dapo["loss"] != 0
+    mean_len = dapo["completions/mean_length"]
+    assert dr["completions/mean_length"] == mean_len  # the same answers
+    assert dr["loss"] == pytest.approx(dapo["loss"] * mean_len / 8, rel=1e-4)

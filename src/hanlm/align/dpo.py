@@ -274,7 +274,7 @@ def run(cfg: DPOConfig) -> Path:
         data, splits, eval_pairs = _pairs(cfg, run, tok)
         datasets_, cache = _datasets(cfg, tok, splits)
         model, ref_model = _policy_and_reference(cfg, tok)
-        summary: dict[str, Any] = {}
+        summary: dict[str, Any] = {"loss_type": cfg.loss_type}
         summary.update(describe_trainable(model))
         if cfg.loss_type in preference.TRL_LOSSES:
             trainer = preference.timed_trainer(cfg, run, model, ref_model, tok, datasets_, summary)
