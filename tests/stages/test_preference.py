@@ -121,6 +121,19 @@ def test_unpaired_records_are_read_and_bad_ones_named():
             convert(bad, "unpaired")
 
 
+def test_data_check_reads_unpaired_records(tmp_path, capsys):
+    rows = [
+        {"prompt": "床前明月光的下一句？", "completion": "疑是地上霜。", "label": True},
+        {"prompt": "问", "completion": "答", "label": "yes"},
+    ]
+    path = _write(tmp_path / "u.jsonl", rows)
+    assert cli.main(["data", "check", str(path)]) != 0  # one bad record
+    out = capsys.readouterr().out
+    assert "format: unpaired (detected) -> unpaired" in out
+    assert "label: true (desirable)" in out
+    assert f"{path}:2: field 'label': expected true" in out
+
+
 # --------------------------------------------------------------------------- first losses
 
 

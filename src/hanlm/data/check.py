@@ -51,6 +51,11 @@ def _show(rec: dict[str, Any], width: int = 160) -> str:
         if key == "ranking":
             lines.append(f"    ranking (best first, ties grouped): {msgs}")
             continue
+        if key == "label":
+            lines.append(
+                f"    label: {str(msgs).lower()} ({'desirable' if msgs else 'undesirable'})"
+            )
+            continue
         for i, side in enumerate(msgs if key == "responses" else [msgs]):
             for m in side:
                 label = m["role"] if key == "messages" else f"{key}/{m['role']}"
