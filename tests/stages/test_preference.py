@@ -372,3 +372,26 @@ def test_grpo_first_losses_follow_each_aggregation(tmp_path, tiny_model_path, pr
     mean_len = dapo["completions/mean_length"]
     assert dr["completions/mean_length"] == mean_len  # the same answers
     assert dr["loss"] == pytest.approx(dapo["loss"] * mean_len / 8, rel=1e-4)
+
+
+def test_the_recipe_sets_each_loss_through_the_config_class(tmp_path):
+    from pathlib import Path
+
+    from hanlm.pipeline.recipe import RecipeError, load_recipe, resolve_config
+
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "preference-methods.yaml")
+    stages = {s.name: s for s in recipe.stages}
+    losses = {
+        n: resolve_config(recipe, stages[n])["loss_type"] for n in ("dpo", "kto", "orpo", "simpo")
+    }
+    assert losses == {"dpo": "sigmoid", "kto": "kto", "orpo": "orpo", "simpo": "simpo"}
+    # the same pairs, budget and judge for each
+    configs = [resolve_config(recipe, stages[n]) for n in losses]
+    assert all(c["half"] == "first" and c["train"] == configs[0]["train"] for c in configs)
+    assert len({c["gold_reward_model"] for c in configs}) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "stages:\n  a:\n    command: dpo\n    config: {loss_type: orpo, ref_model: x}\n", "utf-8"
+    )
+    with pytest.raises(RecipeError, match="stage 'a': loss_type=orpo uses no reference model"):
+        resolve_config(load_recipe(bad), load_recipe(bad).stages[0])
