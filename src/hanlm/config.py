@@ -148,9 +148,9 @@ class InferenceModelConfig(ModelConfig):
 @dataclass
 class DataConfig:
     paths: list[str] = opt([], "data files, directories, globs, saved datasets dirs or hub ids")
-    format: Literal["auto", "text", "alpaca", "sharegpt", "messages", "preference", "ranked"] = opt(
-        "auto", "record format; auto detects it from the first record's keys"
-    )
+    format: Literal[
+        "auto", "text", "alpaca", "sharegpt", "messages", "preference", "ranked", "unpaired"
+    ] = opt("auto", "record format; auto detects it from the first record's keys")
     weights: list[float] = opt([], "per-path mixing weight (fraction of records kept; >1 repeats)")
     valid_paths: list[str] = opt(
         [], "explicit validation data (otherwise split off the train data)"

@@ -1,4 +1,5 @@
-"""Alignment: reward models, PPO-ptx, DPO, GRPO and context distillation, and what they share:
+"""Alignment: reward models, PPO-ptx, DPO (with KTO, ORPO and SimPO), GRPO and context
+distillation, and what they share:
 rollouts, rewards, held-out checks, the hand-written loop and its distribution."""
 
 from hanlm.stage import Command
@@ -48,16 +49,17 @@ COMMANDS = (
         "dpo",
         "hanlm.align.dpo",
         "DPOConfig",
-        "direct preference optimisation (sigmoid, IPO, hinge) with cached reference log-probs",
+        "preference optimisation: DPO (sigmoid, IPO, hinge; cached reference log-probs), KTO,"
+        " ORPO, SimPO",
         resumable=True,
         headline="hanlm.align.headlines:dpo",
-        summary=("reward_accuracy", "reward_margin", *JUDGED_SUMMARY),
+        summary=("reward_accuracy", "reward_margin", "loss_type", *JUDGED_SUMMARY),
     ),
     Command(
         "grpo",
         "hanlm.align.grpo",
         "GRPOConfig",
-        "GRPO with rewards from a reward model and/or rule functions (module:function)",
+        "GRPO (or DAPO, Dr. GRPO) with rewards from reward models and/or rule functions",
         resumable=True,
         headline="hanlm.align.headlines:grpo",
         summary=GRPO_SUMMARY,

@@ -1,9 +1,12 @@
-"""`hanlm dpo`: direct preference optimisation through trl's DPOTrainer.
+"""`hanlm dpo`: direct preference optimisation through trl's DPOTrainer, and its relatives KTO,
+ORPO and SimPO through trl's trainers for them (`loss_type`; hanlm.align.preference).
 
 Reads top to bottom: tokenizer and template -> preference pairs -> policy (full, or LoRA whose
 disabled adapter is the reference) and a frozen reference (a copy of the start model, or
 `ref_model`) -> trl's DPOTrainer with the chosen loss (sigmoid = DPO, ipo, hinge, robust) ->
-held-out preference accuracy and reward margins before and after -> an HF directory.
+held-out preference accuracy and reward margins before and after -> an HF directory. KTO keeps
+the reference and also learns from unpaired labelled answers; ORPO and SimPO have no reference
+model (none is loaded, and the reference cache below does not apply).
 
 Reference log-probabilities never change during training, so with `precompute_ref=true` they
 are computed once and kept on disk. trl computes them when `precompute_ref_log_probs` is set and
@@ -27,9 +30,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from hanlm.align import preference
 from hanlm.align.checks import warnings_for
+from hanlm.align.reward_model import half_of
 from hanlm.align.rewards import RuleConfig, Scorer
-from hanlm.align.rollouts import HeldOut, held_out_scores, prompts_and_references, write_samples
+from hanlm.align.rollouts import HeldOut, held_out_scores, write_samples
 from hanlm.config import (
     ConfigError,
     DataConfig,
@@ -62,14 +67,22 @@ class DPOConfig(OutputConfig):
         DataConfig, "preference pairs (no paths: the embedded demo set, derived from real text)"
     )
     template: TemplateName = opt("auto", "chat template; auto = the model's own")
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = opt(
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "kto", "orpo", "simpo"] = opt(
         "sigmoid",
         "sigmoid = DPO; ipo = (h̄ - 1/2β)² with h̄ the log-ratio difference averaged per answer"
         " token (trl's length-normalised IPO, as the IPO authors ran it); hinge = SLiC;"
-        " robust = noisy-label DPO",
+        " robust = noisy-label DPO; kto = KTO (pairs or unpaired answers labelled true/false);"
+        " orpo = ORPO and simpo = SimPO (both without a reference model)",
     )
-    beta: float = opt(0.1, "β: strength of the tie to the reference (IPO: its τ)")
+    beta: float = opt(
+        0.1,
+        "β: strength of the tie to the reference (IPO: its τ; KTO: its β); ORPO: λ, the weight"
+        " of the odds-ratio term; SimPO: β, the scale of the length-normalised reward",
+    )
     label_smoothing: float = opt(0.0, "robust: assumed share of flipped preference labels")
+    desirable_weight: float = opt(1.0, "kto: weight of the losses on desirable answers")
+    undesirable_weight: float = opt(1.0, "kto: weight of the losses on undesirable answers")
+    simpo_gamma: float = opt(0.5, "simpo: γ, the target reward margin (trl's default)")
     max_length: int = opt(512, "pairs whose prompt + answer has more tokens are dropped (counted)")
     precompute_ref: bool = opt(
         False, "compute reference log-probs once and cache them on disk (reused by later runs)"
@@ -81,6 +94,11 @@ class DPOConfig(OutputConfig):
     )
     lora: LoraConfig = opt(LoraConfig, "LoRA adapters (the reference is the adapter-free model)")
     eval_pairs: int = opt(0, "held-out pairs measured before and after (0 = all)")
+    half: Literal["all", "first", "second"] = opt(
+        "all",
+        "train on all records, or on one half split by prompt as `hanlm reward half=` splits"
+        " them (a gold reward model trained on the other half then judges data it never saw)",
+    )
     eval_prompts: int = opt(
         32, "held-out prompts answered greedily before and after, judged by rules (0 = skip)"
     )
@@ -94,6 +112,23 @@ class DPOConfig(OutputConfig):
             raise ConfigError("beta must be > 0")
         if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
             raise ConfigError("label_smoothing must be in [0, 0.5) for loss_type=robust")
+        loss = self.loss_type
+        if loss in preference.NO_REFERENCE and (self.ref_model or self.precompute_ref):
+            raise ConfigError(
+                f"loss_type={loss} uses no reference model: drop ref_model and precompute_ref"
+            )
+        if loss == "kto" and self.precompute_ref:
+            raise ConfigError(
+                "precompute_ref caches reference log-probs of pairs for DPO's losses; KTO computes"
+                " its reference as it trains: drop precompute_ref"
+            )
+        if loss == "kto" and self.train.batch_size < 2:
+            raise ConfigError(
+                "loss_type=kto needs train.batch_size >= 2: its KL term is estimated from the"
+                " other answers in a batch"
+            )
+        if min(self.desirable_weight, self.undesirable_weight) <= 0:
+            raise ConfigError("desirable_weight and undesirable_weight must be > 0")
 
 
 # --------------------------------------------------------------------------- cache key
@@ -236,15 +271,19 @@ def run(cfg: DPOConfig) -> Path:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
         require_template(tok, cfg.template, cfg.model.path, "DPO")
-        data, splits = _pairs(cfg, run, tok)
+        data, splits, eval_pairs = _pairs(cfg, run, tok)
         datasets_, cache = _datasets(cfg, tok, splits)
         model, ref_model = _policy_and_reference(cfg, tok)
-        summary: dict[str, Any] = {}
+        summary: dict[str, Any] = {"loss_type": cfg.loss_type}
         summary.update(describe_trainable(model))
-        trainer = _trainer(cfg, run, model, ref_model, tok, datasets_, summary)
+        if cfg.loss_type in preference.TRL_LOSSES:
+            trainer = preference.timed_trainer(cfg, run, model, ref_model, tok, datasets_, summary)
+            eval_rows = preference.pair_rows(tok, eval_pairs)
+        else:
+            trainer = _trainer(cfg, run, model, ref_model, tok, datasets_, summary)
+            eval_rows = _eval_rows(trainer)
         if cache is not None:
             _count_cache_use(cache, summary)
-        eval_rows = _eval_rows(trainer)
         ref_logps = _preferences_before(cfg, model, ref_model, eval_rows, summary)
         stops = stop_token_ids(tok, cfg.template)
         held_out, gold = _held_out(cfg, data, tok, stops)
@@ -274,44 +313,66 @@ def run(cfg: DPOConfig) -> Path:
             write_samples(run.dir, answers_before, answers_after)
             if "gold_score" in final:
                 print(
-                    f"[hanlm] dpo: held-out gold judge {initial.get('gold_score', math.nan):.4f}"
-                    f" -> {final['gold_score']:.4f}"
+                    f"[hanlm] {_name(cfg)}: held-out gold judge"
+                    f" {initial.get('gold_score', math.nan):.4f} -> {final['gold_score']:.4f}"
                 )
         run.finish(summary)
     return run.dir
 
 
-def _pairs(cfg: DPOConfig, run: Run, tok: Any) -> tuple[Any, dict[str, list[dict[str, Any]]]]:
-    """The loaded data and its pairs that fit, by split (`valid` cut to `eval_pairs`).
+def _name(cfg: DPOConfig) -> str:
+    return {"sigmoid": "dpo", "robust": "robust dpo"}.get(cfg.loss_type, cfg.loss_type)
+
+
+def _pairs(
+    cfg: DPOConfig, run: Run, tok: Any
+) -> tuple[Any, dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """The loaded data, its records that fit by split (`valid` cut to `eval_pairs`) in the form
+    the loss trains on, and the held-out pairs measured before and after (none when the held-out
+    data is unpaired).
 
     Lengths are enforced here, not by trl: its length filter closes over the whole trainer
     config, which would tie the reference cache to every training argument.
     """
     dcfg = or_demo(cfg.data, "preference")
-    data = load(dcfg, kind="preference")
+    data = load(dcfg)
+    preference.check_data(cfg.loss_type, data)  # before any model loads
+    if cfg.half != "all":
+        data.train = [r for r in data.train if half_of(r) == cfg.half]
+        print(f"[hanlm] training on the {cfg.half} half: {len(data.train)} records")
     print(data.stats.summary())
-    train, dropped, same = fitting_pairs(data.train, tok, cfg.max_length)
-    valid, dropped_valid, same_valid = fitting_pairs(data.valid, tok, cfg.max_length)
-    if same + same_valid:
+    counts = {"dropped_too_long": 0, "dropped_identical": 0}
+    fitted = {}
+    for name, records in (("train", data.train), ("valid", data.valid)):
+        if data.kind == "unpaired":
+            fitted[name], too_long = preference.fitting_unpaired(records, tok, cfg.max_length)
+        else:
+            fitted[name], too_long, same = fitting_pairs(records, tok, cfg.max_length)
+            counts["dropped_identical"] += same
+        counts["dropped_too_long"] += too_long
+    if counts["dropped_identical"]:
         print(
-            f"[hanlm] dropped {same + same_valid} pairs whose chosen and rejected answers are"
-            " identical",
+            f"[hanlm] dropped {counts['dropped_identical']} pairs whose chosen and rejected"
+            " answers are identical",
             file=sys.stderr,
         )
-    if not train:
-        raise ValueError(f"no preference pair fits max_length={cfg.max_length}; raise it")
-    splits = {"train": train}
-    if valid:
-        splits["valid"] = valid[: cfg.eval_pairs] if cfg.eval_pairs > 0 else valid
-    run.set(
-        "data",
-        {
-            **data.stats.as_dict(),
-            "dropped_too_long": dropped + dropped_valid,
-            "dropped_identical": same + same_valid,
-        },
-    )
-    return data, splits
+    if not fitted["train"]:
+        raise ValueError(f"no preference record fits max_length={cfg.max_length}; raise it")
+    if fitted["valid"] and cfg.eval_pairs > 0:
+        fitted["valid"] = fitted["valid"][: cfg.eval_pairs]
+    eval_pairs = fitted["valid"] if data.kind == "preference" else []
+    if cfg.loss_type == "kto":
+        fitted = {k: preference.unpaired(v, cfg.train.seed) for k, v in fitted.items()}
+        if data.kind == "preference":
+            n = len(fitted["train"])
+            print(
+                f"[hanlm] kto: {n // 2} preference pairs -> {n} unpaired answers (chosen -> label"
+                " true, rejected -> label false)"
+            )
+            counts["kto_from_pairs"] = True
+    splits = {k: v for k, v in fitted.items() if v}
+    run.set("data", {**data.stats.as_dict(), **counts})
+    return data, splits, eval_pairs
 
 
 @dataclass
@@ -349,7 +410,7 @@ def _policy_and_reference(cfg: DPOConfig, tok: Any) -> tuple[Any, Any]:
         if cfg.ref_model:
             raise ConfigError("with LoRA the reference is the adapter-free model; drop ref_model")
         model = apply_lora(model, cfg.lora)
-    elif cfg.ref_model or not cfg.precompute_ref:
+    elif cfg.loss_type not in preference.NO_REFERENCE and (cfg.ref_model or not cfg.precompute_ref):
         # An explicit frozen copy: trl would otherwise rebuild one from config._name_or_path.
         ref_path = cfg.ref_model or cfg.model.path
         ref_model = load_model(replace(cfg.model, path=ref_path)).requires_grad_(False).eval()
@@ -438,7 +499,7 @@ def _preferences_before(
     summary.update({f"initial_{k}": v for k, v in before.items()})
     summary["reward_accuracy_chance"] = 0.5
     print(
-        f"[hanlm] before DPO: held-out reward accuracy {before['reward_accuracy']:.3f}"
+        f"[hanlm] before {_name(cfg)}: held-out reward accuracy {before['reward_accuracy']:.3f}"
         f" (chance 0.5), log-prob accuracy {before['logp_accuracy']:.3f}"
     )
     return ref_logps
@@ -456,7 +517,7 @@ def _preferences_after(
     )
     summary.update(after)
     print(
-        f"[hanlm] dpo: held-out reward accuracy"
+        f"[hanlm] {_name(cfg)}: held-out reward accuracy"
         f" {summary['initial_reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}"
         f" (chance 0.5), margin {after['reward_margin']:.4f}; log-prob accuracy"
         f" {summary['initial_logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
@@ -467,8 +528,7 @@ def _held_out(cfg: DPOConfig, data: Any, tok: Any, stops: list[int]) -> tuple[He
     """The held-out prompts answered greedily before and after, and their gold judge if any."""
     held_out = HeldOut([], [])
     if cfg.eval_prompts > 0:
-        held = prompts_and_references(data.valid)[: cfg.eval_prompts]
-        held_out = HeldOut([p for p, _ in held], [r for _, r in held])
+        held_out = preference.held_out_prompts(data.valid, cfg.eval_prompts)
     gold = None
     if cfg.gold_reward_model and held_out:
         gold = Scorer.build([cfg.gold_reward_model], RuleConfig(), tok, stops, base=cfg.model)

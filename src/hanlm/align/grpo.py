@@ -6,6 +6,16 @@ reward-model directories (trl scores the re-rendered conversation with each) and
 GRPOTrainer: `num_generations` sampled answers per prompt, advantages relative to the group ->
 held-out greedy answers scored by the same rewards before and after -> an HF directory.
 
+The loss (`loss_type`) is trl's: how the per-token terms are summed. grpo: averaged per answer,
+then over answers (the GRPO paper's; it favours short answers with positive advantages and long
+ones with negative); dapo (the default here and in trl): averaged over every answer token of the
+batch (DAPO's token-level loss); dr_grpo: summed per answer and divided by a constant, the answer
+budget `max_new_tokens` (Dr. GRPO's). Each comes with what its paper pairs with it, where trl has
+the setting (`scale_rewards=auto`, `epsilon_high=0`): DAPO's higher upper clip (ε_high 0.28, the
+value trl's documentation gives from the paper) and Dr. GRPO's advantages without the division
+by the group's reward std; set either key to choose otherwise. DAPO's overlong filtering is
+`mask_truncated_completions` (off by default: with a short answer budget most answers are cut).
+
 trl needs every generation batch (batch_size x grad_accum) to hold whole groups, so it must
 divide by `num_generations`; this is checked before anything loads.
 """
@@ -66,12 +76,23 @@ class GRPOConfig(OutputConfig):
     beta: float = opt(
         0.0, "KL coefficient to the reference (0 = no reference model, trl's default)"
     )
-    epsilon: float = opt(0.2, "ratio clip ε")
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = opt(
-        "dapo", "token aggregation of the loss (trl's default dapo avoids a length bias)"
+    epsilon: float = opt(0.2, "ratio clip ε (the lower bound, and the upper one unless set)")
+    epsilon_high: float = opt(
+        0.0, "upper ratio clip ε_high; 0 = auto: 0.28 for loss_type=dapo (DAPO), else ε"
     )
-    scale_rewards: Literal["group", "batch", "none"] = opt(
-        "group", "divide advantages by the reward std of the group, the batch, or not at all"
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = opt(
+        "dapo",
+        "how token terms are summed: grpo = per answer then over answers (GRPO); dapo = over"
+        " all answer tokens of the batch (DAPO; trl's default); dr_grpo = per answer over a"
+        " constant, max_new_tokens (Dr. GRPO); bnpo = over the tokens of the local batch",
+    )
+    scale_rewards: Literal["auto", "group", "batch", "none"] = opt(
+        "auto",
+        "divide advantages by the reward std of the group, the batch, or not at all; auto ="
+        " none for loss_type=dr_grpo (Dr. GRPO), group otherwise",
+    )
+    mask_truncated_completions: bool = opt(
+        False, "leave answers cut at max_new_tokens out of the loss (DAPO's overlong filtering)"
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
@@ -96,6 +117,28 @@ class GRPOConfig(OutputConfig):
             )
         if not self.reward_models and not self.rules.funcs:
             raise ConfigError("no reward: set reward_models=[DIR] and/or rules.funcs=[...]")
+        if self.epsilon_high and self.epsilon_high < self.epsilon:
+            raise ConfigError(f"epsilon_high={self.epsilon_high} must be >= epsilon={self.epsilon}")
+
+
+# What each loss's paper pairs with it, where trl has the setting (trl's GRPOConfig docs: DAPO
+# recommends epsilon_high 0.28; Dr. GRPO recommends no std scaling of the rewards).
+DAPO_EPSILON_HIGH = 0.28
+
+
+def loss_settings(cfg: GRPOConfig) -> dict[str, Any]:
+    """The loss settings passed to trl, with `auto` resolved for `cfg.loss_type`."""
+    high = cfg.epsilon_high or (DAPO_EPSILON_HIGH if cfg.loss_type == "dapo" else cfg.epsilon)
+    scale = cfg.scale_rewards
+    if scale == "auto":
+        scale = "none" if cfg.loss_type == "dr_grpo" else "group"
+    return {
+        "loss_type": cfg.loss_type,
+        "epsilon": cfg.epsilon,
+        "epsilon_high": high,
+        "scale_rewards": scale,
+        "mask_truncated_completions": cfg.mask_truncated_completions,
+    }
 
 
 def run(cfg: GRPOConfig) -> Path:
@@ -169,6 +212,12 @@ def run(cfg: GRPOConfig) -> Path:
         summary.update(describe_trainable(model))
 
         tok.padding_side = "left"  # trl generates from left-padded prompts
+        loss = loss_settings(cfg)
+        run.set("loss", loss)
+        print(
+            f"[hanlm] grpo: loss {loss['loss_type']}, clip [1-{loss['epsilon']},"
+            f" 1+{loss['epsilon_high']}], advantages scaled by: {loss['scale_rewards']}"
+        )
         args = training_args(
             cfg.train,
             run.dir,
@@ -178,10 +227,8 @@ def run(cfg: GRPOConfig) -> Path:
             max_completion_length=cfg.max_new_tokens,
             temperature=cfg.temperature,
             beta=cfg.beta,
-            epsilon=cfg.epsilon,
-            loss_type=cfg.loss_type,
-            scale_rewards=cfg.scale_rewards,
             reward_weights=weights,
+            **loss,
         )
         trainer = GRPOTrainer(
             model=model,

@@ -1,5 +1,6 @@
-"""The headlines of the alignment stages: reward-model pair accuracy; PPO, GRPO and DPO judged
-by the gold reward model and rule checks beside the proxy they optimised."""
+"""The headlines of the alignment stages: reward-model pair accuracy; PPO, GRPO and DPO (and
+KTO, ORPO, SimPO) judged by the gold reward model and rule checks beside the proxy they
+optimised."""
 
 from __future__ import annotations
 
@@ -172,9 +173,16 @@ def collapse(h: Headline, distinct: Figure | None, top: Figure | None) -> None:
         h.tone = "bad"
 
 
+# `hanlm dpo`'s losses by the method's name
+METHODS = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC", "robust": "robust DPO"}
+
+
 def dpo(h: Headline, o: Outcome) -> None:
+    """DPO and the other preference losses of `hanlm dpo` (KTO, ORPO, SimPO)."""
     s = o.summary
     data = o.data
+    loss = s.get("loss_type") or "sigmoid"
+    method = METHODS.get(loss, str(loss).upper())
     acc = figure(s, "reward_accuracy")
     margin = figure(s, "reward_margin")
     gold = figure(s, "eval_gold_score", "gold RM score (held out; not the target)")
@@ -190,7 +198,7 @@ def dpo(h: Headline, o: Outcome) -> None:
         elif acc.after > CHANCE + band(data.get("valid")):
             h.verdict = (
                 f"prefers the chosen answer in {pct(acc.after)} of held-out pairs (chance 50%;"
-                " this is DPO's own objective, so the judge is the target)"
+                f" this is {method}'s own objective, so the judge is the target)"
             )
             h.tone = "good"
         else:

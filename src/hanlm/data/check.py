@@ -22,9 +22,9 @@ from hanlm.modeling import load_tokenizer
 @dataclass
 class DataCheckConfig:
     paths: list[str] = opt([], "data files, directories, globs or saved datasets to check")
-    format: Literal["auto", "text", "alpaca", "sharegpt", "messages", "preference", "ranked"] = opt(
-        "auto", "record format; auto detects it per file from the first record"
-    )
+    format: Literal[
+        "auto", "text", "alpaca", "sharegpt", "messages", "preference", "ranked", "unpaired"
+    ] = opt("auto", "record format; auto detects it per file from the first record")
     text_field: str = opt("text", "field holding the text for the text format")
     txt_unit: Literal["line", "paragraph", "file"] = opt(
         "paragraph", "what one record of a .txt file is"
@@ -55,6 +55,11 @@ def _show(rec: dict[str, Any], width: int = 160) -> str:
             continue
         if key == "tools":
             lines.append(f"    tools: {', '.join(t['function']['name'] for t in msgs)}")
+            continue
+        if key == "label":
+            lines.append(
+                f"    label: {str(msgs).lower()} ({'desirable' if msgs else 'undesirable'})"
+            )
             continue
         for i, side in enumerate(msgs if key == "responses" else [msgs]):
             for m in side:

@@ -8,6 +8,8 @@
               (trl's conversational preference layout; strings become one-message lists)
 - ranked:     {"prompt": [messages], "responses": [[messages], ...], "ranking": [[i, ...], ...]}
               (InstructGPT's K ranked answers; the ranking as tie groups, best first)
+- unpaired:   {"prompt": [messages], "completion": [messages], "label": true|false}
+              (trl's unpaired preference layout, for KTO: one answer marked good or bad)
 
 Every converter raises `RecordError` saying which field was expected and what was found; the
 caller adds the file and line.
@@ -18,8 +20,19 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-Format = Literal["text", "alpaca", "sharegpt", "messages", "preference", "ranked"]
-FORMATS: tuple[str, ...] = ("text", "alpaca", "sharegpt", "messages", "preference", "ranked")
+from hanlm.data.records import RecordError, describe
+from hanlm.data.tools import check_tool_use, tool_calls, tool_list
+
+Format = Literal["text", "alpaca", "sharegpt", "messages", "preference", "ranked", "unpaired"]
+FORMATS: tuple[str, ...] = (
+    "text",
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "preference",
+    "ranked",
+    "unpaired",
+)
 ROLES = ("system", "user", "assistant", "tool")
 
 # ShareGPT speaker names seen in the wild, mapped to chat roles.
@@ -52,17 +65,14 @@ FORMAT_HELP = (
     "text ({'text': ...}), alpaca ({'instruction','input','output'}), "
     "sharegpt ({'conversations': [{'from','value'}]}), "
     "messages ({'messages': [{'role','content'}]}), preference ({'prompt','chosen','rejected'}),"
-    " ranked ({'prompt','responses','ranking'})"
+    " ranked ({'prompt','responses','ranking'}), unpaired ({'prompt','completion','label'})"
 )
 
 
-class RecordError(ValueError):
-    """One record does not fit its format."""
-
-
 def kind_of(fmt: str) -> str:
-    """The canonical shape a format converts to: text, chat, preference or ranked."""
-    return {"text": "text", "preference": "preference", "ranked": "ranked"}.get(fmt, "chat")
+    """The canonical shape a format converts to: text, chat, preference, ranked or unpaired."""
+    same = ("text", "preference", "ranked", "unpaired")
+    return fmt if fmt in same else "chat"
 
 
 def message_lists(rec: dict[str, Any]) -> list[list[dict[str, str]]]:
@@ -72,92 +82,8 @@ def message_lists(rec: dict[str, Any]) -> list[list[dict[str, str]]]:
     for key, value in rec.items():
         if key == "responses":
             out += value
-        elif key not in ("ranking", "tools"):
+        elif key not in ("ranking", "tools", "label"):
             out.append(value)
-    return out
-
-
-def describe(value: Any) -> str:
-    if isinstance(value, str):
-        return f"string {value[:40]!r}" if value else "an empty string"
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return f"a list of {len(value)} items"
-    if isinstance(value, dict):
-        return f"an object with keys {sorted(value)[:8]}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _arguments(value: Any, where: str) -> dict[str, Any]:
-    """Call arguments as an object: OpenAI sends a JSON string, templates need the object."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{where}.arguments: not valid JSON ({e.msg}): {value[:80]!r}") from e
-    if not isinstance(value, dict):
-        raise RecordError(f"{where}.arguments: expected a JSON object, found {describe(value)}")
-    return value
-
-
-def tool_list(value: Any, field: str = "tools") -> list[dict[str, Any]]:
-    """A record's declared tools, as OpenAI function tools (a JSON string is read first, as
-    LLaMA-Factory's ShareGPT files store it; bare function objects are wrapped)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else []
-        except json.JSONDecodeError as e:
-            raise RecordError(f"field '{field}': not valid JSON ({e.msg})") from e
-    if not isinstance(value, list):
-        raise RecordError(f"field '{field}': expected a list of tools, found {describe(value)}")
-    out = []
-    for i, tool in enumerate(value):
-        where = f"{field}[{i}]"
-        if isinstance(tool, dict) and "function" not in tool and "name" in tool:
-            tool = {"type": "function", "function": tool}
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise RecordError(
-                f"{where}: expected {{'type': 'function', 'function': {{'name', 'description',"
-                f" 'parameters'}}}}, found {describe(tool)}"
-            )
-        params = fn.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(params, dict):
-            raise RecordError(f"{where}.parameters: expected a JSON schema object")
-        out.append({"type": "function", "function": {**fn, "parameters": params}})
-    names = [t["function"]["name"] for t in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise RecordError(f"field '{field}': tool(s) {dup} declared twice")
-    return out
-
-
-def tool_calls(value: Any, where: str, start: int = 0) -> list[dict[str, Any]]:
-    """An assistant turn's calls in the canonical shape (ids made up where the data has none)."""
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise RecordError(f"{where}: expected a list of tool calls, found {describe(value)}")
-    out = []
-    for i, call in enumerate(value):
-        here = f"{where}[{i}]"
-        if not isinstance(call, dict):
-            raise RecordError(f"{here}: expected a tool call object, found {describe(call)}")
-        fn = call.get("function", call)
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise RecordError(f"{here}: a tool call needs a function name, found {describe(call)}")
-        call_id = call.get("id") or f"call_{start + i}"
-        out.append(
-            {
-                "id": str(call_id),
-                "type": "function",
-                "function": {
-                    "name": fn["name"],
-                    "arguments": _arguments(fn.get("arguments"), here),
-                },
-            }
-        )
     return out
 
 
@@ -194,6 +120,8 @@ def detect(rec: Any, text_field: str = "text") -> str:
         return "preference"
     if {"responses", "ranking"} <= keys:
         return "ranked"
+    if {"completion", "label"} <= keys:
+        return "unpaired"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
     if text_field in keys:
@@ -264,56 +192,6 @@ def _messages(value: Any, field: str) -> list[dict[str, Any]]:
             msg["tool_call_id"] = str(m["tool_call_id"])
         out.append(msg)
     return out
-
-
-def _schema_errors(args: dict[str, Any], schema: dict[str, Any]) -> list[str]:
-    try:
-        import jsonschema
-    except ImportError:  # checks without jsonschema: required keys only
-        return [f"missing '{k}'" for k in schema.get("required", []) if k not in args]
-    validator = jsonschema.Draft202012Validator(schema)
-    return [e.message for e in validator.iter_errors(args)][:3]
-
-
-def check_tool_use(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
-    """Every call names a declared tool with arguments its schema accepts, and is answered by a
-    tool turn (by `tool_call_id` when the turn has one, else in order); no tool turn answers
-    nothing. Raises RecordError naming the turn."""
-    declared = {t["function"]["name"]: t["function"] for t in tools or []}
-    pending: list[str] = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if m["role"] == "assistant" and m.get("tool_calls"):
-            if pending:
-                raise RecordError(f"{where}: call(s) {pending} before it have no tool result")
-            for call in m["tool_calls"]:
-                name, args = call["function"]["name"], call["function"]["arguments"]
-                if name not in declared:
-                    raise RecordError(
-                        f"{where}: calls '{name}', which the record's tools do not declare"
-                        f" (declared: {sorted(declared) or 'none'})"
-                    )
-                errors = _schema_errors(args, declared[name].get("parameters", {}))
-                if errors:
-                    raise RecordError(
-                        f"{where}: arguments of '{name}' do not match its schema:"
-                        f" {'; '.join(errors)}"
-                    )
-                pending.append(call["id"])
-        elif m["role"] == "tool":
-            if not pending:
-                raise RecordError(f"{where}: a tool result that answers no call")
-            call_id = m.get("tool_call_id")
-            if call_id is None:
-                m["tool_call_id"] = pending.pop(0)
-            elif call_id in pending:
-                pending.remove(call_id)
-            else:
-                raise RecordError(f"{where}: tool_call_id {call_id!r} answers no open call")
-        elif pending:
-            raise RecordError(f"{where}: call(s) {pending} before it have no tool result")
-    if pending:
-        raise RecordError(f"the conversation ends with call(s) {pending} unanswered")
 
 
 def _tools_of(rec: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -537,6 +415,26 @@ def unteachable(rec: dict[str, Any]) -> str | None:
     return None
 
 
+def from_unpaired(rec: dict[str, Any]) -> dict[str, Any]:
+    """KTO's data: one answer to a prompt, labelled desirable (true) or undesirable (false)."""
+    for key in ("prompt", "completion", "label"):
+        if rec.get(key) is None:
+            raise RecordError(f"missing field '{key}' (record has keys {sorted(rec)})")
+    prompt = _side(rec["prompt"], "prompt", "user")
+    if not any(m["role"] == "user" for m in prompt):
+        raise RecordError("field 'prompt': no user turn")
+    completion = _side(rec["completion"], "completion", "assistant")
+    if completion[-1]["role"] != "assistant":
+        raise RecordError("field 'completion': must end with an assistant turn")
+    label = rec["label"]
+    if not isinstance(label, bool):
+        raise RecordError(
+            f"field 'label': expected true (a desirable answer) or false (an undesirable one),"
+            f" found {describe(label)}"
+        )
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
 def ranked_pairs(ranking: list[list[int]]) -> list[tuple[int, int]]:
     """Every (better, worse) pair a tie-group ranking implies: C(K, 2) minus the tied pairs."""
     return [
@@ -566,6 +464,8 @@ def convert(
         return from_preference(rec)
     if fmt == "ranked":
         return from_ranked(rec)
+    if fmt == "unpaired":
+        return from_unpaired(rec)
     raise RecordError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 

@@ -83,7 +83,7 @@ class LoadedData:
     train: list[dict[str, Any]]
     valid: list[dict[str, Any]]
     stats: DataStats
-    kind: str  # text | chat | preference
+    kind: str  # text | chat | preference | ranked | unpaired
 
 
 class RecordReader:
@@ -120,7 +120,7 @@ class RecordReader:
                 "responses": [fix(r) for r in rec["responses"]],
                 "ranking": rec["ranking"],
             }
-        return {k: v if k == "tools" else fix(v) for k, v in rec.items()}
+        return {k: v if k in ("tools", "label") else fix(v) for k, v in rec.items()}
 
     def _length(self, rec: dict[str, Any]) -> int:
         if "text" in rec:
@@ -188,6 +188,7 @@ class RecordReader:
                 "chat": "alpaca, sharegpt or messages",
                 "preference": "preference",
                 "ranked": "ranked",
+                "unpaired": "unpaired (prompt, completion, label)",
             }[self.kind]
             raise DataError(
                 f"{source}: this data is in the {fmt} format, but this stage needs {wanted} data"

@@ -16,9 +16,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from hanlm.data.formats import RecordError, tool_list, tool_turns
+from hanlm.data.formats import tool_turns
+from hanlm.data.records import RecordError
 from hanlm.data.templates import TemplateError, check_renders_tools
-from hanlm.data.tools import parse_tool_calls
+from hanlm.data.tools import parse_tool_calls, tool_list
 from hanlm.serve.errors import APIError
 
 OPEN = "<tool_call>"
