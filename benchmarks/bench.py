@@ -774,6 +774,12 @@ def main() -> None:
     )
     ap.add_argument("--models", nargs="+", default=["demo", "smollm2"])
     ap.add_argument(
+        "--sft-batching",
+        nargs="+",
+        default=["auto", "random", "padding_free"],
+        help="hanlm sft's train.batching for each sft pair against trl",
+    )
+    ap.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
         default="fp32",
@@ -893,7 +899,7 @@ def main() -> None:
         if "pretrain" in args.only:
             pairs.append(pretrain_pair(name, path, pre, size["pretrain"]))
         if "sft" in args.only:
-            for batching in ("auto", "random", "padding_free"):
+            for batching in args.sft_batching:
                 pairs.append(sft_pair(name, path, sft, size["sft"], batching))
         if "dpo" in args.only and "dpo" in size:
             pairs += dpo_pairs(name, path, pref[name], size["dpo"], work)
