@@ -151,3 +151,62 @@ def test_page_answer_cut_inside_a_character_has_no_replacement_char(live):
             assert _answers(page).nth(0).locator(".content").inner_text() == want
         finally:
             browser.close()
+
+
+def test_page_shows_tool_calls_their_results_and_the_answer(tmp_path):
+    """`demo_tools=true`: the page declares the embedded demo tools; with tool_choice required a
+    random tiny model must call one (the call is constrained to the tools' schemas), the page
+    shows the call, runs it through the server, shows the result and sends it back, and the
+    model then answers."""
+    from hanlm.datagen.demo_tools import NAMES
+    from hanlm.serve.api import create_app
+    from hanlm.serve.engine import Engine
+    from hanlm.serve.server import ServeConfig, load
+    from hanlm.testing import ServedApp, tiny_model_dir
+
+    cfg = ServeConfig()
+    cfg.model.path = str(tiny_model_dir(tmp_path / "model", seed=7, max_positions=4096))
+    model, tok = load(cfg)
+    engine = Engine(model, tok, max_queue=4)
+    served = ServedApp(create_app(engine, model_name="tiny", demo_tools=True))
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 760})
+                bodies = []
+                page.on(
+                    "request",
+                    lambda r: (
+                        bodies.append(json.loads(r.post_data))
+                        if r.url.endswith("/v1/chat/completions")
+                        else None
+                    ),
+                )
+                page.goto(served.url + "/")
+                page.wait_for_selector("#tools-box:not([hidden])", timeout=10_000)
+                _set_range(page, "#temperature", 0)
+                page.fill("#max-tokens", "160")
+                page.select_option("#tool-choice", "required")
+                page.fill("#input", "李白是哪个朝代的？")
+                page.click("#send")
+                page.wait_for_function("!document.querySelector('#send').disabled", timeout=180_000)
+                page.wait_for_selector(".msg.tool", timeout=5_000)
+                call = page.locator(".msg.tool-call .content").first.inner_text()
+                assert call.split("(", 1)[0] in NAMES
+                result = json.loads(page.locator(".msg.tool .content").first.inner_text())
+                assert isinstance(result, dict)
+                assert page.locator(".msg.error").count() == 0
+                # the second request carried the call and its result, and asked freely
+                assert bodies[0]["tool_choice"] == "required" and len(bodies[0]["tools"]) == 4
+                roles = [m["role"] for m in bodies[1]["messages"]]
+                assert roles == ["user", "assistant", "tool"] and bodies[1]["tool_choice"] == "auto"
+                assert bodies[1]["messages"][1]["tool_calls"][0]["function"]["name"] in NAMES
+                page.screenshot(path=str(tmp_path / "tools.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        served.close()
+        engine.close()

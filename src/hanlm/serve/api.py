@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from hanlm.serve.engine import Engine
 from hanlm.serve.errors import APIError, invalid_body
 from hanlm.serve.metrics import Metrics, RequestLog
-from hanlm.serve.routes import chat_completions, completions, embeddings, info, page
+from hanlm.serve.routes import chat_completions, completions, embeddings, info, page, tools
 from hanlm.serve.state import Limits, ServeState
 
 __all__ = ["Limits", "create_app"]
@@ -37,20 +37,22 @@ def create_app(
     retriever: Any = None,
     aliases: Sequence[str] = (),
     cors_origins: Sequence[str] = (),
+    demo_tools: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving `engine`. Tests build it in-process around a tiny model.
 
     With a `retriever` (hanlm.rag.answer.Retriever), a chat request's last user turn is answered
     from retrieved passages, and the response carries them in an extra `sources` field.
     `aliases`: more model names requests may use (`*`: any); another name is a 404.
-    `cors_origins`: origins whose pages may call the API from a browser (`*`: any)."""
+    `cors_origins`: origins whose pages may call the API from a browser (`*`: any).
+    `demo_tools`: the chat page offers the embedded demo tools and runs the calls."""
     app = FastAPI(
         title="hanlm serve",
         version="1",
         description="OpenAI-compatible API for a hanlm model (continuous batching).",
     )
     app.state.hanlm = ServeState(
-        engine, model_name, api_key, limits or Limits(), retriever, tuple(aliases)
+        engine, model_name, api_key, limits or Limits(), retriever, tuple(aliases), demo_tools
     )
     app.state.metrics = metrics = Metrics(lambda: engine.active)
     app.add_middleware(RequestLog, metrics=metrics)
@@ -65,7 +67,7 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _server_error)
-    for module in (page, info, chat_completions, completions, embeddings):
+    for module in (page, info, chat_completions, completions, embeddings, tools):
         app.include_router(module.router)
     return app
 

@@ -38,6 +38,11 @@ class ServeConfig:
         "more model names requests may use, comma-separated ('*': any name); any other name is"
         " answered 404 model_not_found, as OpenAI does",
     )
+    demo_tools: bool = opt(
+        False,
+        "offer the embedded demo tools (a poem's next line, an idiom's meaning, a poet's dynasty,"
+        " a calculator) on the chat page, which shows the model's calls and their results",
+    )
     cors_origins: str = opt(
         "",
         "origins whose web pages may call the API, comma-separated ('*': any), e.g."
@@ -137,6 +142,7 @@ def run(cfg: ServeConfig) -> int:
         retriever=retriever,
         aliases=_names(cfg.aliases),
         cors_origins=_names(cfg.cors_origins),
+        demo_tools=cfg.demo_tools,
     )
     _log_requests(cfg.log_level)
     # transformers' batching manager runs gc.collect() each time it stops (here: when the last
