@@ -23,7 +23,14 @@ from starlette.exceptions import HTTPException
 from hanlm.serve.engine import Engine
 from hanlm.serve.errors import APIError, invalid_body
 from hanlm.serve.metrics import Metrics, RequestLog
-from hanlm.serve.routes import chat_completions, completions, embeddings, info, page, tools
+from hanlm.serve.routes import (
+    chat_completions,
+    completions,
+    embeddings,
+    info,
+    page,
+    toolbox,
+)
 from hanlm.serve.state import Limits, ServeState
 
 __all__ = ["Limits", "create_app"]
@@ -67,7 +74,7 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _server_error)
-    for module in (page, info, chat_completions, completions, embeddings, tools):
+    for module in (page, info, chat_completions, completions, embeddings, toolbox):
         app.include_router(module.router)
     return app
 

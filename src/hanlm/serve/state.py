@@ -38,7 +38,7 @@ class ServeState:
     limits: Limits = field(default_factory=Limits)
     retriever: Any = None
     aliases: tuple[str, ...] = ()  # more names requests may use ("*": any name)
-    demo_tools: bool = False  # the chat page offers the embedded demo tools (routes/tools.py)
+    demo_tools: bool = False  # the chat page offers the embedded demo tools (routes/toolbox.py)
     created: int = field(default_factory=lambda: int(time.time()))
     vocab: int = field(init=False)  # valid token ids: [0, vocab)
 

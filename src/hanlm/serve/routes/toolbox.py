@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from hanlm.datagen.demo_tools import TOOLS, execute
 from hanlm.serve.deps import Authorized, JSONBody, State
 from hanlm.serve.errors import APIError
 
@@ -20,8 +21,6 @@ router = APIRouter()
 async def tools(state: State) -> dict[str, Any]:
     if not state.demo_tools:
         return {"tools": []}
-    from hanlm.datagen.demo_tools import TOOLS
-
     return {"tools": TOOLS}
 
 
@@ -34,7 +33,5 @@ async def call(body: JSONBody, state: Authorized) -> dict[str, Any]:
     arguments = body.get("arguments") or {}
     if not isinstance(arguments, dict):
         raise APIError("'arguments' must be a JSON object", param="arguments")
-    from hanlm.datagen.demo_tools import execute
-
     result = await asyncio.to_thread(execute, body["name"], arguments)
     return {"result": result}
