@@ -39,6 +39,15 @@ PINNED = {
         6.136240482330322,
         6.201755523681641,
     ],
+    # train.batching=grouped (the CPU default): batches of similar lengths
+    "sft_grouped": [
+        6.239797115325928,
+        6.252387523651123,
+        6.181396961212158,
+        6.239770412445068,
+        6.038092136383057,
+    ],
+    # random batches; padding-free batches hold the same conversations, so the same losses
     "sft": [
         6.230989933013916,
         6.258121967315674,
@@ -185,9 +194,19 @@ def test_pretrain_first_losses(tmp_path, tiny_model_path, files):
     _check("pretrain", _losses(out))
 
 
-def test_sft_first_losses(tmp_path, tiny_model_path, files):
-    out = _sft(tmp_path / "out", tiny_model_path, files, "train.batch_size=2", "train.max_steps=5")
-    _check("sft", _losses(out))
+@pytest.mark.parametrize(
+    "batching,pin", [("random", "sft"), ("padding_free", "sft"), ("grouped", "sft_grouped")]
+)
+def test_sft_first_losses(tmp_path, tiny_model_path, files, batching, pin):
+    out = _sft(
+        tmp_path / "out",
+        tiny_model_path,
+        files,
+        "train.batch_size=2",
+        "train.max_steps=5",
+        f"train.batching={batching}",
+    )
+    _check(pin, _losses(out))
 
 
 def test_reward_first_losses(tmp_path, tiny_model_path, files):

@@ -375,11 +375,10 @@ def test_grpo_first_losses_follow_each_aggregation(tmp_path, tiny_model_path, pr
 
 
 def test_the_recipe_sets_each_loss_through_the_config_class(tmp_path):
-    from pathlib import Path
 
-    from hanlm.pipeline.recipe import RecipeError, load_recipe, resolve_config
+    from hanlm.pipeline.recipe import RecipeError, find_recipe, load_recipe, resolve_config
 
-    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "preference-methods.yaml")
+    recipe = load_recipe(find_recipe("preference-methods"))
     stages = {s.name: s for s in recipe.stages}
     losses = {
         n: resolve_config(recipe, stages[n])["loss_type"] for n in ("dpo", "kto", "orpo", "simpo")

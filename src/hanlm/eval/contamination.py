@@ -41,6 +41,7 @@ contaminated, partial and too-short items apart.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 import unicodedata
@@ -51,6 +52,7 @@ from typing import Any, ClassVar, Literal
 
 from hanlm import ASSETS
 from hanlm.config import ConfigError, DataConfig, OutputConfig, opt
+from hanlm.data.formats import message_lists
 from hanlm.data.loader import RecordReader
 from hanlm.eval.benchmarks import LETTERS, Item, MissingSplit, canonical_split, load_benchmark
 from hanlm.runs import Run, atomic_write_json
@@ -236,10 +238,17 @@ def _train_files(specs: list[str]) -> list[str]:
 
 
 def _record_text(rec: dict[str, Any]) -> str:
-    """All of a canonical record's text; chat turns joined in order."""
+    """All of a canonical record's text; chat turns joined in order, a tool call's arguments
+    with its turn (they may quote a benchmark's text)."""
     if "text" in rec:
         return rec["text"]
-    return "\n".join(m["content"] for side in rec.values() for m in side)
+    parts = []
+    for side in message_lists(rec):
+        for m in side:
+            parts.append(m["content"])
+            for call in m.get("tool_calls") or ():
+                parts.append(json.dumps(call["function"]["arguments"], ensure_ascii=False))
+    return "\n".join(parts)
 
 
 class Record:
