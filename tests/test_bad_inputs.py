@@ -162,6 +162,10 @@ def _cases() -> list[tuple[str, list[str], list[str]]]:
     add("reward-score-file-cut", ["reward", "score", M, "file={cut.jsonl.gz}"], "cut.jsonl.gz")
     add("embed-input-deep", ["embed", M, "input={deep.jsonl}"], "deep.jsonl")
     add("label-prompts-cut", ["label", OUT, "{cut.jsonl.gz}", M], "cut.jsonl.gz")
+    for name in ("cut.jsonl.gz", "deep.jsonl", "latin1.jsonl"):
+        argv = ["judge", OUT, f"questions={{{name}}}", "a={good.jsonl}"]
+        add(f"judge-questions-{name}", argv, name)
+    add("judge-answers-cut", ["judge", OUT, "a={cut.jsonl.gz}"], "cut.jsonl.gz")
     add(
         "self-instruct-seeds-cut",
         ["data", "self-instruct", OUT, "{cut.jsonl.gz}", "model=x"],

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from hanlm import ASSETS
 from hanlm.config import ConfigError, OutputConfig, opt
-from hanlm.data.sources import DataError
+from hanlm.data.sources import DataError, read_json_line, read_lines
 from hanlm.datagen.selfinstruct import Endpoint
 from hanlm.eval import judge_stats as stats
 from hanlm.eval.judge_prompts import pair_messages, parse_score, parse_verdict, single_messages
@@ -116,16 +116,15 @@ class JudgeConfig(OutputConfig):
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """A JSON Lines file (gzipped or not) read through the data layer: a damaged archive, bad
+    bytes or JSON nested beyond reason are errors naming the file and line."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in read_lines(path):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{path}:{i}: not JSON ({e})") from None
+        rec = read_json_line(line, f"{path}:{i}")
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{i}: expected a JSON object")
         rows.append((i, rec))
