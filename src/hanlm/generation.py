@@ -1,4 +1,5 @@
-"""Generation for chat, evaluation and serving: batched greedy/sampled answers and streaming.
+"""What models produce: answers for chat, evaluation and serving (batched greedy/sampled answers
+and streaming), and the scalar scores of reward models.
 
 Prompts are rendered with the model's chat template (`templates.prompt_ids`), and generation
 stops at the template's end-of-turn token and EOS — the same ids training taught the model to
@@ -7,13 +8,24 @@ emit and that are saved in `generation_config.json`.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from hanlm.config import opt
-from hanlm.data.templates import prompt_ids, stop_token_ids
+from hanlm.config import ModelConfig, opt
+from hanlm.data.templates import prompt_ids, render, stop_token_ids
+from hanlm.modeling import (
+    ModelError,
+    check_model_dir,
+    model_config_for,
+    pad_batch,
+    pick_precision,
+    resolve_source,
+    torch_dtype,
+)
 
 
 @dataclass
@@ -170,3 +182,91 @@ def stream(
     thread.join()
     if errors:
         raise errors[0]
+
+
+# Conversations longer than this are cut from the left when a reward model's own training length
+# is unknown (not made by `hanlm reward`).
+DEFAULT_MAX_LENGTH = 1024
+
+# --------------------------------------------------------------------------- reward models
+# A reward model is a `hanlm reward` output (or any one-output sequence classifier). It scores a
+# whole re-rendered conversation with its own tokenizer, at most the `max_length` it was trained
+# with (read from its `hanlm.json`).
+
+
+def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
+    """A one-output sequence-classification model (a fresh `score` head on a causal LM dir)."""
+    from transformers import AutoModelForSequenceClassification
+
+    src = resolve_source(cfg.path)
+    check_model_dir(src, weights=True)
+    dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
+    if cfg.rope.type != "none":  # the scaled config; a causal LM's gets its one-output head
+        config = model_config_for(cfg, src)
+        if not any("SequenceClassification" in a for a in config.architectures or []):
+            config.num_labels = 1
+        kw["config"] = config
+    else:
+        kw["num_labels"] = 1
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            src.path,
+            gguf_file=src.gguf_file,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            **kw,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{cfg.path}: cannot load as a reward model ({e})") from None
+    if model.config.num_labels != 1:
+        raise ModelError(f"{cfg.path}: has {model.config.num_labels} outputs; a reward model has 1")
+    return model
+
+
+def score_ids(
+    model: Any, id_lists: list[list[int]], pad_id: int, batch_size: int = 16
+) -> list[float]:
+    """The scalar reward of each token sequence (right-padded; read at the last real token)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(id_lists), batch_size):
+            batch = id_lists[start : start + batch_size]
+            ids, mask = pad_batch(batch, pad_id, "right", device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            out += logits[:, 0].float().tolist()
+    return out
+
+
+def conversation_ids(tok: Any, messages: list[dict[str, str]], max_length: int) -> list[int]:
+    """Ids of a whole conversation as the reward model saw them in training (last tokens kept)."""
+    ids, _ = render(tok, messages)
+    return ids[-max_length:]
+
+
+def score_conversations(
+    model: Any,
+    tok: Any,
+    conversations: list[list[dict[str, str]]],
+    batch_size: int = 16,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> list[float]:
+    """Rewards of whole conversations (each ending with the assistant answer to judge)."""
+    ids = [conversation_ids(tok, c, max_length) for c in conversations]
+    return score_ids(model, ids, tok.pad_token_id, batch_size)
+
+
+def trained_max_length(path: str) -> int:
+    """The `max_length` a reward model was trained with (its `hanlm.json`), else the default."""
+    info = Path(path) / "hanlm.json"
+    if info.is_file():
+        try:
+            value = json.loads(info.read_text(encoding="utf-8"))["config"]["max_length"]
+        except (ValueError, KeyError, TypeError):
+            value = None
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_LENGTH

@@ -283,7 +283,7 @@ def test_gold_reward_model_agreement(tmp_path, judge_server):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from hanlm.align.rewards import score_conversations
+    from hanlm.generation import score_conversations
     from hanlm.modeling import load_tokenizer
     from hanlm.testing import tiny_model_dir
 

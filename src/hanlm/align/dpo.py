@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +52,6 @@ from hanlm.trainer import (
     apply_lora,
     check_launch,
     describe_trainable,
-    metrics_callback,
     run_trainer,
     training_args,
 )
@@ -277,7 +275,7 @@ def run(cfg: DPOConfig) -> Path:
         summary: dict[str, Any] = {"loss_type": cfg.loss_type}
         summary.update(describe_trainable(model))
         if cfg.loss_type in preference.TRL_LOSSES:
-            trainer = preference.timed_trainer(cfg, run, model, ref_model, tok, datasets_, summary)
+            trainer = preference.trainer(cfg, run, model, ref_model, tok, datasets_, summary)
             eval_rows = preference.pair_rows(tok, eval_pairs)
         else:
             trainer = _trainer(cfg, run, model, ref_model, tok, datasets_, summary)
@@ -441,18 +439,9 @@ def _trainer(
         max_length=None,
         precompute_ref_log_probs=cfg.precompute_ref,
     )
-    t0 = time.time()
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=datasets_["train"],
-        eval_dataset=datasets_.get("valid"),
-        processing_class=tok,
-        callbacks=[metrics_callback(run)],
+    return preference.build_trainer(
+        DPOTrainer, args, run, model, tok, datasets_, summary, ref_model=ref_model
     )
-    summary["trainer_setup_seconds"] = time.time() - t0
-    return trainer
 
 
 def _count_cache_use(cache: RefCache, summary: dict[str, Any]) -> None:

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from hanlm import losses, trainer
 from hanlm.align import distributed, rollouts
 from hanlm.align.ppo_config import PPOConfig
-from hanlm.align.rewards import RuleConfig, Scorer, load_reward_model
+from hanlm.align.rewards import RuleConfig, Scorer
 from hanlm.align.rollouts import Cycler, Rollout, answer_logits, lm_loss, rollout
+from hanlm.generation import load_reward_model
 from hanlm.modeling import load_model, pick_precision
 from hanlm.runs import Run
 

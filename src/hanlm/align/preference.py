@@ -129,51 +129,51 @@ def trainer(
     ref_model: Any,
     tok: Any,
     datasets_: dict[str, Any],
+    summary: dict[str, Any],
 ) -> Any:
     """trl's trainer for `cfg.loss_type` (kto, orpo or simpo) on these datasets."""
-    loss = cfg.loss_type
-    common = {"has_eval": "valid" in datasets_}
-    if loss == "kto":
+    if cfg.loss_type == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        args = training_args(
-            cfg.train,
-            run.dir,
-            args_cls=KTOConfig,
-            beta=cfg.beta,
-            desirable_weight=cfg.desirable_weight,
-            undesirable_weight=cfg.undesirable_weight,
-            max_length=None,  # lengths are enforced by hanlm before this
-            **common,
-        )
-        cls, extra = KTOTrainer, {"ref_model": ref_model}
+        cls, args_cls, extra = KTOTrainer, KTOConfig, {"ref_model": ref_model}
+        settings = {
+            "desirable_weight": cfg.desirable_weight,
+            "undesirable_weight": cfg.undesirable_weight,
+            "max_length": None,  # lengths are enforced by hanlm before this
+        }
     else:
         ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer = _experimental()
-        if loss == "orpo":
-            args = training_args(
-                cfg.train,
-                run.dir,
-                args_cls=ORPOConfig,
-                beta=cfg.beta,
-                max_length=cfg.max_length,
-                **common,
-            )
-            cls = ORPOTrainer
-        else:
-            args = training_args(
-                cfg.train,
-                run.dir,
-                args_cls=CPOConfig,
-                loss_type="simpo",
-                cpo_alpha=0.0,  # no behaviour-cloning term: SimPO proper, not CPO-SimPO
-                beta=cfg.beta,
-                simpo_gamma=cfg.simpo_gamma,
-                max_length=cfg.max_length,
-                **common,
-            )
-            cls = CPOTrainer
-        extra = {}
-    return cls(
+        extra, settings = {}, {"max_length": cfg.max_length}
+        if cfg.loss_type == "orpo":
+            cls, args_cls = ORPOTrainer, ORPOConfig
+        else:  # SimPO proper (no behaviour-cloning term), not CPO-SimPO
+            cls, args_cls = CPOTrainer, CPOConfig
+            settings |= {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": cfg.simpo_gamma}
+    args = training_args(
+        cfg.train,
+        run.dir,
+        args_cls=args_cls,
+        has_eval="valid" in datasets_,
+        beta=cfg.beta,
+        **settings,
+    )
+    return build_trainer(cls, args, run, model, tok, datasets_, summary, **extra)
+
+
+def build_trainer(
+    cls: Any,
+    args: Any,
+    run: Run,
+    model: Any,
+    tok: Any,
+    datasets_: dict[str, Any],
+    summary: dict[str, Any],
+    **extra: Any,
+) -> Any:
+    """`cls` (a trl preference trainer) on these datasets, logging to the run; the seconds it
+    took to build (trl tokenizes, and may score the reference, as it is built) go in `summary`."""
+    t0 = time.time()
+    out = cls(
         model=model,
         args=args,
         train_dataset=datasets_["train"],
@@ -182,6 +182,8 @@ def trainer(
         callbacks=[metrics_callback(run)],
         **extra,
     )
+    summary["trainer_setup_seconds"] = time.time() - t0
+    return out
 
 
 def _experimental() -> tuple[Any, Any, Any, Any]:
@@ -192,18 +194,3 @@ def _experimental() -> tuple[Any, Any, Any, Any]:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     return ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer
-
-
-def timed_trainer(
-    cfg: Any,
-    run: Run,
-    model: Any,
-    ref_model: Any,
-    tok: Any,
-    datasets_: dict[str, Any],
-    summary: dict[str, Any],
-) -> Any:
-    t0 = time.time()
-    out = trainer(cfg, run, model, ref_model, tok, datasets_)
-    summary["trainer_setup_seconds"] = time.time() - t0
-    return out

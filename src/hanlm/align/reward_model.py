@@ -21,12 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from hanlm.align.rewards import (
-    load_reward_model,
-    score_conversations,
-    score_ids,
-    trained_max_length,
-)
 from hanlm.config import (
     DataConfig,
     LoraConfig,
@@ -40,6 +34,12 @@ from hanlm.data import load, or_demo, to_dataset
 from hanlm.data.formats import RecordError, from_preference, from_ranked, ranked_pairs
 from hanlm.data.sources import BadJson, DataError, iter_source, resolve
 from hanlm.data.templates import apply_template, render
+from hanlm.generation import (
+    load_reward_model,
+    score_conversations,
+    score_ids,
+    trained_max_length,
+)
 from hanlm.losses import kendall_tau, ranked_ranking_loss
 from hanlm.modeling import load_tokenizer
 from hanlm.runs import Run, atomic_write_text

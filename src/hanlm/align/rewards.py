@@ -1,8 +1,7 @@
-"""Rewards for PPO and GRPO, in one place: reward models (load, score) and rule rewards.
+"""Rewards for PPO and GRPO, in one place: reward models and rule rewards.
 
-Reward models are `hanlm reward` outputs (or any one-output sequence classifier): each scores
-the whole re-rendered conversation with its own tokenizer, at most the `max_length` it was
-trained with (read from its `hanlm.json`). `Scorer` adds the models' scores, the weighted rule
+Reward models (`hanlm.generation` loads and runs them) each score the whole re-rendered
+conversation with their own tokenizer. `Scorer` adds the models' scores, the weighted rule
 rewards and a penalty for answers that never stopped.
 
 Rule rewards: a few built-ins and any `module:function` the config names.
@@ -28,29 +27,14 @@ import it for `--help`.
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from hanlm.config import ConfigError, ModelConfig, opt
-from hanlm.data.templates import render
-from hanlm.modeling import (
-    ModelError,
-    check_model_dir,
-    load_tokenizer,
-    model_config_for,
-    pad_batch,
-    pick_precision,
-    resolve_source,
-    torch_dtype,
-)
-
-# Conversations longer than this are cut from the left when a reward model's own training length
-# is unknown (not made by `hanlm reward`).
-DEFAULT_MAX_LENGTH = 1024
+from hanlm.generation import load_reward_model, score_conversations, trained_max_length
+from hanlm.modeling import load_tokenizer
 
 RewardFn = Callable[..., list[float]]
 BUILTINS = ("length", "stop", "regex", "token_share")
@@ -208,87 +192,6 @@ def score_rules(
         means[f"rule_{fn.__name__}"] = sum(values) / max(len(values), 1)
         total = [t + w * v for t, v in zip(total, values)]
     return total, means
-
-
-# --------------------------------------------------------------------------- reward models
-
-
-def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
-    """A one-output sequence-classification model (a fresh `score` head on a causal LM dir)."""
-    from transformers import AutoModelForSequenceClassification
-
-    src = resolve_source(cfg.path)
-    check_model_dir(src, weights=True)
-    dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
-    if cfg.rope.type != "none":  # the scaled config; a causal LM's gets its one-output head
-        config = model_config_for(cfg, src)
-        if not any("SequenceClassification" in a for a in config.architectures or []):
-            config.num_labels = 1
-        kw["config"] = config
-    else:
-        kw["num_labels"] = 1
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            src.path,
-            gguf_file=src.gguf_file,
-            dtype=dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            **kw,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"{cfg.path}: cannot load as a reward model ({e})") from None
-    if model.config.num_labels != 1:
-        raise ModelError(f"{cfg.path}: has {model.config.num_labels} outputs; a reward model has 1")
-    return model
-
-
-def score_ids(
-    model: Any, id_lists: list[list[int]], pad_id: int, batch_size: int = 16
-) -> list[float]:
-    """The scalar reward of each token sequence (right-padded; read at the last real token)."""
-    import torch
-
-    device = next(model.parameters()).device
-    model.eval()
-    out: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(id_lists), batch_size):
-            batch = id_lists[start : start + batch_size]
-            ids, mask = pad_batch(batch, pad_id, "right", device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            out += logits[:, 0].float().tolist()
-    return out
-
-
-def conversation_ids(tok: Any, messages: list[dict[str, str]], max_length: int) -> list[int]:
-    """Ids of a whole conversation as the reward model saw them in training (last tokens kept)."""
-    ids, _ = render(tok, messages)
-    return ids[-max_length:]
-
-
-def score_conversations(
-    model: Any,
-    tok: Any,
-    conversations: list[list[dict[str, str]]],
-    batch_size: int = 16,
-    max_length: int = DEFAULT_MAX_LENGTH,
-) -> list[float]:
-    """Rewards of whole conversations (each ending with the assistant answer to judge)."""
-    ids = [conversation_ids(tok, c, max_length) for c in conversations]
-    return score_ids(model, ids, tok.pad_token_id, batch_size)
-
-
-def trained_max_length(path: str) -> int:
-    """The `max_length` a reward model was trained with (its `hanlm.json`), else the default."""
-    info = Path(path) / "hanlm.json"
-    if info.is_file():
-        try:
-            value = json.loads(info.read_text(encoding="utf-8"))["config"]["max_length"]
-        except (ValueError, KeyError, TypeError):
-            value = None
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_MAX_LENGTH
 
 
 class Scorer:

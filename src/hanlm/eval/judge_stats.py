@@ -6,15 +6,14 @@ people's rankings from `hanlm label`). Pure Python over the judgment records, ex
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-from hanlm.data.templates import render
-from hanlm.modeling import ModelError, load_tokenizer, pad_batch, resolve_source
+from hanlm.config import ModelConfig
+from hanlm.generation import load_reward_model, score_conversations, trained_max_length
+from hanlm.modeling import load_tokenizer
 
 OVERALL = "overall"
 
@@ -168,34 +167,12 @@ def ranked_pairs(ranking: list[Any]) -> list[tuple[int, int]]:
 def reward_scores(
     path: str, conversations: list[list[dict[str, str]]], batch: int = 8
 ) -> list[float]:
-    """The gold reward model's score of each whole conversation (a one-output
-    sequence-classification model as `hanlm reward` saves it; read at the last real token,
-    conversations cut to the last `max_length` tokens it was trained with)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    src = resolve_source(path)
+    """The gold reward model's score of each whole conversation (`hanlm reward`'s output, or any
+    one-output sequence classifier), on the conversation cut to the length it was trained with."""
+    model = load_reward_model(ModelConfig(path=path, dtype="float32"))
     tok = load_tokenizer(path)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            src.path, gguf_file=src.gguf_file, num_labels=1
-        )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"gold_reward_model={path}: cannot load as a reward model ({e})") from None
-    model.config.pad_token_id = tok.pad_token_id
-    max_length = 1024
-    info = Path(path) / "hanlm.json"
-    if info.is_file():
-        trained = json.loads(info.read_text(encoding="utf-8")).get("config", {}).get("max_length")
-        max_length = trained if isinstance(trained, int) and trained > 0 else max_length
-    ids = [render(tok, c)[0][-max_length:] for c in conversations]
-    out: list[float] = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(ids), batch):
-            x, mask = pad_batch(ids[start : start + batch], tok.pad_token_id, "right")
-            out += model(input_ids=x, attention_mask=mask).logits[:, 0].float().tolist()
-    return out
+    model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token
+    return score_conversations(model, tok, conversations, batch, trained_max_length(path))
 
 
 # --------------------------------------------------------------------------- figures
