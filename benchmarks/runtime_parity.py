@@ -39,23 +39,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from hanlm.config import load_config  # noqa: E402
 from hanlm.export.export import DEFAULT_PROMPTS, ExportConfig, run  # noqa: E402
 from hanlm.export.llamacpp import find_llama_cpp  # noqa: E402
+from hanlm.testing import TAUGHT_PROMPTS  # noqa: E402
 
-CHATS = [
-    [
-        {"role": "user", "content": "你好"},
-        {"role": "assistant", "content": "你好！我是小龙，喜欢写诗。"},
-    ],
-    [
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-    ],
-    [
-        {"role": "system", "content": "你是助手"},
-        {"role": "user", "content": "长城有多长？"},
-        {"role": "assistant", "content": "两万多公里。"},
-    ],
-]
-TAUGHT_PROMPTS = ["你好", "What is the capital of France?", "长城有多长？"]
 ENGLISH = [
     "Write a haiku about autumn.",
     "Explain in one sentence what a compiler does.",
@@ -70,7 +55,7 @@ QWEN = ROOT / ".venv" / "models" / "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
 def taught(kind: str, d: Path) -> Path:
     from hanlm.data.templates import apply_template
     from hanlm.modeling import load_tokenizer
-    from hanlm.testing import teach, tiny_model_dir, tiny_qwen_dir
+    from hanlm.testing import TAUGHT_CHATS, teach, tiny_model_dir, tiny_qwen_dir
 
     if kind == "llama":
         tiny_model_dir(d)
@@ -79,7 +64,7 @@ def taught(kind: str, d: Path) -> Path:
         tok = load_tokenizer(str(d))
         apply_template(tok, "chatml")  # teach needs {% generation %} markers
         tok.save_pretrained(d)
-    return teach(d, CHATS, steps=200)
+    return teach(d, TAUGHT_CHATS, steps=200)
 
 
 def measure(name: str, path: str, prompts: list[str], gtype: str, work: Path) -> dict[str, Any]:

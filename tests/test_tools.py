@@ -9,34 +9,8 @@ from hanlm import IGNORE_INDEX
 from hanlm.data.formats import RecordError, convert
 from hanlm.data.templates import TemplateError, apply_template, render
 from hanlm.data.tools import parse_tool_calls
-from hanlm.testing import QWEN_TEMPLATE, qwen_tokenizer, tiny_tokenizer
+from hanlm.testing import QWEN_TEMPLATE, TOOLS, qwen_tokenizer, tiny_tokenizer
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "poet_dynasty",
-            "description": "查询诗人所属的朝代",
-            "parameters": {
-                "type": "object",
-                "properties": {"poet": {"type": "string"}},
-                "required": ["poet"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "calculator",
-            "description": "计算算术表达式",
-            "parameters": {
-                "type": "object",
-                "properties": {"expression": {"type": "string"}},
-                "required": ["expression"],
-            },
-        },
-    },
-]
 OPENAI = {
     "tools": TOOLS,
     "messages": [

@@ -77,6 +77,50 @@ QWEN_TEMPLATE = (
 ).read_text(encoding="utf-8")
 
 
+# Three short conversations a tiny model can be taught in seconds (`teach`): Chinese with
+# characters that span several byte tokens, English, and one with a system prompt.
+TAUGHT_CHATS = [
+    [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！我是小龙，喜欢写诗。"},
+    ],
+    [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ],
+    [
+        {"role": "system", "content": "你是助手"},
+        {"role": "user", "content": "长城有多长？"},
+        {"role": "assistant", "content": "两万多公里。"},
+    ],
+]
+TAUGHT_PROMPTS = [chat[-2]["content"] for chat in TAUGHT_CHATS]
+
+
+def function_tool(name: str, description: str, properties: dict[str, str]) -> dict[str, Any]:
+    """An OpenAI tool declaration whose arguments are all required, typed as given
+    ({"poet": "string"})."""
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {k: {"type": t} for k, t in properties.items()},
+                "required": list(properties),
+            },
+        },
+    }
+
+
+# Two tools in the shape of the embedded tool set's: a lookup and a calculator.
+TOOLS = [
+    function_tool("poet_dynasty", "查询诗人所属的朝代", {"poet": "string"}),
+    function_tool("calculator", "计算算术表达式", {"expression": "string"}),
+]
+
+
 def qwen_tokenizer(vocab_size: int = 600, texts: list[str] | None = None) -> Any:
     """A byte-level BPE tokenizer laid out like Qwen's: Qwen's split regex, no BOS, the special
     tokens after the vocabulary (`<|endoftext|>` pads, `<|im_end|>` ends a turn and is EOS), and

@@ -4,6 +4,8 @@ on a free port, with an API key."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,33 @@ def live(taught_model_dir):
     yield Live(served.url, engine, API_KEY)
     served.close()
     engine.close()
+
+
+@contextmanager
+def random_server(path: Path, seed: int, **model_kw) -> Iterator[tuple]:
+    """A random (untrained) tiny model at `path`, served with continuous batching: yields an
+    `openai` client for it and its engine."""
+    import openai
+
+    from hanlm.serve.api import create_app
+    from hanlm.serve.engine import Engine
+    from hanlm.serve.server import ServeConfig, load
+    from hanlm.testing import ServedApp, tiny_model_dir
+
+    cfg = ServeConfig()
+    cfg.model.path = str(tiny_model_dir(path, seed=seed, **model_kw))
+    model, tok = load(cfg)
+    engine = Engine(model, tok, max_queue=8)
+    served = ServedApp(create_app(engine, model_name="tiny"))
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    try:
+        yield client, engine
+    finally:
+        served.close()
+        engine.close()
+
+
+@pytest.fixture(scope="session")
+def serve_random():
+    """`random_server`, for module fixtures that serve a random tiny model of their own."""
+    return random_server

@@ -33,22 +33,10 @@ FORMAT = {
 
 
 @pytest.fixture(scope="module")
-def random_live(tmp_path_factory):
+def random_live(tmp_path_factory, serve_random):
     """A random (untrained) tiny model served with continuous batching."""
-    from hanlm.serve.api import create_app
-    from hanlm.serve.engine import Engine
-    from hanlm.serve.server import ServeConfig, load
-    from hanlm.testing import ServedApp, tiny_model_dir
-
-    cfg = ServeConfig()
-    cfg.model.path = str(tiny_model_dir(tmp_path_factory.mktemp("json") / "model", seed=3))
-    model, tok = load(cfg)
-    engine = Engine(model, tok, max_queue=8)
-    served = ServedApp(create_app(engine, model_name="tiny"))
-    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    yield client, engine
-    served.close()
-    engine.close()
+    with serve_random(tmp_path_factory.mktemp("json") / "model", seed=3) as out:
+        yield out
 
 
 def _valid(text: str, schema: dict | None) -> dict:

@@ -14,53 +14,22 @@ openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
+from hanlm.testing import function_tool  # noqa: E402
+
+# The calculator takes an integer too, so constrained arguments must carry one.
 TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "poet_dynasty",
-            "description": "查询诗人所属的朝代",
-            "parameters": {
-                "type": "object",
-                "properties": {"poet": {"type": "string"}},
-                "required": ["poet"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "calculator",
-            "description": "计算算术表达式",
-            "parameters": {
-                "type": "object",
-                "properties": {"expression": {"type": "string"}, "digits": {"type": "integer"}},
-                "required": ["expression", "digits"],
-            },
-        },
-    },
+    function_tool("poet_dynasty", "查询诗人所属的朝代", {"poet": "string"}),
+    function_tool("calculator", "计算算术表达式", {"expression": "string", "digits": "integer"}),
 ]
 ASK = [{"role": "user", "content": "李白是哪个朝代的？"}]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from hanlm.serve.api import create_app
-    from hanlm.serve.engine import Engine
-    from hanlm.serve.server import ServeConfig, load
-    from hanlm.testing import ServedApp, tiny_model_dir
-
-    cfg = ServeConfig()
+def served(tmp_path_factory, serve_random):
     path = tmp_path_factory.mktemp("tools") / "model"
-    cfg.model.path = str(tiny_model_dir(path, seed=5, max_positions=2048))
-    model, tok = load(cfg)
-    engine = Engine(model, tok, max_queue=8)
-    app = ServedApp(create_app(engine, model_name="tiny"))
-    client = openai.OpenAI(base_url=app.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    yield client, engine
-    app.close()
-    engine.close()
+    with serve_random(path, seed=5, max_positions=2048) as out:
+        yield out
 
 
 def _check(calls, allowed):

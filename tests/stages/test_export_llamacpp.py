@@ -15,25 +15,10 @@ import torch
 from hanlm.config import load_config
 from hanlm.export.export import ExportConfig, run
 from hanlm.export.llamacpp import LlamaServer, find_llama_cpp
+from hanlm.testing import TAUGHT_PROMPTS as PROMPTS
 
 pytestmark = pytest.mark.slow
 
-CHATS = [
-    [
-        {"role": "user", "content": "你好"},
-        {"role": "assistant", "content": "你好！我是小龙，喜欢写诗。"},
-    ],
-    [
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-    ],
-    [
-        {"role": "system", "content": "你是助手"},
-        {"role": "user", "content": "长城有多长？"},
-        {"role": "assistant", "content": "两万多公里。"},
-    ],
-]
-PROMPTS = ["你好", "What is the capital of France?", "长城有多长？"]
 TEXTS = ["床前明月光，疑是地上霜。", "<|im_start|>user\n你好<|im_end|>\n", "Hello 😀 world\n\n  x"]
 
 
@@ -49,7 +34,7 @@ def llama_cpp() -> Path:
 def taught(request, tmp_path_factory) -> Path:
     from hanlm.data.templates import apply_template
     from hanlm.modeling import load_tokenizer
-    from hanlm.testing import teach, tiny_model_dir, tiny_qwen_dir
+    from hanlm.testing import TAUGHT_CHATS, teach, tiny_model_dir, tiny_qwen_dir
 
     d = tmp_path_factory.mktemp(request.param) / "model"
     if request.param == "llama":
@@ -59,7 +44,7 @@ def taught(request, tmp_path_factory) -> Path:
         tok = load_tokenizer(str(d))
         apply_template(tok, "chatml")
         tok.save_pretrained(d)
-    return teach(d, CHATS, steps=200)
+    return teach(d, TAUGHT_CHATS, steps=200)
 
 
 def _hf_greedy(model, tok, ids: list[int], n: int, stops: list[int]) -> tuple[list[int], bool]:
