@@ -7,6 +7,7 @@ from typing import Any
 
 from hanlm.config import ModelConfig
 from hanlm.data.templates import apply_template, render
+from hanlm.data.tools import function_tool
 from hanlm.modeling import build_model, load_model, load_tokenizer, save_model
 
 SAMPLE_TEXT = [
@@ -95,23 +96,6 @@ TAUGHT_CHATS = [
     ],
 ]
 TAUGHT_PROMPTS = [chat[-2]["content"] for chat in TAUGHT_CHATS]
-
-
-def function_tool(name: str, description: str, properties: dict[str, str]) -> dict[str, Any]:
-    """An OpenAI tool declaration whose arguments are all required, typed as given
-    ({"poet": "string"})."""
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {
-                "type": "object",
-                "properties": {k: {"type": t} for k, t in properties.items()},
-                "required": list(properties),
-            },
-        },
-    }
 
 
 # Two tools in the shape of the embedded tool set's: a lookup and a calculator.

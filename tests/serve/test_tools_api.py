@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
-from hanlm.testing import function_tool  # noqa: E402
+from hanlm.data.tools import function_tool  # noqa: E402
 
 # The calculator takes an integer too, so constrained arguments must carry one.
 TOOLS = [

@@ -23,6 +23,20 @@ from typing import Any
 from hanlm.data.records import RecordError, describe
 
 
+def function_tool(name: str, description: str, params: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool declaration whose arguments are all required. Each of `params` is a JSON
+    schema or a type name for short ({"poet": "string"})."""
+    properties = {k: {"type": v} if isinstance(v, str) else v for k, v in params.items()}
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": list(params)},
+        },
+    }
+
+
 def _arguments(value: Any, where: str) -> dict[str, Any]:
     """Call arguments as an object: OpenAI sends a JSON string, templates need the object."""
     if isinstance(value, str):

@@ -27,23 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from hanlm import ASSETS
+from hanlm.data.tools import function_tool
 
 DB_PATH = ASSETS / "tools_db.json.gz"
 
 
 def _tool(name: str, description: str, param: str, about: str) -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {
-                "type": "object",
-                "properties": {param: {"type": "string", "description": about}},
-                "required": [param],
-            },
-        },
-    }
+    return function_tool(name, description, {param: {"type": "string", "description": about}})
 
 
 # Short declarations: they are rendered into every prompt, and the demo model's context is small.
