@@ -11,7 +11,9 @@ ratio of each round):
 2. SFT: `hanlm sft` vs a plain trl `SFTTrainer` script (`peers/trl_sft.py`,
    `assistant_only_loss=True`, the same template): examples/s and the first losses;
 3. DPO: `hanlm dpo` without and with the cached reference log-probs (cold cache, and a second
-   run on the same data that finds the cache): seconds per epoch;
+   run on the same data that finds the cache): seconds per epoch; and `hanlm dpo` with its
+   defaults (`train.batching=auto`, and random) vs a plain trl `DPOTrainer` script
+   (`peers/trl_dpo.py`, trl's defaults): seconds per epoch and the padding fraction;
 4. evaluation: `hanlm eval scoring=loglik shots=5` vs lm-evaluation-harness's `hf` model on the
    same items and prompts (`peers/lm_eval_mc.py`): prediction agreement and wall time;
 5. tokenization: characters/s of hanlm's data + tokenize path vs `datasets.map` with the fast
@@ -451,6 +453,26 @@ def padding_check(a: list[dict], b: list[dict]) -> dict[str, Any]:
     return {"batching": a[0]["batching"], "padding_fraction": a[0]["padding_fraction"]}
 
 
+def dpo_epoch(path: Path, data: Path, size: dict[str, Any], d: Path) -> list[str]:
+    """`hanlm dpo` arguments for one epoch over `data`, timed, with no evaluation."""
+    return [
+        "dpo",
+        f"model.path={path}",
+        f"data.paths=[{data}]",
+        "data.dedup=none",
+        f"max_length={size['max_length']}",
+        "train.max_steps=0",
+        "train.epochs=1",
+        f"train.batch_size={size['batch']}",
+        "train.eval_steps=0",
+        "train.save_steps=0",
+        "train.logging_steps=5",
+        f"train.precision={OPTS['precision']}",
+        "eval_prompts=0",
+        f"output_dir={d / 'out'}",
+    ]
+
+
 def dpo_pairs(model: str, path: Path, data: Path, size: dict[str, Any], work: Path) -> list[Pair]:
     """Seconds per epoch (trainer set-up, where trl's reference pass runs, plus training)
     without the cache, against a cold cache (first run) and a warm one (a second run on the
@@ -459,23 +481,7 @@ def dpo_pairs(model: str, path: Path, data: Path, size: dict[str, Any], work: Pa
 
     def cmd(precompute: bool, cache: Callable[[Path], Path] | None) -> Callable[[Path], list]:
         def make(d: Path) -> list[str]:
-            args = [
-                "dpo",
-                f"model.path={path}",
-                f"data.paths=[{data}]",
-                "data.dedup=none",
-                f"max_length={size['max_length']}",
-                "train.max_steps=0",
-                "train.epochs=1",
-                f"train.batch_size={size['batch']}",
-                "train.eval_steps=0",
-                "train.save_steps=0",
-                "train.logging_steps=5",
-                f"train.precision={OPTS['precision']}",
-                "eval_prompts=0",
-                f"precompute_ref={str(precompute).lower()}",
-                f"output_dir={d / 'out'}",
-            ]
+            args = [*dpo_epoch(path, data, size, d), f"precompute_ref={str(precompute).lower()}"]
             if size.get("lora_r"):  # the reference is then the model with its adapter off
                 r = size["lora_r"]
                 args += ["lora.enabled=true", f"lora.r={r}", f"lora.alpha={2 * r}"]
@@ -525,6 +531,58 @@ def dpo_pairs(model: str, path: Path, data: Path, size: dict[str, Any], work: Pa
             lower_is_better=True,
         ),
     ]
+
+
+def dpo_trl_pair(
+    model: str, path: Path, data: Path, size: dict[str, Any], batching: str = "auto"
+) -> Pair:
+    """One epoch of hanlm dpo with its defaults (`train.batching=batching`; the reference
+    computed at every step, as trl does) against trl's DPOTrainer with its defaults (random
+    batches padded to their longest pair): seconds per epoch, trainer set-up (tokenizing) and
+    training. Batches differ by design; tests/test_batching.py checks that a pair's log-probs,
+    so its loss, do not depend on the pairs batched beside it."""
+
+    def ours(d: Path) -> list[str]:
+        return hanlm(
+            *dpo_epoch(path, data, size, d), "data.valid_fraction=0", f"train.batching={batching}"
+        )
+
+    def theirs(d: Path) -> list[str]:
+        return py(
+            "trl_dpo.py",
+            f"--model={path}",
+            f"--data={data}",
+            f"--output-dir={d / 'out'}",
+            f"--out={d / 'result.json'}",
+            f"--max-length={size['max_length']}",
+            f"--batch-size={size['batch']}",
+            *peer_precision(),
+        )
+
+    def ours_result(d: Path) -> dict[str, Any]:
+        s = json.loads((d / "out" / "hanlm.json").read_text())["summary"]
+        _, runtime = metrics_losses(d / "out")
+        return {
+            "epoch_s": s["trainer_setup_seconds"] + runtime,
+            "train_runtime": runtime,
+            "batching": s.get("batching"),
+            "padding_fraction": s.get("padding_fraction", 0.0),
+        }
+
+    def theirs_result(d: Path) -> dict[str, Any]:
+        r = json.loads((d / "result.json").read_text())
+        return {**r, "epoch_s": r["setup_seconds"] + r["train_runtime"]}
+
+    return Pair(
+        "dpo-trl" if batching == "auto" else f"dpo-trl-{batching}",
+        model,
+        "epoch_s",
+        "seconds per epoch",
+        Side(f"hanlm dpo ({batching})", ours, ours_result),
+        Side("trl DPOTrainer", theirs, theirs_result),
+        lower_is_better=True,
+        compare=padding_check,
+    )
 
 
 def eval_pair(model: str, path: Path, size: dict[str, Any], work: Path) -> Pair:
@@ -780,6 +838,12 @@ def main() -> None:
         help="hanlm sft's train.batching for each sft pair against trl",
     )
     ap.add_argument(
+        "--dpo-batching",
+        nargs="+",
+        default=["auto", "random"],
+        help="hanlm dpo's train.batching for each dpo pair against trl's DPOTrainer",
+    )
+    ap.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
         default="fp32",
@@ -903,6 +967,9 @@ def main() -> None:
                 pairs.append(sft_pair(name, path, sft, size["sft"], batching))
         if "dpo" in args.only and "dpo" in size:
             pairs += dpo_pairs(name, path, pref[name], size["dpo"], work)
+            if name == "demo":
+                for batching in args.dpo_batching:
+                    pairs.append(dpo_trl_pair(name, path, pref[name], size["dpo"], batching))
         if "eval" in args.only:
             pairs.append(eval_pair(name, path, size["eval"], work))
         if "tokenize" in args.only and name == "demo":  # the same code path for any tokenizer

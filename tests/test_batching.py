@@ -88,6 +88,79 @@ def test_a_packed_sequence_never_attends_across_conversations(model_tok):
     assert torch.allclose(a[n0:], b[n0:], atol=1e-5)  # and nothing after it saw it
 
 
+def test_preference_pairs_padded_together_keep_each_pairs_own_log_probs(model_tok):
+    """trl's preference collator pads chosen and rejected answers of several pairs to one
+    width; each answer's summed log-prob is the one it has alone, so batching pairs of other
+    lengths (grouped or not) leaves every pair's DPO and reward loss as it is."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    model, tok = model_tok
+    rows = []
+    for c in CONVS:
+        prompt = tok.apply_chat_template(c[:-1], add_generation_prompt=True, return_dict=True)
+        prompt = prompt["input_ids"]
+        answer = tok.encode(c[-1]["content"], add_special_tokens=False)
+        rows.append({"prompt_ids": prompt, "chosen_ids": answer, "rejected_ids": answer[:2]})
+
+    def logps(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lp = torch.log_softmax(logits[:, :-1], -1)
+        lp = lp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return (lp * batch["completion_mask"][:, 1:]).sum(1).tolist()
+
+    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        together = logps(collate(rows))
+        alone = [logps(collate([r])) for r in rows]
+    n = len(rows)
+    assert collate(rows)["attention_mask"].float().mean() < 0.9  # the batch does hold padding
+    assert together[:n] == pytest.approx([a[0] for a in alone], abs=1e-4)  # chosen
+    assert together[n:] == pytest.approx([a[1] for a in alone], abs=1e-4)  # rejected
+
+
+def _pairs_run(tmp_path, model_path, stage, batching, pairs):
+    from hanlm.pipeline.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    out = tmp_path / f"{stage}-{batching}"
+    argv = [
+        stage,
+        f"model.path={model_path}",
+        f"data.paths=[{data}]",
+        "data.valid_fraction=0",
+        "data.dedup=none",
+        "train.max_steps=20",
+        "train.batch_size=2",
+        "train.eval_steps=0",
+        f"train.batching={batching}",
+        "train.precision=fp32",
+        f"output_dir={out}",
+    ]
+    if stage == "dpo":
+        argv += [f"ref_cache_dir={tmp_path / 'ref'}", "eval_prompts=0"]
+    assert main(argv) == 0
+    return json.loads((out / "hanlm.json").read_text())["summary"]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_grouped_preference_batches_compute_less_padding(tmp_path, tiny_model_path, stage):
+    """Short and long pairs in batches of 2: random batches pad the short ones to the long,
+    grouped ones hardly pad (counted from the training batches the model received)."""
+    short = {"prompt": "你好", "chosen": "好。", "rejected": "不。"}
+    long = {
+        "prompt": "春眠不觉晓，处处闻啼鸟。" * 4,
+        "chosen": "夜来风雨声，花落知多少。" * 4,
+        "rejected": "床前明月光，疑是地上霜。" * 4,
+    }
+    pairs = [dict(p, prompt=f"{p['prompt']}{i}") for i in range(20) for p in (short, long)]
+    random = _pairs_run(tmp_path, tiny_model_path, stage, "random", pairs)
+    grouped = _pairs_run(tmp_path, tiny_model_path, stage, "grouped", pairs)
+    assert (random["batching"], grouped["batching"]) == ("random", "grouped")
+    assert random["padding_fraction"] > 0.1, random["padding_fraction"]  # (seed 42: 12.6%)
+    assert grouped["padding_fraction"] < 0.05, grouped["padding_fraction"]  # (3.9%)
+
+
 def _sft(tmp_path, model_path, batching, batch_size=12, steps=1, convs=CONVS * 4):
     from hanlm.pipeline.cli import main
 
@@ -143,14 +216,16 @@ def test_grouped_batches_compute_less_padding(tmp_path, tiny_model_path):
 
 def test_batching_choices_and_refusals():
     cfg = TrainConfig()
-    assert batching_args(cfg, "sft", padding_free=True) == {
-        "train_sampling_strategy": "group_by_length"
-    }
+    grouped = {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
+    assert batching_args(cfg, "sft", padding_free=True) == grouped
+    assert batching_args(cfg, "dpo") == grouped
     assert batching_args(TrainConfig(batching="padding_free"), "sft", padding_free=True) == {
         "padding_free": True
     }
     assert batching_args(TrainConfig(batching="random"), "sft") == {}
     with pytest.raises(ConfigError, match="offers random, grouped"):
         batching_args(TrainConfig(batching="padding_free"), "sft (packing)", padding_free=False)
-    with pytest.raises(ConfigError, match="hanlm dpo offers random only"):
-        check_launch(TrainConfig(batching="grouped"), "hanlm dpo")
+    with pytest.raises(ConfigError, match="hanlm dpo offers random, grouped"):
+        batching_args(TrainConfig(batching="padding_free"), "hanlm dpo")
+    with pytest.raises(ConfigError, match="pretrain offers random only .*: its blocks are full"):
+        check_launch(TrainConfig(batching="grouped"), "hanlm pretrain", "its blocks are full")

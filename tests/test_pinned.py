@@ -69,6 +69,21 @@ PINNED = {
         0.636794924736023,
         0.6222598552703857,
     ],
+    # train.batching=grouped (the default): pairs of similar lengths batched together
+    "reward_grouped": [
+        0.6900728940963745,
+        0.6492022275924683,
+        0.5684443116188049,
+        0.41680824756622314,
+        0.30925148725509644,
+    ],
+    "dpo_grouped": [
+        0.6931471824645996,
+        0.6663318872451782,
+        0.6510100364685059,
+        0.6349373459815979,
+        0.6234155893325806,
+    ],
     "ppo_loss": [
         0.0035214098170399666,
         0.0029841959476470947,
@@ -209,7 +224,8 @@ def test_sft_first_losses(tmp_path, tiny_model_path, files, batching, pin):
     _check(pin, _losses(out))
 
 
-def test_reward_first_losses(tmp_path, tiny_model_path, files):
+@pytest.mark.parametrize("batching", ["random", "grouped"])
+def test_reward_first_losses(tmp_path, tiny_model_path, files, batching):
     out = _run(
         "reward",
         tmp_path / "out",
@@ -220,12 +236,14 @@ def test_reward_first_losses(tmp_path, tiny_model_path, files):
         "train.max_steps=5",
         "train.lr=3e-3",
         "train.warmup_ratio=0",
+        f"train.batching={batching}",
         *COMMON,
     )
-    _check("reward", _losses(out))
+    _check("reward" if batching == "random" else "reward_grouped", _losses(out))
 
 
-def test_dpo_first_losses(tmp_path, tiny_model_path, files):
+@pytest.mark.parametrize("batching", ["random", "grouped"])
+def test_dpo_first_losses(tmp_path, tiny_model_path, files, batching):
     out = _run(
         "dpo",
         tmp_path / "out",
@@ -237,9 +255,10 @@ def test_dpo_first_losses(tmp_path, tiny_model_path, files):
         "train.lr=1e-3",
         "train.warmup_ratio=0",
         f"ref_cache_dir={tmp_path / 'ref'}",
+        f"train.batching={batching}",
         *COMMON,
     )
-    _check("dpo", _losses(out))
+    _check("dpo" if batching == "random" else "dpo_grouped", _losses(out))
 
 
 @pytest.mark.parametrize("center", [False, True])

@@ -202,9 +202,11 @@ class TrainConfig:
     )
     batching: Literal["auto", "random", "grouped", "padding_free"] = opt(
         "auto",
-        "sft batches: random (padded to their longest), grouped (similar lengths), padding_free"
-        " (one sequence, positions restarting per conversation); auto = padding_free on a CUDA"
-        " GPU with flash-attention, else grouped. Each gives the same per-example losses",
+        "how examples form batches: random (padded to their longest), grouped (similar lengths:"
+        " sft, dpo, orpo, simpo, reward, distill), padding_free (sft: one sequence, positions"
+        " restarting per conversation); auto = padding_free where offered on a CUDA GPU with"
+        " flash-attention, else grouped where offered, else random. Each gives the same"
+        " per-example losses",
     )
     deepspeed: str = opt(
         "",

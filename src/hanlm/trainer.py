@@ -42,7 +42,7 @@ def training_args(
 
     if args_cls is None:
         from transformers import TrainingArguments as args_cls
-    check_launch(cfg, "hanlm STAGE", batching=True)  # the stages call it first, by name
+    check_launch(cfg, "hanlm STAGE")  # the stages call it first, by name
     precision = pick_precision(cfg.precision)
     on_cpu = not torch.cuda.is_available()
     if on_cpu and precision != "fp32":
@@ -97,12 +97,12 @@ def batching_args(
     cfg: TrainConfig, stage: str, grouped: bool = True, padding_free: bool = False
 ) -> dict[str, Any]:
     """Trainer arguments for `train.batching`, checked before anything loads. grouped: the
-    Trainer's length-grouped sampler (batches of similar lengths, shuffled); padding_free:
-    trl's padding-free collator, for stages whose trl trainer has one. `auto` is padding-free
-    where flash-attention runs its variable-length kernel (a CUDA GPU with flash_attn), else
-    grouped (on the demo model on a CPU, grouped ran at 2.39x trl's default and padding-free,
-    one sequence with a block-diagonal mask, at 2.02x: benchmarks/results/bench.md), else
-    random."""
+    Trainer's length-grouped sampler (batches of similar lengths, shuffled), on the `length`
+    column a stage gives its rows (the longest sequence the row becomes); padding_free: trl's
+    padding-free collator, for stages whose trl trainer has one. `auto` is padding-free where
+    flash-attention runs its variable-length kernel (a CUDA GPU with flash_attn), else grouped
+    (on the demo model on a CPU, grouped SFT ran at 2.39x trl's default and padding-free, one
+    sequence with a block-diagonal mask, at 2.02x: benchmarks/results/bench.md), else random."""
     import importlib.util
 
     import torch
@@ -119,8 +119,80 @@ def batching_args(
         ]
         raise ConfigError(f"train.batching={mode}: hanlm {stage} offers {', '.join(have)}")
     if mode == "grouped":
-        return {"train_sampling_strategy": "group_by_length"}
+        return {"train_sampling_strategy": "group_by_length", "length_column_name": LENGTH}
     return {"padding_free": True} if mode == "padding_free" else {}
+
+
+LENGTH = "length"  # the column of a stage's rows that grouped batches sort on
+
+
+def batching_mode(args: Any) -> str:
+    """The batching a Trainer's arguments give: packed, padding_free, grouped or random."""
+    if getattr(args, "packing", False):
+        return "packed"
+    if getattr(args, "padding_free", False):
+        return "padding_free"
+    return "grouped" if args.train_sampling_strategy == "group_by_length" else "random"
+
+
+class PaddingCount:
+    """A Trainer's collator, wrapped to count the tokens of the training batches it forms and
+    how many of them are padding: each tensor of token ids against its attention mask (`masks`:
+    ids key -> mask key; by default every `*input_ids` with its `*attention_mask`, and a
+    padding-free batch, which has no mask, holds no padding). Evaluation batches are not
+    counted: the Trainer forms them with the same collator, between `on_step_end` (with an
+    evaluation due) and `on_evaluate`. `count_padding` installs it."""
+
+    def __init__(self, collate: Any, masks: dict[str, str] | None = None) -> None:
+        self.collate, self.masks = collate, masks
+        self.computed = self.real = 0
+        self.counting = True
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        if self.counting:
+            masks = self.masks or {
+                k: k[: -len("input_ids")] + "attention_mask"
+                for k in batch
+                if k.endswith("input_ids")
+            }
+            for key, mask_key in masks.items():
+                ids, mask = batch[key], batch.get(mask_key)
+                self.computed += ids.numel()
+                self.real += int(mask.sum()) if mask is not None else ids.numel()
+        return batch
+
+    @property
+    def fraction(self) -> float:
+        return 1 - self.real / self.computed if self.computed else 0.0
+
+    def summary(self, stage: str, args: Any) -> dict[str, Any]:
+        """The run's batching and padding fraction, for its summary (and said on the console)."""
+        mode = batching_mode(args)
+        print(f"[hanlm] {stage}: {mode} batches; {self.fraction:.1%} of the tokens were padding")
+        return {"batching": mode, "padding_fraction": round(self.fraction, 4)}
+
+
+def count_padding(trainer: Any, masks: dict[str, str] | None = None) -> PaddingCount:
+    """Wrap `trainer`'s collator in a `PaddingCount` that counts its training batches."""
+    from transformers import TrainerCallback
+
+    counter = PaddingCount(trainer.data_collator, masks)
+    trainer.data_collator = counter
+
+    class Phases(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if control.should_evaluate:
+                counter.counting = False
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            counter.counting = True
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            counter.counting = False
+
+    trainer.add_callback(Phases())
+    return counter
 
 
 def apply_lora(
@@ -310,17 +382,17 @@ def optimizer(model: Any, cfg: TrainConfig, total_steps: int, lr: float = 0.0) -
     return opt, sched
 
 
-def check_launch(train: TrainConfig, command: str, batching: bool = False) -> None:
+def check_launch(train: TrainConfig, command: str, batching: bool | str = True) -> None:
     """Refusals of a Trainer stage's launch that need no model: DeepSpeed or FSDP without a
     GPU, where accelerate would run undistributed processes that each train a copy; a
-    `train.batching` other than random in a stage that does not form batches by length
-    (`batching=False`: all but sft, which checks its choices in `batching_args`)."""
+    `train.batching` other than random in a stage whose batches have no padding to remove
+    (`batching`: the reason; True where the stage checks its choices in `batching_args`)."""
     import torch
 
-    if not batching and train.batching not in ("auto", "random"):
+    if isinstance(batching, str) and train.batching not in ("auto", "random"):
         raise ConfigError(
-            f"train.batching={train.batching}: {command} offers random only (auto = random);"
-            " grouped and padding_free batches are hanlm sft's"
+            f"train.batching={train.batching}: {command} offers random only (auto = random):"
+            f" {batching}"
         )
     if torch.cuda.is_available():
         return

@@ -575,7 +575,9 @@ def test_the_critic_starts_centred_on_the_shifted_scores(
     tmp_path, tiny_model_path, pref, reward_dir, center
 ):
     """The value model starts from the reward model, on its raw scale; the rewards are shifted
-    by the SFT policy's mean score. Centred, the first rollout's value error is ~0."""
+    by the SFT policy's mean score. Centring moves the critic by the mean gap at the last answer
+    token, so the first rollout's value error (over every answer token, where the critic's
+    values still vary) is small: under a fifth of the shift, where uncentred it is over half."""
     out = _ppo(
         tmp_path / "c",
         tiny_model_path,
@@ -590,7 +592,7 @@ def test_the_critic_starts_centred_on_the_shifted_scores(
     shift = read_run(out)["summary"]["score_shift"]
     assert abs(shift) > 0.5  # the reward model's scores are far from 0
     if center:
-        assert abs(row["value_error"]) < 0.05 * abs(shift), row["value_error"]
+        assert abs(row["value_error"]) < 0.2 * abs(shift), row["value_error"]
     else:
         assert abs(row["value_error"]) > 0.5 * abs(shift), row["value_error"]
 

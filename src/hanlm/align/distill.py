@@ -60,8 +60,11 @@ from hanlm.data.templates import prompt_ids, render, require_template, stop_toke
 from hanlm.modeling import load_model, load_tokenizer
 from hanlm.runs import Run, atomic_write_json, atomic_write_text
 from hanlm.trainer import (
+    LENGTH,
     apply_lora,
+    batching_args,
     check_launch,
+    count_padding,
     describe_trainable,
     metrics_callback,
     run_trainer,
@@ -182,6 +185,7 @@ def run(cfg: DistillConfig) -> Path:
 
     context = read_context(cfg.context)
     check_launch(cfg.train, "hanlm distill")  # before anything loads
+    batching = batching_args(cfg.train, "distill")
     with Run("distill", cfg) as run:
         set_seed(cfg.train.seed)
         tok, stops = _tokenizer(cfg)
@@ -206,7 +210,7 @@ def run(cfg: DistillConfig) -> Path:
             cfg, run, model, tok, held_prompts, context, stops, summary
         )
         model, teacher = _student_and_teacher(cfg, model, device)
-        model = _train(cfg, run, model, tok, teacher, rows, summary)
+        model = _train(cfg, run, model, tok, teacher, rows, summary, batching)
         if held_rows:
             measured = (held_rows, held_prompts, before)
             _held_out_after(cfg, run, model, tok, teacher, measured, stops, device, summary)
@@ -326,6 +330,8 @@ def _answer_rows(
         for a in answers
         if a["ids"]
     ]
+    for row in rows:  # what grouped batches sort on
+        row[LENGTH] = max(len(row["student_ids"]), len(row["teacher_ids"]))
     if not rows:
         raise ValueError("every teacher answer is empty: nothing to distil")
     return rows, len(answers) - len(rows)
@@ -435,10 +441,12 @@ def _train(
     teacher: Teacher,
     rows: list[dict[str, Any]],
     summary: dict[str, Any],
+    batching: dict[str, Any],
 ) -> Any:
-    """Train the student on the KL to its teacher; the trained model."""
+    """Train the student on the KL to its teacher, in batches formed as `batching`
+    (`hanlm.trainer.batching_args`) says; the trained model."""
     summary.update(describe_trainable(model))
-    args = training_args(cfg.train, run.dir, has_eval=False)
+    args = training_args(cfg.train, run.dir, has_eval=False, **batching)
     trainer = make_trainer(
         teacher,
         model=model,
@@ -448,8 +456,13 @@ def _train(
         processing_class=tok,
         callbacks=[metrics_callback(run)],
     )
+    # the tokens the student reads, and the teacher's view when a teacher runs (not with top-k)
+    masks = {"student_ids": "student_attn"}
+    masks |= {} if cfg.topk else {"teacher_ids": "teacher_attn"}
+    padding = count_padding(trainer, masks)
     result = run_trainer(trainer, run.resume_from())
     summary.update(train_loss=result.training_loss, steps=result.global_step)
+    summary.update(padding.summary("distill", args))
     return trainer.model
 
 

@@ -49,8 +49,11 @@ from hanlm.data.templates import render, require_template, stop_token_ids
 from hanlm.modeling import load_model, load_tokenizer, pad_batch, resolve_source
 from hanlm.runs import Run, atomic_dir, atomic_write_json
 from hanlm.trainer import (
+    LENGTH,
     apply_lora,
+    batching_args,
     check_launch,
+    count_padding,
     describe_trainable,
     run_trainer,
     training_args,
@@ -210,7 +213,7 @@ def fitting_pairs(
             continue
         longest = max(len(render(tok, rec["prompt"] + rec[k])[0]) for k in ("chosen", "rejected"))
         if longest <= max_length:
-            kept.append(rec)
+            kept.append({**rec, LENGTH: longest})  # what grouped batches sort on
     return kept, len(records) - len(kept) - identical, identical
 
 
@@ -265,6 +268,9 @@ def run(cfg: DPOConfig) -> Path:
     from transformers import set_seed
 
     check_launch(cfg.train, "hanlm dpo")  # before anything loads
+    # trl's KTO reads its answers in one fixed order (its KL term pairs each with a neighbour)
+    kto = cfg.loss_type == "kto"
+    batching = batching_args(cfg.train, "dpo loss_type=kto" if kto else "dpo", grouped=not kto)
     with Run("dpo", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
@@ -275,11 +281,14 @@ def run(cfg: DPOConfig) -> Path:
         summary: dict[str, Any] = {"loss_type": cfg.loss_type}
         summary.update(describe_trainable(model))
         if cfg.loss_type in preference.TRL_LOSSES:
-            trainer = preference.trainer(cfg, run, model, ref_model, tok, datasets_, summary)
+            trainer = preference.trainer(
+                cfg, run, model, ref_model, tok, datasets_, summary, batching
+            )
             eval_rows = preference.pair_rows(tok, eval_pairs)
         else:
-            trainer = _trainer(cfg, run, model, ref_model, tok, datasets_, summary)
+            trainer = _trainer(cfg, run, model, ref_model, tok, datasets_, summary, batching)
             eval_rows = _eval_rows(trainer)
+        padding = count_padding(trainer)
         if cache is not None:
             _count_cache_use(cache, summary)
         ref_logps = _preferences_before(cfg, model, ref_model, eval_rows, summary)
@@ -297,6 +306,7 @@ def run(cfg: DPOConfig) -> Path:
 
         result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
+        summary.update(padding.summary(_name(cfg), trainer.args))
 
         model = run.save_model(trainer.model, tok, cfg.lora, stops)
         if eval_rows:
@@ -423,6 +433,7 @@ def _trainer(
     tok: Any,
     datasets_: dict[str, Any],
     summary: dict[str, Any],
+    batching: dict[str, Any],
 ) -> Any:
     """trl's DPOTrainer (which computes the precomputed reference log-probs as it is built)."""
     from trl import DPOConfig as TrlDPOConfig
@@ -438,6 +449,7 @@ def _trainer(
         label_smoothing=cfg.label_smoothing,
         max_length=None,
         precompute_ref_log_probs=cfg.precompute_ref,
+        **batching,
     )
     return preference.build_trainer(
         DPOTrainer, args, run, model, tok, datasets_, summary, ref_model=ref_model

@@ -146,7 +146,8 @@ def run(cfg: GRPOConfig) -> Path:
     from trl import GRPOConfig as TrlGRPOConfig
     from trl import GRPOTrainer
 
-    check_launch(cfg.train, "hanlm grpo")  # before anything loads
+    # before anything loads
+    check_launch(cfg.train, "hanlm grpo", "its batches are answers sampled to each prompt by trl")
     with Run("grpo", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)

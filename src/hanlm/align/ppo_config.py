@@ -26,6 +26,7 @@ class PPOConfig(OutputConfig):
     RENAMED: ClassVar[dict[str, str]] = {"max_prompt_len": "max_prompt_length"}
     UNUSED: ClassVar[dict[str, str]] = {
         "train.epochs": "PPO runs train.max_steps steps of rollout_batch prompts each",
+        "train.batching": "PPO's batches are its rollouts (answers to rollout_batch prompts)",
     }
     model: ModelConfig = opt(ModelConfig, "the SFT model: the policy's start and the reference")
     reward_model: str = opt("", "reward model dir (from hanlm reward); empty = rule rewards only")

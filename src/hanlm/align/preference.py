@@ -25,7 +25,7 @@ from hanlm.align.rollouts import HeldOut, prompts_and_references
 from hanlm.data import DataError, LoadedData
 from hanlm.data.templates import render
 from hanlm.runs import Run
-from hanlm.trainer import metrics_callback, training_args
+from hanlm.trainer import LENGTH, metrics_callback, training_args
 
 TRL_LOSSES = ("kto", "orpo", "simpo")  # the losses built here; the others are DPOTrainer's
 NO_REFERENCE = ("orpo", "simpo")
@@ -61,9 +61,12 @@ def unpaired(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     and estimates its KL term from neighbours in a batch, which should mix prompts and labels."""
     out: list[dict[str, Any]] = []
     for rec in records:
-        if "chosen" in rec:
-            out.append({"prompt": rec["prompt"], "completion": rec["chosen"], "label": True})
-            out.append({"prompt": rec["prompt"], "completion": rec["rejected"], "label": False})
+        if "chosen" in rec:  # each answer sorts as the pair's longer one in grouped batches
+            for side, label in (("chosen", True), ("rejected", False)):
+                out.append(
+                    {"prompt": rec["prompt"], "completion": rec[side], "label": label}
+                    | {LENGTH: rec[LENGTH]}
+                )
         else:
             out.append(rec)
     random.Random(seed).shuffle(out)
@@ -74,7 +77,11 @@ def fitting_unpaired(
     records: list[dict[str, Any]], tok: Any, max_length: int
 ) -> tuple[list[dict[str, Any]], int]:
     """The unpaired answers whose prompt + answer fit `max_length` tokens, and the count dropped."""
-    kept = [r for r in records if len(render(tok, r["prompt"] + r["completion"])[0]) <= max_length]
+    kept = []
+    for rec in records:
+        length = len(render(tok, rec["prompt"] + rec["completion"])[0])
+        if length <= max_length:
+            kept.append({**rec, LENGTH: length})  # what grouped batches sort on
     return kept, len(records) - len(kept)
 
 
@@ -130,8 +137,10 @@ def trainer(
     tok: Any,
     datasets_: dict[str, Any],
     summary: dict[str, Any],
+    batching: dict[str, Any],
 ) -> Any:
-    """trl's trainer for `cfg.loss_type` (kto, orpo or simpo) on these datasets."""
+    """trl's trainer for `cfg.loss_type` (kto, orpo or simpo) on these datasets, its batches
+    formed as `batching` (`hanlm.trainer.batching_args`) says."""
     if cfg.loss_type == "kto":
         from trl import KTOConfig, KTOTrainer
 
@@ -156,6 +165,7 @@ def trainer(
         has_eval="valid" in datasets_,
         beta=cfg.beta,
         **settings,
+        **batching,
     )
     return build_trainer(cls, args, run, model, tok, datasets_, summary, **extra)
 

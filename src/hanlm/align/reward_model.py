@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hanlm.config import (
+    ConfigError,
     DataConfig,
     LoraConfig,
     ModelConfig,
@@ -44,8 +45,11 @@ from hanlm.losses import kendall_tau, ranked_ranking_loss
 from hanlm.modeling import load_tokenizer
 from hanlm.runs import Run, atomic_write_text
 from hanlm.trainer import (
+    LENGTH,
     apply_lora,
+    batching_args,
     check_launch,
+    count_padding,
     describe_trainable,
     metrics_callback,
     run_trainer,
@@ -118,7 +122,8 @@ def encode_pairs(
         if max(len(chosen), len(rejected)) > max_length:
             dropped += 1
             continue
-        rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
+        longest = max(len(chosen), len(rejected))  # what grouped batches sort on
+        rows.append({"chosen_ids": chosen, "rejected_ids": rejected, LENGTH: longest})
     return rows, dropped
 
 
@@ -159,6 +164,7 @@ def run(cfg: RewardConfig) -> Path:
     from trl import RewardTrainer
 
     check_launch(cfg.train, "hanlm reward")  # before anything loads
+    batching = batching_args(cfg.train, "reward")
     with Run("reward", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
@@ -224,6 +230,7 @@ def run(cfg: RewardConfig) -> Path:
             args_cls=TrlRewardConfig,
             max_length=None,  # lengths were enforced above
             center_rewards_coefficient=cfg.center_coef or None,
+            **batching,
         )
         trainer = RewardTrainer(
             model=model,
@@ -233,8 +240,10 @@ def run(cfg: RewardConfig) -> Path:
             processing_class=tok,
             callbacks=[metrics_callback(run)],
         )
+        padding = count_padding(trainer)
         result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
+        summary.update(padding.summary("reward", trainer.args))
 
         model = run.save_model(trainer.model, tok, cfg.lora)
         if eval_rows:
@@ -328,6 +337,11 @@ def ranked_metrics(
 def _train_ranked(cfg: RewardConfig, run: Run, tok: Any, added: list[str], data: Any) -> None:
     from transformers import Trainer
 
+    if cfg.train.batching in ("grouped", "padding_free"):
+        raise ConfigError(
+            f"train.batching={cfg.train.batching}: ranked answers train in random batches (a row"
+            " is a prompt with all its answers); set train.batching=random or auto"
+        )
     train_rows, train_drop = encode_ranked(data.train, tok, cfg.max_length)
     valid_rows, valid_drop = encode_ranked(data.valid, tok, cfg.max_length)
     if not train_rows:

@@ -283,7 +283,8 @@ def run(cfg: PretrainConfig) -> Path:
     import torch
     from transformers import Trainer, default_data_collator, set_seed
 
-    check_launch(cfg.train, "hanlm pretrain")  # before anything loads
+    # before anything loads
+    check_launch(cfg.train, "hanlm pretrain", "its blocks are full, no batch holds padding")
     with Run("pretrain", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.tokenizer or cfg.model.path)

@@ -37,6 +37,7 @@ from hanlm.trainer import (
     apply_lora,
     batching_args,
     check_launch,
+    count_padding,
     describe_trainable,
     metrics_callback,
     run_trainer,
@@ -146,43 +147,11 @@ def _encode(
     return rows, counts
 
 
-class PaddingCount:
-    """trl's collator for padded batches, counting the tokens it hands the model and how many
-    of them are padding (train.batching=random or grouped; padding-free batches have none)."""
+def _collator(tok: Any) -> Any:
+    """trl's collator for padded batches of rendered conversations."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    def __init__(self, pad_token_id: int) -> None:
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        self.collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
-        self.computed = self.real = 0
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.collate(examples)
-        self.computed += batch["input_ids"].numel()
-        self.real += int(batch["attention_mask"].sum())
-        return batch
-
-    @property
-    def fraction(self) -> float:
-        return 1 - self.real / self.computed if self.computed else 0.0
-
-
-def _batching_summary(cfg: SFTConfig, args: Any, padding: PaddingCount | None) -> dict[str, Any]:
-    """How the run formed its batches, and the share of computed tokens that were padding."""
-    if cfg.packing:
-        mode = "packed"
-    elif args.padding_free:
-        mode = "padding_free"
-    else:
-        mode = "grouped" if args.train_sampling_strategy == "group_by_length" else "random"
-    out: dict[str, Any] = {"batching": mode}
-    if padding is not None:  # of the batches trained and evaluated in this run
-        out["padding_fraction"] = round(padding.fraction, 4)
-        print(
-            f"[hanlm] sft: {mode} batches; {padding.fraction:.1%} of the tokens computed"
-            " were padding"
-        )
-    return out
+    return DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
 
 
 # --------------------------------------------------------------------------- measures
@@ -242,7 +211,7 @@ def run(cfg: SFTConfig) -> Path:
             "quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; on this machine use"
             " lora.enabled=true without quantize, or full fine-tuning"
         )
-    check_launch(cfg.train, "hanlm sft", batching=True)  # before anything loads
+    check_launch(cfg.train, "hanlm sft")  # before anything loads
     batching = batching_args(
         cfg.train, "sft", grouped=not cfg.packing, padding_free=not cfg.packing
     )
@@ -318,19 +287,19 @@ def run(cfg: SFTConfig) -> Path:
             neftune_noise_alpha=cfg.neftune_alpha or None,
             **batching,
         )
-        padding = None if cfg.packing or args.padding_free else PaddingCount(tok.pad_token_id)
         trainer = SFTTrainer(
             model=model,
             args=args,
-            data_collator=padding,
+            data_collator=None if cfg.packing or args.padding_free else _collator(tok),
             train_dataset=to_dataset(train_rows),
             eval_dataset=to_dataset(valid_rows) if valid_rows else None,
             processing_class=tok,
             callbacks=[metrics_callback(run)],
         )
+        padding = count_padding(trainer)
         result = run_trainer(trainer, run.resume_from())
         summary.update(train_loss=result.training_loss, steps=result.global_step)
-        summary.update(_batching_summary(cfg, args, padding))
+        summary.update(padding.summary("sft", args))
 
         # The stop tokens travel with the model: chat, the API, transformers and vLLM read them.
         stops = stop_token_ids(tok, cfg.template)
