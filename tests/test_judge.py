@@ -4,7 +4,14 @@ import gzip
 import json
 
 from hanlm import ASSETS
-from hanlm.align.checks import check_answer, collapse, judge_answers, warnings_for
+from hanlm.align.checks import (
+    check_answer,
+    collapse,
+    judge_answers,
+    reward_trend,
+    trend_warnings,
+    warnings_for,
+)
 
 
 def _pairs(n=1500):
@@ -65,6 +72,23 @@ def test_warnings_name_over_optimisation_and_collapse():
     assert "over-optimisation" in text and "collapse" in text and "60%" in text
     better = {"rm_score": 2.0, "gold_score": 0.6, "distinct_answers": 0.9, "top_answer_share": 0.05}
     assert warnings_for(before, better) == []
+
+
+def test_a_ppo_run_that_lowers_its_own_reward_is_warned_about():
+    """The rollouts' reward (score - β·KL, what PPO's updates raise) over the first and last
+    quarter of the steps: a fall beyond twice its standard error is a warning; noise or a rise
+    is not; a run too short to tell says nothing."""
+    rising = [{"step": i, "reward": 0.1 * i + (-1) ** i * 0.05} for i in range(1, 21)]
+    trend = reward_trend(rising)
+    assert trend["reward_first_quarter"] < trend["reward_last_quarter"]
+    assert trend_warnings(trend, ptx=True) == []
+    falling = [{"step": i, "reward": 2.0 - 0.1 * i + (-1) ** i * 0.05} for i in range(1, 21)]
+    (warning,) = trend_warnings(reward_trend(falling), ptx=True)
+    assert warning.startswith("PPO lowered its own objective") and "ptx_coef" in warning
+    assert "train.lr" in trend_warnings(reward_trend(falling), ptx=False)[0]
+    noisy = [{"step": i, "reward": (-1) ** i * 1.0 - 0.01 * i} for i in range(1, 21)]
+    assert trend_warnings(reward_trend(noisy), ptx=False) == []
+    assert reward_trend(rising[:7]) is None
 
 
 def test_judge_answers_gives_rates():

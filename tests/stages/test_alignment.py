@@ -262,6 +262,9 @@ def test_ppo_raises_a_rule_reward_within_a_few_dozen_steps(
         assert key in rows[-1]
     s = read_run(out)["summary"]
     assert s["eval_score"] > s["initial_eval_score"]
+    # the reward the updates raise rose over the run, and no warning says otherwise
+    assert s["reward_last_quarter"] > s["reward_first_quarter"]
+    assert not any("lowered its own objective" in w for w in s["warnings"])
     summary_declared(out, absent=NO_REWARD_MODEL)
     from transformers import AutoModelForCausalLM
 

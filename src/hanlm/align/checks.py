@@ -190,3 +190,45 @@ def warnings_for(initial: dict[str, float], final: dict[str, float]) -> list[str
             f" to {final['correct']:.0%}"
         )
     return out
+
+
+def reward_trend(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """How the reward PPO's updates raise (each step's mean score - β·KL of its rollouts) moved:
+    its mean over the first and over the last quarter of the steps, and the standard error of
+    the difference (the steps taken as independent). None for fewer than 8 steps."""
+    values = [float(r["reward"]) for r in rows if "reward" in r]
+    if len(values) < 8:
+        return None
+    q = len(values) // 4
+    first, last = values[:q], values[-q:]
+
+    def mean_var(xs: list[float]) -> tuple[float, float]:
+        m = sum(xs) / len(xs)
+        return m, sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    (m1, v1), (m2, v2) = mean_var(first), mean_var(last)
+    return {
+        "reward_first_quarter": m1,
+        "reward_last_quarter": m2,
+        "reward_change_sem": ((v1 + v2) / q) ** 0.5,
+    }
+
+
+def trend_warnings(trend: dict[str, float] | None, ptx: bool) -> list[str]:
+    """A warning when PPO lowered the reward its updates raise by more than twice the standard
+    error: the optimiser is not doing what it is for."""
+    if trend is None:
+        return []
+    a, b = trend["reward_first_quarter"], trend["reward_last_quarter"]
+    if b - a >= -2 * trend["reward_change_sem"]:
+        return []
+    why = (
+        "the pretraining mix may be pulling harder than the reward: compare the ptx-alone control"
+        " (pg_coef=0) or lower ptx_coef"
+        if ptx
+        else "lower train.lr or raise kl_coef"
+    )
+    return [
+        f"PPO lowered its own objective: the rollouts' reward (score - β·KL) fell from {a:.3f}"
+        f" (first quarter of the steps) to {b:.3f} (last quarter); {why}"
+    ]

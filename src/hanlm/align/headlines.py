@@ -60,8 +60,18 @@ def reward(h: Headline, o: Outcome) -> None:
 
 
 def ppo(h: Headline, o: Outcome) -> None:
-    """PPO: its summary records the final KL."""
+    """PPO: its summary records the final KL, and how the reward its updates raise moved over
+    the run (after the proxy and gold scores)."""
     policy(h, o, o.summary.get("final_kl"))
+    s = o.summary
+    if is_num(s.get("reward_last_quarter")) and is_num(s.get("reward_first_quarter")):
+        trend = Figure(
+            "rollout reward, score - β·KL (what the updates raise; first → last quarter of steps)",
+            s["reward_last_quarter"],
+            s["reward_first_quarter"],
+            keys=("reward_first_quarter", "reward_last_quarter"),
+        )
+        h.figures.insert(min(2, len(h.figures)), trend)
 
 
 def grpo(h: Headline, o: Outcome) -> None:

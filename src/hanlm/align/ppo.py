@@ -51,13 +51,13 @@ from typing import Any
 
 from hanlm import console, trainer
 from hanlm.align import loop, rollouts
-from hanlm.align.checks import warnings_for
+from hanlm.align.checks import reward_trend, trend_warnings, warnings_for
 from hanlm.align.ppo_algorithm import PPO
 from hanlm.align.ppo_config import PPOConfig
 from hanlm.config import to_dict, trackers
 from hanlm.data.templates import require_template, stop_token_ids
 from hanlm.modeling import load_tokenizer
-from hanlm.runs import Run
+from hanlm.runs import Run, read_metrics
 
 # --------------------------------------------------------------------------- run
 
@@ -241,9 +241,13 @@ def _finish(
                 summary.update({f"eval_{k}": v for k, v in ev.items()})
             (run.dir / ".best_policy.pt").unlink(missing_ok=True)
             rollouts.write_samples(run.dir, before, after)
+            trend = reward_trend(read_metrics(run.dir))
+            summary.update(trend or {})
             summary["warnings"] = warnings_for(
                 _figures(summary, "initial_eval_"), _figures(summary)
             )
+            if cfg.pg_coef > 0:  # the ptx-alone control raises no reward
+                summary["warnings"] += trend_warnings(trend, cfg.ptx_coef > 0)
             for w in summary["warnings"]:
                 print(f"[hanlm] warning: {w}", file=sys.stderr)
             run.save_model(ppo.engines.final_model(ppo.dp_policy), ppo.tok, cfg.lora, ppo.stops)
