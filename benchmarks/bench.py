@@ -838,6 +838,13 @@ def main() -> None:
         help="hanlm sft's train.batching for each sft pair against trl",
     )
     ap.add_argument(
+        "--dpo",
+        nargs="+",
+        choices=["cache", "trl"],
+        default=["cache", "trl"],
+        help="dpo pairs: the reference cache's (cold, warm), and against trl's DPOTrainer",
+    )
+    ap.add_argument(
         "--dpo-batching",
         nargs="+",
         default=["auto", "random"],
@@ -966,8 +973,9 @@ def main() -> None:
             for batching in args.sft_batching:
                 pairs.append(sft_pair(name, path, sft, size["sft"], batching))
         if "dpo" in args.only and "dpo" in size:
-            pairs += dpo_pairs(name, path, pref[name], size["dpo"], work)
-            if name == "demo":
+            if "cache" in args.dpo:
+                pairs += dpo_pairs(name, path, pref[name], size["dpo"], work)
+            if "trl" in args.dpo and name == "demo":
                 for batching in args.dpo_batching:
                     pairs.append(dpo_trl_pair(name, path, pref[name], size["dpo"], batching))
         if "eval" in args.only:

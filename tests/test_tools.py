@@ -180,3 +180,24 @@ def test_parse_tool_calls_reads_back_what_the_template_writes():
     assert calls == [] and "not JSON" in problems[0]
     _, calls, problems = parse_tool_calls('<tool_call>\n{"name": "x", "arguments": {}}')
     assert calls == [] and "not closed" in problems[0]
+
+
+def test_held_out_answers_declare_each_records_tools(tmp_path):
+    """SFT's held-out answers (before and after training) are asked with the tools their record
+    declares, as the model was trained: a tiny Qwen model taught to answer one way with the
+    tools declared and another without gives each record its own answer."""
+    from hanlm.config import ModelConfig
+    from hanlm.generation import GenerationOptions
+    from hanlm.modeling import load_model, load_tokenizer
+    from hanlm.testing import teach, tiny_qwen_dir
+    from hanlm.train.sft import held_out_answers
+
+    ask = [{"role": "user", "content": "李白是哪个朝代的？"}]
+    with_tools = {"messages": [*ask, {"role": "assistant", "content": "查工具。"}], "tools": TOOLS}
+    without = {"messages": [*ask, {"role": "assistant", "content": "唐朝。"}]}
+    path = teach(tiny_qwen_dir(tmp_path / "qwen"), [with_tools, without], steps=200)
+    model = load_model(ModelConfig(path=str(path), dtype="float32"))
+    opts = GenerationOptions(max_new_tokens=16, temperature=0)
+    got = held_out_answers(model, load_tokenizer(str(path)), [with_tools, without], opts)
+    assert [a["text"] for a in got] == ["查工具。", "唐朝。"]
+    assert [a["reference"] for a in got] == ["查工具。", "唐朝。"]

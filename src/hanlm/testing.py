@@ -214,14 +214,18 @@ def write_csv(path: str | Path, rows: list, header: list | None = None) -> None:
         w.writerows(rows)
 
 
-def teach(model_dir: str | Path, chats: list[list[dict[str, str]]], steps: int = 120) -> Path:
+def teach(model_dir: str | Path, chats: list[Any], steps: int = 120) -> Path:
     """Fit a tiny model dir to answer these conversations (answer-only loss, full batch, seconds
-    on CPU) and save it in place: tests then know what a served model will say."""
+    on CPU) and save it in place: tests then know what a served model will say. A conversation
+    is a message list, or {"messages": [...], "tools": [...]} to teach it with tools declared."""
     import torch
 
     tok = load_tokenizer(str(model_dir))
     model = load_model(ModelConfig(path=str(model_dir)))
-    batch = [render(tok, c) for c in chats]
+    batch = [
+        render(tok, c["messages"], tools=c.get("tools")) if isinstance(c, dict) else render(tok, c)
+        for c in chats
+    ]
     width = max(len(ids) for ids, _ in batch)
     ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
     labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])

@@ -185,13 +185,21 @@ def answer_loss(model: Any, rows: list[dict[str, list[int]]], batch_size: int = 
 def held_out_answers(
     model: Any, tok: Any, records: list[dict[str, Any]], opts: GenerationOptions
 ) -> list[dict[str, Any]]:
-    """Greedy answers to held-out prompts (the conversation up to its last answer)."""
+    """Greedy answers to held-out prompts (the conversation up to its last answer), each with
+    the tools its record declares."""
     prompts, refs = [], []
     for rec in records:
         prompt, answer = split_last_answer(rec["messages"])
         prompts.append(prompt)
         refs.append(answer)
-    answers = generate(model, tok, prompts, opts)
+    by_tools: dict[str, list[int]] = {}  # the records that declare the same tools
+    for i, rec in enumerate(records):
+        by_tools.setdefault(json.dumps(rec.get("tools") or [], sort_keys=True), []).append(i)
+    answers: list[dict[str, Any]] = [{} for _ in records]
+    for key, idx in by_tools.items():
+        outs = generate(model, tok, [prompts[i] for i in idx], opts, tools=json.loads(key) or None)
+        for i, a in zip(idx, outs):
+            answers[i] = a
     return [
         {"prompt": p[-1]["content"], "reference": r, **a} for p, r, a in zip(prompts, refs, answers)
     ]
