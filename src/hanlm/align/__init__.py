@@ -42,7 +42,7 @@ COMMANDS = (
         "PPO against a reward model or rule rewards, KL penalty to the SFT model, PPO-ptx mix",
         resumable=True,
         headline="hanlm.align.headlines:ppo",
-        summary=(*GRPO_SUMMARY, "final_kl"),
+        summary=(*GRPO_SUMMARY, "final_kl", "reward_first_quarter", "reward_last_quarter"),
         plot_over_kl=True,
     ),
     Command(

@@ -192,6 +192,9 @@ def warnings_for(initial: dict[str, float], final: dict[str, float]) -> list[str
     return out
 
 
+TREND_KEYS = ("reward_first_quarter", "reward_last_quarter", "reward_change_sem")
+
+
 def reward_trend(rows: list[dict[str, Any]]) -> dict[str, float] | None:
     """How the reward PPO's updates raise (each step's mean score - β·KL of its rollouts) moved:
     its mean over the first and over the last quarter of the steps, and the standard error of
@@ -207,11 +210,7 @@ def reward_trend(rows: list[dict[str, Any]]) -> dict[str, float] | None:
         return m, sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
 
     (m1, v1), (m2, v2) = mean_var(first), mean_var(last)
-    return {
-        "reward_first_quarter": m1,
-        "reward_last_quarter": m2,
-        "reward_change_sem": ((v1 + v2) / q) ** 0.5,
-    }
+    return dict(zip(TREND_KEYS, (m1, m2, ((v1 + v2) / q) ** 0.5)))
 
 
 def trend_warnings(trend: dict[str, float] | None, ptx: bool) -> list[str]:

@@ -51,7 +51,7 @@ from typing import Any
 
 from hanlm import console, trainer
 from hanlm.align import loop, rollouts
-from hanlm.align.checks import reward_trend, trend_warnings, warnings_for
+from hanlm.align.checks import TREND_KEYS, reward_trend, trend_warnings, warnings_for
 from hanlm.align.ppo_algorithm import PPO
 from hanlm.align.ppo_config import PPOConfig
 from hanlm.config import to_dict, trackers
@@ -241,8 +241,8 @@ def _finish(
                 summary.update({f"eval_{k}": v for k, v in ev.items()})
             (run.dir / ".best_policy.pt").unlink(missing_ok=True)
             rollouts.write_samples(run.dir, before, after)
-            trend = reward_trend(read_metrics(run.dir))
-            summary.update(trend or {})
+            trend = reward_trend(read_metrics(run.dir))  # None (nulls) for a run under 8 steps
+            summary.update(trend or dict.fromkeys(TREND_KEYS))
             summary["warnings"] = warnings_for(
                 _figures(summary, "initial_eval_"), _figures(summary)
             )
