@@ -65,6 +65,25 @@ def test_ppo_better_on_the_gold_judge_names_the_judge_and_the_kl():
     ]
 
 
+def test_ppo_shows_how_the_reward_its_updates_raise_moved():
+    """The rollouts' reward (score - β·KL) over the first and last quarter of the steps comes
+    right after the proxy and gold scores; a run too short for it (nulls) shows none."""
+    s = {
+        "initial_eval_rm_score": 1.64,
+        "eval_rm_score": 1.90,
+        "initial_eval_gold_score": 0.40,
+        "eval_gold_score": 0.61,
+        "final_kl": 3.1,
+    }
+    trend = {"reward_first_quarter": 0.33, "reward_last_quarter": 1.37}
+    assert figures(head("ppo", {**s, **trend}))[2] == (
+        "rollout reward, score - β·KL (what the updates raise; first → last quarter of steps):"
+        " 0.33 → 1.37"
+    )
+    short = {"reward_first_quarter": None, "reward_last_quarter": None}
+    assert not any("rollout reward" in f for f in figures(head("ppo", {**s, **short})))
+
+
 def test_ppo_proxy_up_gold_down_is_over_optimisation():
     summary = {
         "initial_eval_rm_score": 1.64,
