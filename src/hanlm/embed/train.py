@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from hanlm import console
 from hanlm.config import (
@@ -53,6 +53,13 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 @dataclass
 class EmbedTrainConfig(OutputConfig):
+    UNUSED: ClassVar[dict[str, str]] = {
+        "train.batching": "its batches are pairs drawn at random (the in-batch negatives)",
+        "train.grad_accum": "the in-batch negatives are the batch: raise train.batch_size",
+        "train.precision": "its loop has no autocast: the weights train in model.dtype",
+        "train.gradient_checkpointing": "its loop keeps activations",
+        "train.deepspeed": "its loop runs in one process",
+    }
     model: ModelConfig = opt(ModelConfig, "the decoder to tune (HF dir, .gguf, hub id)")
     data: list[str] = opt(
         [], "JSONL files of {query, positive} records (optional 'negative': a hard negative)"
