@@ -49,15 +49,20 @@ def record(run_dir: Path) -> dict:
     from hanlm.pipeline.recipe import find_recipe, load_recipe, stage_dir
 
     recipe = load_recipe(find_recipe("demo"))
-    stages, seconds = [], 0.0
+    stages, seconds, infos = [], 0.0, []
     for stage in recipe.stages:
         d = stage_dir(recipe, stage.name) if run_dir is None else run_dir / stage.name
         info_path = d / "hanlm.json"
         if not info_path.is_file():
             sys.exit(f"{info_path}: missing; run the whole demo first (make demo)")
         info = json.loads(info_path.read_text(encoding="utf-8"))
+        infos.append(info)
         h = stage_headline(stage.name, stage.command, info, load_reports(d, stage.command))
-        seconds += float(info.get("seconds") or 0)
+        if info.get("started") and info.get("ended"):  # ISO times with their offset
+            took = datetime.datetime.fromisoformat(info["ended"]) - datetime.datetime.fromisoformat(
+                info["started"]
+            )
+            seconds += took.total_seconds()
         stages.append(
             {
                 "stage": stage.name,
@@ -66,9 +71,13 @@ def record(run_dir: Path) -> dict:
                 "verdict": h.verdict,
             }
         )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    commits = {info.get("git_commit") for info in infos if info.get("git_commit")}
+    commit = (
+        ", ".join(sorted(c[:7] for c in commits))
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    )
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

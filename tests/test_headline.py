@@ -77,7 +77,7 @@ def test_ppo_shows_how_the_reward_its_updates_raise_moved():
     }
     trend = {"reward_first_quarter": 0.33, "reward_last_quarter": 1.37}
     assert figures(head("ppo", {**s, **trend}))[2] == (
-        "rollout reward, score - β·KL (what the updates raise; first → last quarter of steps):"
+        "rollout reward, score - β·KL (the RL objective; first → last quarter of steps):"
         " 0.33 → 1.37"
     )
     short = {"reward_first_quarter": None, "reward_last_quarter": None}

@@ -180,3 +180,23 @@ def test_readme_lists_every_command():
     assert set(listed) == set(COMMANDS), (
         f"missing: {sorted(set(COMMANDS) - set(listed))}; unknown: {sorted(set(listed) - set(COMMANDS))}"
     )
+
+
+def test_the_demo_table_is_rendered_from_a_recorded_run():
+    """The README's demo figures are each stage's headline from a recorded demo run
+    (docs/demo-figures.json, written with the table by scripts/demo_figures.py): a figure
+    edited by hand, a record not rendered, or a stage of the recipe missing from the record
+    fails."""
+    import json
+    import subprocess
+    import sys
+
+    from hanlm.pipeline.recipe import find_recipe, load_recipe
+
+    script = ROOT / "scripts" / "demo_figures.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((ROOT / "docs" / "demo-figures.json").read_text(encoding="utf-8"))
+    stages = [s.name for s in load_recipe(find_recipe("demo")).stages]
+    assert [s["stage"] for s in record["stages"]] == stages
+    assert all(s["figures"] and s["verdict"] for s in record["stages"])

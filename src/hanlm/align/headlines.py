@@ -66,7 +66,7 @@ def ppo(h: Headline, o: Outcome) -> None:
     s = o.summary
     if is_num(s.get("reward_last_quarter")) and is_num(s.get("reward_first_quarter")):
         trend = Figure(
-            "rollout reward, score - β·KL (what the updates raise; first → last quarter of steps)",
+            "rollout reward, score - β·KL (the RL objective; first → last quarter of steps)",
             s["reward_last_quarter"],
             s["reward_first_quarter"],
             keys=("reward_first_quarter", "reward_last_quarter"),
