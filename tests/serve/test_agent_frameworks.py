@@ -23,10 +23,8 @@ ASK = "李白是哪个朝代的？"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, serve_random):
-    with serve_random(tmp_path_factory.mktemp("agents") / "model", seed=11, max_positions=2048) as (
-        client,
-        engine,
-    ):
+    path = tmp_path_factory.mktemp("agents") / "model"
+    with serve_random(path, seed=11, max_positions=2048) as (client, _engine):
         yield str(client.base_url).rstrip("/")
 
 
