@@ -202,11 +202,10 @@ class TrainConfig:
     )
     batching: Literal["auto", "random", "grouped", "padding_free"] = opt(
         "auto",
-        "how examples form batches: random (padded to their longest), grouped (similar lengths:"
-        " sft, dpo, orpo, simpo, reward, distill), padding_free (sft: one sequence, positions"
-        " restarting per conversation); auto = padding_free where offered on a CUDA GPU with"
-        " flash-attention, else grouped where offered, else random. Each gives the same"
-        " per-example losses",
+        "random (padded to the longest), grouped (similar lengths: sft, dpo, orpo, simpo, reward,"
+        " distill), padding_free (sft: one sequence, positions restart per conversation); auto ="
+        " padding_free where offered on CUDA with flash-attn, else grouped where offered, else"
+        " random. Same per-example losses",
     )
     deepspeed: str = opt(
         "",
