@@ -229,3 +229,33 @@ def test_batching_choices_and_refusals():
         batching_args(TrainConfig(batching="padding_free"), "hanlm dpo")
     with pytest.raises(ConfigError, match="pretrain offers random only .*: its blocks are full"):
         check_launch(TrainConfig(batching="grouped"), "hanlm pretrain", "its blocks are full")
+
+
+def test_padding_is_counted_on_training_batches_only():
+    """`count_padding` wraps a trainer's collator; the Trainer forms evaluation batches with the
+    same collator after `on_step_end` (an evaluation due) and before `on_evaluate`, and those
+    are not counted; nor is anything after training ends."""
+    from types import SimpleNamespace
+
+    from hanlm.trainer import count_padding
+
+    def collate(rows):
+        width = max(len(r) for r in rows)
+        mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+        return {"input_ids": torch.zeros(len(rows), width), "attention_mask": torch.tensor(mask)}
+
+    callbacks = []
+    trainer = SimpleNamespace(data_collator=collate, add_callback=callbacks.append)
+    counter = count_padding(trainer)
+    (phases,) = callbacks
+    trainer.data_collator([[1, 2], [1, 2, 3, 4]])  # training: 8 computed, 6 real
+    phases.on_step_end(None, None, SimpleNamespace(should_evaluate=True))
+    trainer.data_collator([[1], [1, 2, 3, 4, 5, 6, 7, 8]])  # evaluation: not counted
+    phases.on_evaluate(None, None, None)
+    trainer.data_collator([[1, 2, 3, 4]])  # training again: 4 computed, 4 real
+    phases.on_step_end(None, None, SimpleNamespace(should_evaluate=False))
+    trainer.data_collator([[1, 2], [1, 2, 3, 4]])  # training: 8 computed, 6 real
+    phases.on_train_end(None, None, None)
+    trainer.data_collator([[1], [1, 2, 3, 4, 5, 6, 7, 8]])  # after training: not counted
+    assert (counter.computed, counter.real) == (20, 16)
+    assert counter.fraction == pytest.approx(0.2)
