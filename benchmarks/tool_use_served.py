@@ -75,7 +75,15 @@ def main() -> None:
     ap.add_argument("--model", default=str(QWEN), help="a model dir or GGUF file hanlm serves")
     ap.add_argument("--limit", type=int, default=30, help="held-out prompts (0 = all)")
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument(
+        "--choices", nargs="+", choices=["auto", "required"], default=["auto", "required"]
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tool_use_served"))
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other conditions of an existing --out file (measured with its settings)",
+    )
     args = ap.parse_args()
     if args.model == str(QWEN) and not QWEN.is_file():
         sys.exit(f"{QWEN}: not there; run `make qwen` first, or give --model")
@@ -116,24 +124,32 @@ def main() -> None:
 
         return fn
 
-    results = {}
+    out = Path(args.out)
+    results: dict[str, Any] = {}
+    if args.update and out.with_suffix(".json").is_file():
+        results = json.loads(out.with_suffix(".json").read_text())["results"]
     try:
-        for choice in ("auto", "required"):
+        for choice in args.choices:
             t0 = time.time()
             fig = measure_tool_use(records, generate_fn(choice == "required"))
             fig["seconds"] = round(time.time() - t0, 1)
+            fig["prompts"] = len(records)
             results[choice] = fig
             shown = {k: fig.get(k) for k in SHOWN}
             print(f"[tools] tool_choice={choice}: {shown} ({fig['seconds']} s)", flush=True)
+            write(out, args, len(records), results)
     finally:
         served.close()
         engine.close()
-    out = Path(args.out)
+
+
+def write(out: Path, args: Any, n: int, results: dict[str, Any]) -> None:
+    """The results so far as JSON and a Markdown table (printed too)."""
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "model": args.model,
-        "prompts": len(records),
+        "prompts": n,
         "max_tokens": args.max_tokens,
         "judge": "exact match against the reference conversation (not a model)",
     }
@@ -143,15 +159,16 @@ def main() -> None:
     lines = [
         f"# Tool use through hanlm serve — {meta['date']}, {meta['machine']}",
         "",
-        f"`{Path(args.model).name}`, {len(records)} held-out prompts of the embedded tool set,"
+        f"`{Path(args.model).name}`, held-out prompts of the embedded tool set (the first n),"
         f" greedy, max_tokens {args.max_tokens}; judge: {meta['judge']}.",
         "",
-        "| tool_choice (first round) | " + " | ".join(SHOWN) + " | malformed calls |",
-        "|---|" + "---|" * (len(SHOWN) + 1),
+        "| tool_choice (first round) | n | " + " | ".join(SHOWN) + " | malformed calls |",
+        "|---|---|" + "---|" * (len(SHOWN) + 1),
     ]
     for choice, fig in results.items():
         cells = [f"{fig[k]:.0%}" if isinstance(fig.get(k), float) else "–" for k in SHOWN]
-        lines.append(f"| {choice} | " + " | ".join(cells) + f" | {fig.get('malformed_calls')} |")
+        row = f"| {choice} | {fig.get('prompts', n)} | " + " | ".join(cells)
+        lines.append(row + f" | {fig.get('malformed_calls')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
