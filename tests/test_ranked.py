@@ -197,3 +197,28 @@ def test_reward_score_on_ranked_records(ranked_rm, tmp_path, capsys):
     taus = [r["kendall_tau"] for r in scored if r["kendall_tau"] is not None]
     assert sum(taus) / len(taus) == pytest.approx(s["kendall_tau"], abs=1e-3)
     assert f"pair accuracy {s['accuracy']:.4f} over {s['pairs']} pairs" in capsys.readouterr().err
+
+
+def test_ranked_reward_data_refuses_grouped_batches(tmp_path, tiny_model_path):
+    """A row of ranked data is a prompt with all its answers: grouped batches are refused with
+    the reason before the model loads (auto trains it in random batches)."""
+    from hanlm.align.reward_model import RewardConfig, run
+    from hanlm.config import ConfigError
+
+    data = tmp_path / "ranked.jsonl"
+    data.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _ranked_rows(8, 0)), "utf-8"
+    )
+    cfg = load_config(
+        RewardConfig,
+        None,
+        [
+            f"model.path={tiny_model_path}",
+            f"data.paths=[{data}]",
+            "train.batching=grouped",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    )
+    with pytest.raises(ConfigError, match="ranked answers train in random batches"):
+        run(cfg)
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -382,17 +382,17 @@ def optimizer(model: Any, cfg: TrainConfig, total_steps: int, lr: float = 0.0) -
     return opt, sched
 
 
-def check_launch(train: TrainConfig, command: str, batching: bool | str = True) -> None:
+def check_launch(train: TrainConfig, command: str, random_only: str = "") -> None:
     """Refusals of a Trainer stage's launch that need no model: DeepSpeed or FSDP without a
     GPU, where accelerate would run undistributed processes that each train a copy; a
-    `train.batching` other than random in a stage whose batches have no padding to remove
-    (`batching`: the reason; True where the stage checks its choices in `batching_args`)."""
+    `train.batching` other than random in a stage that batches at random only (`random_only`:
+    why; the other stages check their choices in `batching_args`)."""
     import torch
 
-    if isinstance(batching, str) and train.batching not in ("auto", "random"):
+    if random_only and train.batching not in ("auto", "random"):
         raise ConfigError(
             f"train.batching={train.batching}: {command} offers random only (auto = random):"
-            f" {batching}"
+            f" {random_only}"
         )
     if torch.cuda.is_available():
         return

@@ -63,10 +63,8 @@ def unpaired(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     for rec in records:
         if "chosen" in rec:  # each answer sorts as the pair's longer one in grouped batches
             for side, label in (("chosen", True), ("rejected", False)):
-                out.append(
-                    {"prompt": rec["prompt"], "completion": rec[side], "label": label}
-                    | {LENGTH: rec[LENGTH]}
-                )
+                answer = {"prompt": rec["prompt"], "completion": rec[side], "label": label}
+                out.append({**answer, LENGTH: rec[LENGTH]})
         else:
             out.append(rec)
     random.Random(seed).shuffle(out)

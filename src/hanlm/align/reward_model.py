@@ -119,10 +119,10 @@ def encode_pairs(
     for rec in records:
         chosen, _ = render(tok, rec["prompt"] + rec["chosen"])
         rejected, _ = render(tok, rec["prompt"] + rec["rejected"])
-        if max(len(chosen), len(rejected)) > max_length:
+        longest = max(len(chosen), len(rejected))  # also what grouped batches sort on
+        if longest > max_length:
             dropped += 1
             continue
-        longest = max(len(chosen), len(rejected))  # what grouped batches sort on
         rows.append({"chosen_ids": chosen, "rejected_ids": rejected, LENGTH: longest})
     return rows, dropped
 
@@ -337,7 +337,7 @@ def ranked_metrics(
 def _train_ranked(cfg: RewardConfig, run: Run, tok: Any, added: list[str], data: Any) -> None:
     from transformers import Trainer
 
-    if cfg.train.batching in ("grouped", "padding_free"):
+    if cfg.train.batching == "grouped":  # (padding_free: refused by batching_args already)
         raise ConfigError(
             f"train.batching={cfg.train.batching}: ranked answers train in random batches (a row"
             " is a prompt with all its answers); set train.batching=random or auto"
