@@ -89,6 +89,9 @@ def test_a_ppo_run_that_lowers_its_own_reward_is_warned_about():
     noisy = [{"step": i, "reward": (-1) ** i * 1.0 - 0.01 * i} for i in range(1, 21)]
     assert trend_warnings(reward_trend(noisy), ptx=False) == []
     assert reward_trend(rising[:7]) is None
+    # a resume logs the steps since its checkpoint again: each step counts once, its last row
+    resumed = rising[:5] + [{"step": 3, "reward": 99.0}] + rising[2:]
+    assert reward_trend(resumed) == trend
 
 
 def test_judge_answers_gives_rates():

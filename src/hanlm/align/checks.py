@@ -198,8 +198,11 @@ TREND_KEYS = ("reward_first_quarter", "reward_last_quarter", "reward_change_sem"
 def reward_trend(rows: list[dict[str, Any]]) -> dict[str, float] | None:
     """How the reward PPO's updates raise (each step's mean score - β·KL of its rollouts) moved:
     its mean over the first and over the last quarter of the steps, and the standard error of
-    the difference (the steps taken as independent). None for fewer than 8 steps."""
-    values = [float(r["reward"]) for r in rows if "reward" in r]
+    the difference (the steps taken as independent). None for fewer than 8 steps. A step logged
+    twice (the rows between a checkpoint and a kill, logged again after the resume) counts once,
+    with its last row."""
+    by_step = {r["step"]: float(r["reward"]) for r in rows if "reward" in r}
+    values = [by_step[s] for s in sorted(by_step)]
     if len(values) < 8:
         return None
     q = len(values) // 4
