@@ -234,7 +234,8 @@ def test_batching_choices_and_refusals():
 def test_padding_is_counted_on_training_batches_only():
     """`count_padding` wraps a trainer's collator; the Trainer forms evaluation batches with the
     same collator after `on_step_end` (an evaluation due) and before `on_evaluate`, and those
-    are not counted; nor is anything after training ends."""
+    are not counted; nor is a batch the data loader formed ahead that training never used, nor
+    anything after training ends."""
     from types import SimpleNamespace
 
     from hanlm.trainer import count_padding
@@ -252,10 +253,14 @@ def test_padding_is_counted_on_training_batches_only():
     phases.on_step_end(None, None, SimpleNamespace(should_evaluate=True))
     trainer.data_collator([[1], [1, 2, 3, 4, 5, 6, 7, 8]])  # evaluation: not counted
     phases.on_evaluate(None, None, None)
-    trainer.data_collator([[1, 2, 3, 4]])  # training again: 4 computed, 4 real
+    trainer.data_collator([[1, 2, 3, 4]])  # a micro-batch: 4 computed, 4 real
+    phases.on_substep_end(None, None, None)
+    trainer.data_collator([[1, 2], [1, 2, 3, 4]])  # the step's last: 8 computed, 6 real
     phases.on_step_end(None, None, SimpleNamespace(should_evaluate=False))
-    trainer.data_collator([[1, 2], [1, 2, 3, 4]])  # training: 8 computed, 6 real
+    trainer.data_collator([[1], [1, 2, 3]])  # formed ahead, never trained on: not counted
     phases.on_train_end(None, None, None)
     trainer.data_collator([[1], [1, 2, 3, 4, 5, 6, 7, 8]])  # after training: not counted
-    assert (counter.computed, counter.real) == (20, 16)
+    assert counter.counts == (20, 16)
     assert counter.fraction == pytest.approx(0.2)
+    counter.restored = (80, 40)  # what a checkpoint counted before a resume adds to the rest
+    assert counter.fraction == pytest.approx(1 - 56 / 100)

@@ -313,15 +313,16 @@ def test_resume_from_the_last_steps_checkpoint_takes_no_extra_step(tmp_path, tin
 
 
 @pytest.mark.slow
-def test_kill_anywhere_soak_two_stages(tmp_path):
-    """scripts/soak.py, reduced: pretrain and ppo, 3 SIGKILLs each, equal to the reference."""
+def test_kill_anywhere_soak_three_stages(tmp_path):
+    """scripts/soak.py, reduced: pretrain, sft (its padding count kept across resumes) and ppo
+    (its reward trend read from re-logged steps), 3 SIGKILLs each, equal to the reference."""
     out = tmp_path / f"soak-{uuid.uuid4().hex[:6]}"
     r = subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts" / "soak.py"),
             "--stages",
-            "pretrain,ppo",
+            "pretrain,sft,ppo",
             "--kills",
             "3",
             "--work",

@@ -90,7 +90,7 @@ def test_a_ppo_run_that_lowers_its_own_reward_is_warned_about():
     assert trend_warnings(reward_trend(noisy), ptx=False) == []
     assert reward_trend(rising[:7]) is None
     # a resume logs the steps since its checkpoint again: each step counts once, its last row
-    resumed = rising[:5] + [{"step": 3, "reward": 99.0}] + rising[2:]
+    resumed = [*rising[:5], {"step": 3, "reward": 99.0}, *rising[2:]]
     assert reward_trend(resumed) == trend
 
 

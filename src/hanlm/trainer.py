@@ -141,11 +141,16 @@ class PaddingCount:
     ids key -> mask key; by default every `*input_ids` with its `*attention_mask`, and a
     padding-free batch, which has no mask, holds no padding). Evaluation batches are not
     counted: the Trainer forms them with the same collator, between `on_step_end` (with an
-    evaluation due) and `on_evaluate`. `count_padding` installs it."""
+    evaluation due) and `on_evaluate`. Only the batches training has used count (the data
+    loader forms one ahead), so a checkpoint's count (`EXTRA_STATE`, restored by `run_trainer`)
+    is exact and a resumed run reports what an uninterrupted one does. `count_padding`
+    installs it."""
 
     def __init__(self, collate: Any, masks: dict[str, str] | None = None) -> None:
         self.collate, self.masks = collate, masks
-        self.computed = self.real = 0
+        self.formed: list[tuple[int, int]] = []  # (computed, real) per training batch formed
+        self.used = 0  # how many of them training has stepped on
+        self.restored = (0, 0)  # the count of a checkpoint this run resumed from
         self.counting = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,15 +161,27 @@ class PaddingCount:
                 for k in batch
                 if k.endswith("input_ids")
             }
+            computed = real = 0
             for key, mask_key in masks.items():
                 ids, mask = batch[key], batch.get(mask_key)
-                self.computed += ids.numel()
-                self.real += int(mask.sum()) if mask is not None else ids.numel()
+                computed += ids.numel()
+                real += int(mask.sum()) if mask is not None else ids.numel()
+            self.formed.append((computed, real))
         return batch
 
     @property
+    def counts(self) -> tuple[int, int]:
+        """(tokens computed, real tokens) of the batches training used, across resumes."""
+        used = self.formed[: self.used]
+        return (
+            self.restored[0] + sum(c for c, _ in used),
+            self.restored[1] + sum(r for _, r in used),
+        )
+
+    @property
     def fraction(self) -> float:
-        return 1 - self.real / self.computed if self.computed else 0.0
+        computed, real = self.counts
+        return 1 - real / computed if computed else 0.0
 
     def summary(self, stage: str, args: Any) -> dict[str, Any]:
         """The run's batching and padding fraction, for its summary (and said on the console)."""
@@ -181,7 +198,11 @@ def count_padding(trainer: Any, masks: dict[str, str] | None = None) -> PaddingC
     trainer.data_collator = counter
 
     class Phases(TrainerCallback):
+        def on_substep_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            counter.used += 1
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            counter.used += 1
             if control.should_evaluate:
                 counter.counting = False
 
@@ -264,9 +285,15 @@ def metrics_callback(run: Run, tokens_per_char: float | None = None) -> Any:
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
+                    extra = {}
                     tokens = trl_token_count(self.trainer)
                     if tokens is not None:
-                        atomic_write_json(ckpt / EXTRA_STATE, {"trl_total_train_tokens": tokens})
+                        extra["trl_total_train_tokens"] = tokens
+                    padding = getattr(self.trainer, "data_collator", None)
+                    if isinstance(padding, PaddingCount):
+                        extra["padding_counts"] = list(padding.counts)
+                    if extra:
+                        atomic_write_json(ckpt / EXTRA_STATE, extra)
                     mark_complete(ckpt, state.global_step)
                     prune_checkpoints(run.dir, run.keep)
 
@@ -336,7 +363,8 @@ def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
     (a run killed while saving its final model) takes no further step: transformers would take
     one more than `max_steps` there (see `compat.load_trainer_checkpoint`). Its weights and
     state are loaded instead; `training_loss` is then the mean of the logged losses. trl's
-    token count, which trl does not checkpoint, is set back from hanlm's `EXTRA_STATE`."""
+    token count, which trl does not checkpoint, and the padding count (`PaddingCount`) are set
+    back from hanlm's `EXTRA_STATE`."""
     from transformers import TrainerState
     from transformers.trainer_utils import TrainOutput
 
@@ -349,6 +377,8 @@ def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
         saved = json.loads(extra.read_text(encoding="utf-8"))
         if "trl_total_train_tokens" in saved:
             set_trl_token_count(trainer, saved["trl_total_train_tokens"])
+        if "padding_counts" in saved and isinstance(trainer.data_collator, PaddingCount):
+            trainer.data_collator.restored = tuple(saved["padding_counts"])
     limit = trainer.args.max_steps
     sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(
         trainer, "is_fsdp_enabled", False
