@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16-autocast on CUDA")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, ...)")
+    p.add_argument(
+        "--liger",
+        action="store_true",
+        help="Liger's kernels (RMSNorm, RoPE, SwiGLU, LM head fused with the cross-entropy), as"
+        " train.liger=true gives hanlm pretrain; needs a CUDA GPU and liger-kernel",
+    )
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients; 0: off")
     p.add_argument(
@@ -188,6 +194,11 @@ def bench_one(
         torch.cuda.reset_peak_memory_stats()
     result: dict[str, Any] = {"preset": preset, "batch_size": batch_size}
     result.update(modeling.PRESETS[preset])
+    if args.liger:  # Liger patches transformers' Llama classes: before the model exists
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    result["liger"] = args.liger
     t0 = time.perf_counter()
     with torch.device(device):  # initialise the weights on the device itself (fast for 1b)
         model = modeling.build_model(
@@ -297,6 +308,7 @@ def child_command(args: argparse.Namespace, preset: str, batch_size: int, out: P
     cmd += ["--steps", str(args.steps), "--dtype", args.dtype, "--device", args.device]
     cmd += ["--attn", args.attn, "--lr", str(args.lr), "--max-grad-norm", str(args.max_grad_norm)]
     cmd += ["--fused-adamw" if args.fused_adamw else "--no-fused-adamw"]
+    cmd += ["--liger"] if args.liger else []
     cmd += ["--seed", str(args.seed), "--no-isolate", "--child-out", str(out)]
     return cmd
 

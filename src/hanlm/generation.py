@@ -195,12 +195,15 @@ DEFAULT_MAX_LENGTH = 1024
 
 
 def load_reward_model(cfg: ModelConfig, **kw: Any) -> Any:
-    """A one-output sequence-classification model (a fresh `score` head on a causal LM dir)."""
+    """A one-output sequence-classification model (a fresh `score` head on a causal LM dir), with
+    `cfg`'s attention kernel as `load_model` gives it."""
     from transformers import AutoModelForSequenceClassification
 
     src = resolve_source(cfg.path)
     check_model_dir(src, weights=True)
     dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
+    if cfg.attn_implementation != "auto":
+        kw.setdefault("attn_implementation", cfg.attn_implementation)
     if cfg.rope.type != "none":  # the scaled config; a causal LM's gets its one-output head
         config = model_config_for(cfg, src)
         if not any("SequenceClassification" in a for a in config.architectures or []):

@@ -298,13 +298,17 @@ def gguf_head_dim(config: Any, path: str | Path) -> Any:
 
 
 def load_model(cfg: ModelConfig, **kw: Any) -> PreTrainedModel:
-    """A causal LM from a HF dir, GGUF file or hub id, in the configured dtype and RoPE scaling."""
+    """A causal LM from a HF dir, GGUF file or hub id, in the configured dtype, RoPE scaling and
+    attention kernel (`cfg.attn_implementation`; an `attn_implementation` in `kw` wins)."""
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(cfg.path)
     check_model_dir(src, weights=True)
     dtype = torch_dtype(pick_precision() if cfg.dtype == "auto" else cfg.dtype)
     config = model_config_for(cfg, src)
+    attention = getattr(cfg, "attn_implementation", "auto")
+    if attention != "auto":
+        kw.setdefault("attn_implementation", attention)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.path,

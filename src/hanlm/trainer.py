@@ -87,6 +87,7 @@ def training_args(
         # hanlm's progress line in place of the Trainer's printer
         disable_tqdm=not console.verbose(),
         deepspeed=cfg.deepspeed or None,  # a JSON path; the Trainer fills its "auto" values
+        use_liger_kernel=cfg.liger,  # the stages that cannot take it refuse in `check_launch`
         **extra,
     )
     check_world(args.world_size, "hanlm STAGE")  # the Trainer's process group is set up by now
@@ -94,22 +95,23 @@ def training_args(
 
 
 def batching_args(
-    cfg: TrainConfig, stage: str, grouped: bool = True, padding_free: bool = False
+    cfg: TrainConfig,
+    stage: str,
+    grouped: bool = True,
+    padding_free: bool = False,
+    attention: str = "auto",
 ) -> dict[str, Any]:
     """Trainer arguments for `train.batching`, checked before anything loads. grouped: the
     Trainer's length-grouped sampler (batches of similar lengths, shuffled), on the `length`
     column a stage gives its rows (the longest sequence the row becomes); padding_free: trl's
     padding-free collator, for stages whose trl trainer has one. `auto` is padding-free where
-    flash-attention runs its variable-length kernel (a CUDA GPU with flash_attn), else grouped
-    (on the demo model on a CPU, grouped SFT ran at 2.39x trl's default and padding-free, one
-    sequence with a block-diagonal mask, at 2.02x: benchmarks/results/bench.md), else random."""
-    import importlib.util
-
-    import torch
-
+    the model runs flash-attention's variable-length kernel (`attention`, the stage's
+    `model.attn_implementation`, is flash_attention_2), else grouped (on the demo model on a
+    CPU, grouped SFT ran at 2.39x trl's default and padding-free, one sequence with a
+    block-diagonal mask, at 2.02x: benchmarks/results/bench.md), else random."""
     mode = cfg.batching
     if mode == "auto":
-        flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+        flash = attention == "flash_attention_2"
         mode = "padding_free" if padding_free and flash else "grouped" if grouped else "random"
     if (mode == "padding_free" and not padding_free) or (mode == "grouped" and not grouped):
         have = [
@@ -412,17 +414,25 @@ def optimizer(model: Any, cfg: TrainConfig, total_steps: int, lr: float = 0.0) -
     return opt, sched
 
 
-def check_launch(train: TrainConfig, command: str, random_only: str = "") -> None:
+def check_launch(
+    train: TrainConfig, command: str, random_only: str = "", no_liger: str = ""
+) -> None:
     """Refusals of a Trainer stage's launch that need no model: DeepSpeed or FSDP without a
     GPU, where accelerate would run undistributed processes that each train a copy; a
     `train.batching` other than random in a stage that batches at random only (`random_only`:
-    why; the other stages check their choices in `batching_args`)."""
+    why; the other stages check their choices in `batching_args`); `train.liger` in a stage
+    that does not take Liger's kernels (`no_liger`: why)."""
     import torch
 
     if random_only and train.batching not in ("auto", "random"):
         raise ConfigError(
             f"train.batching={train.batching}: {command} offers random only (auto = random):"
             f" {random_only}"
+        )
+    if no_liger and train.liger:
+        raise ConfigError(
+            f"train.liger=true: {command} does not take Liger's kernels ({no_liger}); hanlm"
+            " pretrain and hanlm sft do"
         )
     if torch.cuda.is_available():
         return

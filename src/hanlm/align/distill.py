@@ -184,7 +184,8 @@ def run(cfg: DistillConfig) -> Path:
     from transformers import set_seed
 
     context = read_context(cfg.context)
-    check_launch(cfg.train, "hanlm distill")  # before anything loads
+    # before anything loads
+    check_launch(cfg.train, "hanlm distill", no_liger="its loss compares the student's logits")
     batching = batching_args(cfg.train, "distill")
     with Run("distill", cfg) as run:
         set_seed(cfg.train.seed)

@@ -267,7 +267,8 @@ def preference_metrics(
 def run(cfg: DPOConfig) -> Path:
     from transformers import set_seed
 
-    check_launch(cfg.train, "hanlm dpo")  # before anything loads
+    # before anything loads
+    check_launch(cfg.train, "hanlm dpo", no_liger="its losses read the log-probabilities itself")
     # trl's KTO reads its answers in one fixed order (its KL term pairs each with a neighbour)
     kto = cfg.loss_type == "kto"
     batching = batching_args(cfg.train, "dpo loss_type=kto" if kto else "dpo", grouped=not kto)

@@ -53,6 +53,10 @@ from hanlm.trainer import (
     training_args,
 )
 
+# why hanlm grpo batches at random only, and takes no Liger kernels (`check_launch`)
+RANDOM_ONLY = "its batches are answers sampled to each prompt by trl"
+NO_LIGER = "trl's GRPO loss reads the policy's log-probabilities itself"
+
 
 @dataclass
 class GRPOConfig(OutputConfig):
@@ -146,8 +150,7 @@ def run(cfg: GRPOConfig) -> Path:
     from trl import GRPOConfig as TrlGRPOConfig
     from trl import GRPOTrainer
 
-    # before anything loads
-    check_launch(cfg.train, "hanlm grpo", "its batches are answers sampled to each prompt by trl")
+    check_launch(cfg.train, "hanlm grpo", RANDOM_ONLY, NO_LIGER)  # before anything loads
     with Run("grpo", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)

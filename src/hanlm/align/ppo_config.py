@@ -27,6 +27,7 @@ class PPOConfig(OutputConfig):
     UNUSED: ClassVar[dict[str, str]] = {
         "train.epochs": "PPO runs train.max_steps steps of rollout_batch prompts each",
         "train.batching": "PPO's batches are its rollouts (answers to rollout_batch prompts)",
+        "train.liger": "PPO's own loop reads the policy's and the critic's outputs itself",
     }
     model: ModelConfig = opt(ModelConfig, "the SFT model: the policy's start and the reference")
     reward_model: str = opt("", "reward model dir (from hanlm reward); empty = rule rewards only")

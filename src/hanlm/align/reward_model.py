@@ -163,7 +163,8 @@ def run(cfg: RewardConfig) -> Path:
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
-    check_launch(cfg.train, "hanlm reward")  # before anything loads
+    # before anything loads
+    check_launch(cfg.train, "hanlm reward", no_liger="a reward model has a score head, no LM head")
     batching = batching_args(cfg.train, "reward")
     with Run("reward", cfg) as run:
         set_seed(cfg.train.seed)

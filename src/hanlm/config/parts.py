@@ -79,6 +79,20 @@ class ModelConfig:
     )
     trust_remote_code: bool = opt(False, "allow custom modelling code from the model directory")
     rope: RopeConfig = opt(RopeConfig, "RoPE scaling for a longer context (none by default)")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = opt(
+        "auto",
+        "attention kernel: auto = transformers' choice for the model (sdpa where it has it);"
+        " flash_attention_2 needs a CUDA GPU and the flash-attn package, and makes padding-free"
+        " batches sft's default (train.batching=auto)",
+    )
+
+    def validate(self) -> None:
+        if self.attn_implementation == "flash_attention_2":
+            check_cuda_kernel(
+                "model.attn_implementation=flash_attention_2",
+                "flash_attn",
+                "pip install flash-attn --no-build-isolation",
+            )
 
 
 @dataclass
@@ -151,8 +165,8 @@ class TrainConfig:
         "auto",
         "random (padded to the longest), grouped (similar lengths: sft, dpo, orpo, simpo, reward,"
         " distill), padding_free (sft: one sequence, positions restart per conversation); auto ="
-        " padding_free where offered on CUDA with flash-attn, else grouped where offered, else"
-        " random. Same per-example losses",
+        " padding_free where offered with model.attn_implementation=flash_attention_2, else"
+        " grouped where offered, else random. Same per-example losses",
     )
     deepspeed: str = opt(
         "",
@@ -165,11 +179,35 @@ class TrainConfig:
         " OUTPUT_DIR/tensorboard), wandb, swanlab, mlflow; one name or a list; none (or [])"
         " = only metrics.jsonl",
     )
+    liger: bool = opt(
+        False,
+        "Liger's Triton kernels in place of the model's RMSNorm, RoPE and SwiGLU (pretrain also"
+        " fuses the LM head with the cross-entropy; sft's trainer computes its loss in chunks"
+        " already): less memory and faster on a CUDA GPU, for llama, qwen2 and qwen3; pretrain"
+        " and sft; needs the liger-kernel package",
+    )
 
     def validate(self) -> None:
         if self.deepspeed:
             deepspeed_config(self.deepspeed)
         check_trackers(self.report_to)
+        if self.liger:
+            check_cuda_kernel("train.liger=true", "liger_kernel", "pip install liger-kernel")
+
+
+def check_cuda_kernel(setting: str, module: str, install: str) -> None:
+    """Refuse a setting that runs a package's CUDA kernels on a machine without a CUDA GPU, or
+    without the package (named with its install command), before anything loads."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{setting} runs CUDA kernels, and this machine has no CUDA GPU")
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"{setting} needs the {module} package, which is not installed: {install}"
+        )
 
 
 def trackers(train: TrainConfig) -> list[str]:

@@ -59,6 +59,7 @@ class EmbedTrainConfig(OutputConfig):
         "train.precision": "its loop has no autocast: the weights train in model.dtype",
         "train.gradient_checkpointing": "its loop keeps activations",
         "train.deepspeed": "its loop runs in one process",
+        "train.liger": "its loop pools hidden states, it has no LM loss to fuse",
     }
     model: ModelConfig = opt(ModelConfig, "the decoder to tune (HF dir, .gguf, hub id)")
     data: list[str] = opt(

@@ -220,9 +220,8 @@ def run(cfg: SFTConfig) -> Path:
             " lora.enabled=true without quantize, or full fine-tuning"
         )
     check_launch(cfg.train, "hanlm sft")  # before anything loads
-    batching = batching_args(
-        cfg.train, "sft", grouped=not cfg.packing, padding_free=not cfg.packing
-    )
+    attention = cfg.model.attn_implementation  # flash-attention: padding-free by default
+    batching = batching_args(cfg.train, "sft", not cfg.packing, not cfg.packing, attention)
     with Run("sft", cfg) as run:
         set_seed(cfg.train.seed)
         tok = load_tokenizer(cfg.model.path)
