@@ -43,7 +43,7 @@ def test_kernel_options_are_refused_without_a_cuda_gpu(override):
 
 def test_kernel_options_name_the_package_they_need(a_gpu_with):
     a_gpu_with()  # a GPU, but neither package
-    with pytest.raises(ConfigError, match="liger_kernel package.*pip install liger-kernel"):
+    with pytest.raises(ConfigError, match=r"liger_kernel package.*pip install 'hanlm\[liger\]'"):
         load_config(SFTConfig, overrides=["train.liger=true"])
     with pytest.raises(ConfigError, match="flash_attn package.*pip install flash-attn"):
         load_config(SFTConfig, overrides=["model.attn_implementation=flash_attention_2"])

@@ -192,7 +192,7 @@ class TrainConfig:
             deepspeed_config(self.deepspeed)
         check_trackers(self.report_to)
         if self.liger:
-            check_cuda_kernel("train.liger=true", "liger_kernel", "pip install liger-kernel")
+            check_cuda_kernel("train.liger=true", "liger_kernel", "pip install 'hanlm[liger]'")
 
 
 def check_cuda_kernel(setting: str, module: str, install: str) -> None:
