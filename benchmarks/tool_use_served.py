@@ -107,9 +107,9 @@ def main() -> None:
     records = read_tool_set("demo", args.limit)
 
     def generate_fn(force: bool):
-        def fn(convs: list[list[dict[str, Any]]], tools: list[dict[str, Any]]) -> list[str]:
+        def fn(convs: list[list[dict[str, Any]]], tools_each: list[list[Any]]) -> list[str]:
             texts = []
-            for conv in convs:
+            for conv, tools in zip(convs, tools_each):
                 first = not any(m["role"] == "tool" for m in conv)
                 r = client.chat.completions.create(
                     model="m",

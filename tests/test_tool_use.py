@@ -224,7 +224,7 @@ def test_measure_counts_exactly_with_a_scripted_model():
     seen = []
 
     def fake(convs, tools):
-        assert tools == T.TOOLS
+        assert tools == [T.TOOLS] * len(convs)  # each conversation's own list
         seen.extend(convs)
         return [script[c[0]["content"]][(len(c) - 1) // 2] for c in convs]
 

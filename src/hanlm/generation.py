@@ -105,9 +105,11 @@ def generate(
     opts: GenerationOptions,
     batch_size: int = 8,
     tools: list[dict[str, Any]] | None = None,
+    tools_each: list[list[dict[str, Any]] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Answers for each conversation: {"text", "stopped" (ended on a stop token), "tokens"};
-    `tools` (OpenAI function tools) are declared to the model through its chat template."""
+    `tools` (OpenAI function tools) are declared to the model through its chat template, the
+    same to every conversation, or `tools_each`: one list (or None) per conversation."""
     import torch
 
     stop_ids = stop_token_ids(tok)
@@ -116,9 +118,15 @@ def generate(
     results = []
     model.eval()
     torch.manual_seed(opts.seed)
+    if tools_each is not None and len(tools_each) != len(conversations):
+        raise ValueError(f"{len(tools_each)} tool lists for {len(conversations)} conversations")
+    declared = tools_each if tools_each is not None else [tools] * len(conversations)
     for start in range(0, len(conversations), batch_size):
         convs = conversations[start : start + batch_size]
-        batch = [prompt_ids(tok, conv, tools=tools) for conv in convs]
+        batch = [
+            prompt_ids(tok, conv, tools=t)
+            for conv, t in zip(convs, declared[start : start + batch_size])
+        ]
         width = max(len(ids) for ids in batch)
         # Left padding keeps every prompt's last token next to its first generated one.
         input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], device=device)

@@ -42,8 +42,8 @@ from hanlm.data.tools import parse_tool_calls
 from hanlm.datagen.demo_tools import execute, result_key, result_text
 from hanlm.generation import GenerationOptions, generate
 
-# (conversations, tools declared to every one of them) -> one generated text per conversation
-GenerateFn = Callable[[list[list[dict[str, Any]]], list[dict[str, Any]]], list[str]]
+# (conversations, the tools declared to each) -> one generated text per conversation
+GenerateFn = Callable[[list[list[dict[str, Any]]], list[list[dict[str, Any]]]], list[str]]
 RATES = ("right_tool", "valid_args", "correct_args", "answer_uses_result")
 
 
@@ -126,7 +126,7 @@ def _step(item: dict[str, Any], text: str, max_rounds: int) -> bool:
 def run_loop(
     records: list[dict[str, Any]], generate_fn: GenerateFn, max_rounds: int = 3
 ) -> list[dict[str, Any]]:
-    """Every record's tool loop, all prompts of a round generated together (per tool list)."""
+    """Every record's tool loop, all prompts of a round generated together."""
     items = [
         {
             "ref": reference(r),
@@ -142,16 +142,13 @@ def run_loop(
     ]
     active = list(range(len(items)))
     while active:
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i in active:
-            groups[json.dumps(items[i]["tools"], sort_keys=True)].append(i)
-        active = []
-        for idx in groups.values():
-            texts = generate_fn([items[i]["conv"] for i in idx], items[idx[0]]["tools"])
-            for i, text in zip(idx, texts):
-                items[i]["outputs"].append(text)
-                if _step(items[i], text, max_rounds):
-                    active.append(i)
+        texts = generate_fn([items[i]["conv"] for i in active], [items[i]["tools"] for i in active])
+        going = []
+        for i, text in zip(active, texts):
+            items[i]["outputs"].append(text)
+            if _step(items[i], text, max_rounds):
+                going.append(i)
+        active = going
     return items
 
 
@@ -223,7 +220,8 @@ def model_generate(model: Any, tokenizer: Any, max_new_tokens: int, batch_size: 
     opts = GenerationOptions(max_new_tokens=max_new_tokens, temperature=0.0)
     opts.repetition_penalty = 1.0
 
-    def fn(convs: list[list[dict[str, Any]]], tools: list[dict[str, Any]]) -> list[str]:
-        return [r["text"] for r in generate(model, tokenizer, convs, opts, batch_size, tools)]
+    def fn(convs: list[list[dict[str, Any]]], tools: list[list[dict[str, Any]]]) -> list[str]:
+        answers = generate(model, tokenizer, convs, opts, batch_size, tools_each=tools)
+        return [r["text"] for r in answers]
 
     return fn

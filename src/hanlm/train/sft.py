@@ -192,14 +192,8 @@ def held_out_answers(
         prompt, answer = split_last_answer(rec["messages"])
         prompts.append(prompt)
         refs.append(answer)
-    by_tools: dict[str, list[int]] = {}  # the records that declare the same tools
-    for i, rec in enumerate(records):
-        by_tools.setdefault(json.dumps(rec.get("tools") or [], sort_keys=True), []).append(i)
-    answers: list[dict[str, Any]] = [{} for _ in records]
-    for key, idx in by_tools.items():
-        outs = generate(model, tok, [prompts[i] for i in idx], opts, tools=json.loads(key) or None)
-        for i, a in zip(idx, outs):
-            answers[i] = a
+    tools = [rec.get("tools") or None for rec in records]
+    answers = generate(model, tok, prompts, opts, tools_each=tools)
     return [
         {"prompt": p[-1]["content"], "reference": r, **a} for p, r, a in zip(prompts, refs, answers)
     ]
