@@ -168,6 +168,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     ap.add_argument("--max-length", type=int, default=768)
+    ap.add_argument(
+        "--template",
+        default="chatml",
+        help="SFT's chat template: chatml for the demo model; auto for a model with its own (Qwen)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/rag_cite"))
     args = ap.parse_args()
     docs, queries = _read(args.set / "docs.jsonl"), _read(args.set / "queries.jsonl")
@@ -189,8 +194,9 @@ def main() -> None:
     t0 = time.perf_counter()
     lora = ["lora.enabled=true", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}"]
     subprocess.run(
-        [hanlm, "sft", f"model.path={args.model}", f"data.paths=[{data}]", "template=chatml",
-         f"max_length={args.max_length}", "train.max_steps=0", f"train.epochs={args.epochs}",
+        [hanlm, "sft", f"model.path={args.model}", f"data.paths=[{data}]",
+         f"template={args.template}", f"max_length={args.max_length}", "train.max_steps=0",
+         f"train.epochs={args.epochs}",
          f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.eval_steps=0",
          "train.save_steps=0", "train.logging_steps=10", "eval_prompts=0",
          f"output_dir={tuned}", "overwrite=true", *(lora if args.lora_r else [])],
@@ -204,6 +210,7 @@ def main() -> None:
         "epochs": args.epochs,
         "lr": args.lr,
         "lora_r": args.lora_r,
+        "template": args.template,
         "max_chars": args.max_chars,
         "train_seconds": round(train_s, 1),
         "questions": len(queries),
