@@ -141,6 +141,20 @@ def test_held_back_lines_are_counted_when_no_run_directory_opens(tmp_path, capsy
     assert not console._LOG.active and console._LOG.held == []
 
 
+def test_quiet_turns_the_libraries_progress_bars_off_and_back_on(monkeypatch):
+    """datasets' bars ("Tokenizing train dataset: 40%|..." while trl prepares DPO pairs) and
+    transformers' (loading and writing weights) are off while a command runs quietly."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+    with console.quiet_libraries(loads_model=True):
+        assert not datasets.is_progress_bar_enabled()
+        assert not hf_logging.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+
+
 def test_verbose_turns_quieting_off(monkeypatch):
     import logging
 

@@ -12,7 +12,8 @@ print that tells a user nothing goes to the run's log file `RUN/hanlm.log` inste
   notices, accelerate, deepspeed, torchao ...): their console handlers are pointed at the log
   (`logging.StreamHandler.setStream`), and a root handler takes what would reach the console
   through `logging.lastResort`;
-- transformers' own progress bars (loading and writing weights).
+- the progress bars of transformers (loading and writing weights) and of datasets (`map`,
+  `filter` while a trainer prepares its data).
 
 Libraries print some of this while they are imported, so for a command that loads a model the
 heavy ones are imported up front, with their output redirected to the log. Until the command
@@ -62,7 +63,7 @@ LIBRARIES = (
     "jieba",
 )
 # imported up front by a command that loads a model (each prints while it is imported)
-_PRELOAD = ("torch", "accelerate", "transformers", "peft", "deepspeed")
+_PRELOAD = ("torch", "accelerate", "transformers", "peft", "datasets", "deepspeed")
 _DEPRECATION = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 _OWN = str(Path(__file__).resolve().parent)
 PLAIN_INTERVAL = 10.0  # seconds between progress lines when the console is not a terminal
@@ -83,7 +84,7 @@ class _LibraryLog:
         self.active = False
         self.lines = 0
         self.moved: list[tuple[logging.StreamHandler, Any]] = []  # (handler, its stream before)
-        self.bars_were_on = False  # transformers' progress bars, before
+        self.bars_turned_off: list[Any] = []  # how to turn each library's bars back on
 
     def write(self, text: str) -> int:
         if self.file is not None:
@@ -149,8 +150,14 @@ def route_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         if hf_logging.is_progress_bar_enabled():
-            _LOG.bars_were_on = True
+            _LOG.bars_turned_off.append(hf_logging.enable_progress_bar)
             hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:  # "Map: 100%|..." while a trainer prepares its data
+        import datasets
+
+        if datasets.is_progress_bar_enabled():
+            _LOG.bars_turned_off.append(datasets.enable_progress_bars)
+            datasets.disable_progress_bars()
 
 
 @contextlib.contextmanager
@@ -179,11 +186,9 @@ def quiet_libraries(loads_model: bool = False) -> Iterator[None]:
         logging.root.removeHandler(_ROOT_HANDLER)
         for handler, stream in _LOG.moved:  # as they were (a process may run more commands)
             handler.setStream(stream)
-        if _LOG.bars_were_on:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.enable_progress_bar()
-        _LOG.moved, _LOG.bars_were_on = [], False
+        for turn_on in _LOG.bars_turned_off:
+            turn_on()
+        _LOG.moved, _LOG.bars_turned_off = [], []
         held = _LOG.lines if _LOG.file is None else 0
         if _LOG.file is not None:
             _LOG.file.close()
