@@ -273,6 +273,38 @@ def test_sft_writes_tensorboard_curves(tmp_path, tiny_model_path, chats):
     assert "train/learning_rate" in scalars
 
 
+def test_a_training_that_fails_keeps_its_tensorboard_curve_so_far(tmp_path, tiny_model_path, chats):
+    """A stage that fails mid-training (here: at the end of step 4, before that step is logged)
+    leaves the curve of every step logged before the failure on disk (transformers' TensorBoard
+    callback flushes each logged row), and its hanlm.json says it failed."""
+    from transformers import TrainerCallback
+
+    import hanlm.train.sft as sft
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise RuntimeError("planted failure at step 4")
+
+    out = tmp_path / "sft"
+    args = sft_args(tiny_model_path, chats, out, "train.report_to=tensorboard")
+    cfg = load_config(sft.SFTConfig, None, [*args, "train.logging_steps=1"])
+    real = sft.run_trainer
+
+    def failing(trainer, checkpoint):
+        trainer.add_callback(Fail())
+        return real(trainer, checkpoint)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sft, "run_trainer", failing)
+        with pytest.raises(RuntimeError, match="planted failure"):
+            sft.run(cfg)
+    steps = [s for s, _ in tensorboard_scalars(out / "tensorboard")["train/loss"]]
+    assert steps == [1, 2, 3]
+    info = json.loads((out / "hanlm.json").read_text(encoding="utf-8"))
+    assert info["status"] == "failed" and "planted failure" in info["error"]
+
+
 def test_pretrain_shows_its_measurement_before_training_as_a_line(tmp_path, tiny_tokenizer, capfd):
     from hanlm.pipeline import cli
     from hanlm.testing import SAMPLE_TEXT
