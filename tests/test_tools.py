@@ -172,6 +172,36 @@ def test_a_template_without_tool_support_is_refused():
         render(tok, rec["messages"][:2], tools=rec["tools"])
 
 
+@pytest.mark.parametrize(
+    "text, calls",
+    [
+        ('{"name": "poet_dynasty", "arguments": {"poet": "李白"}}', 1),  # Qwen2.5-Coder-0.5B's way
+        ('```json\n{"name": "poet_dynasty", "arguments": {"poet": "李白"}}\n```', 1),
+        ('  {"name": "poet_dynasty", "parameters": "{\\"poet\\": \\"李白\\"}"}\n', 1),
+        (
+            '[{"name": "poet_dynasty", "arguments": {"poet": "李白"}},'
+            ' {"name": "calculator", "arguments": {"expression": "1"}}]',
+            2,
+        ),
+        ('{"name": "search", "arguments": {"q": "李白"}}', 0),  # not a declared tool
+        ('{"name": "poet_dynasty", "arguments": {"poet": "李白"}, "age": 61}', 0),  # other keys
+        ('{"name": "poet_dynasty", "arguments": ["李白"]}', 0),  # arguments not an object
+        ('他是唐朝人。{"name": "poet_dynasty", "arguments": {"poet": "李白"}}', 0),  # prose first
+        ('{"name": "poet_dynasty", "arguments": {"poet": "李白"}', 0),  # cut short
+        ("[]", 0),
+    ],
+)
+def test_an_answer_that_is_only_a_declared_tools_call_json_is_that_call(text, calls):
+    """Without the `<tool_call>` tags, an answer counts as calls only when it is nothing but
+    calls of declared tools; anything else stays text (no problem reported)."""
+    names = {"poet_dynasty", "calculator"}
+    content, got, problems = parse_tool_calls(text, names)
+    assert len(got) == calls and not problems
+    if calls:
+        assert content == "" and got[0] == {"name": "poet_dynasty", "arguments": {"poet": "李白"}}
+    assert parse_tool_calls(text)[1] == []  # no declared tools: never a bare call
+
+
 def test_parse_tool_calls_reads_back_what_the_template_writes():
     content, calls, problems = parse_tool_calls("我来查一下。\n" + CALL_TEXT + "\n" + CALL_TEXT)
     assert content == "我来查一下。" and not problems

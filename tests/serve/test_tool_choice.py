@@ -110,6 +110,27 @@ def test_a_streamed_answer_sends_text_before_the_call_and_holds_the_call(cut):
     assert sent + stream.finish()[0] == "x <tool_call>{bad"
 
 
+@pytest.mark.parametrize("cut", [1, 4, 100])
+def test_a_bare_call_json_is_a_call_whole_and_streamed_and_other_json_stays_text(cut):
+    """An answer that is only a declared tool's call JSON, without the tags (what
+    Qwen2.5-Coder-0.5B-Instruct writes), is that call; streamed, an answer that starts like
+    JSON is held to the end, then sent as text when it is not a call."""
+    req = parse_tools({"tools": TOOLS})
+    bare = ' {"name": "calculator", "arguments": {"expression": "1+2"}}'
+    content, calls = split_answer(bare, req)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {
+        "expression": "1+2"
+    }
+    for text, n in ((bare, 1), ('{"answer": 3}', 0), ("3。", 0), ("\n\n3。", 0)):
+        stream = CallStream(req)
+        sent = "".join(stream.feed(text[i : i + cut]) for i in range(0, len(text), cut))
+        rest, got = stream.finish()
+        assert len(got) == n
+        assert sent + rest == ("" if n else text)
+    no_tools = parse_tools({"tools": TOOLS, "tool_choice": "none"})
+    assert split_answer(bare, no_tools) == (bare, [])
+
+
 def test_the_forced_call_schema_admits_exactly_the_allowed_calls():
     named = parse_tools(
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "poet_dynasty"}}}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Collection
 from typing import Any
 
 from hanlm.data.records import RecordError, describe
@@ -160,12 +161,50 @@ def check_tool_use(messages: list[dict[str, Any]], tools: list[dict[str, Any]] |
 
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
+CALL_KEYS = {"name", "arguments", "parameters"}
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]], list[str]]:
+def bare_tool_calls(text: str, names: Collection[str]) -> list[dict[str, Any]]:
+    """The calls of an answer that is nothing but calls' JSON without the `<tool_call>` tags
+    (what Qwen2.5-Coder-0.5B-Instruct writes): one {"name", "arguments"} object or a list of
+    them, perhaps in a ```json fence, each naming a tool in `names` and holding no other key.
+    [] for anything else, so an answer that only contains some JSON stays text."""
+    body = text.strip()
+    fenced = _FENCE.fullmatch(body)
+    body = fenced.group(1) if fenced else body
+    if not body.startswith(("{", "[")):
+        return []
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, RecursionError):
+        return []
+    calls = []
+    for item in obj if isinstance(obj, list) and obj else [obj]:
+        if not (isinstance(item, dict) and item.get("name") in names and set(item) <= CALL_KEYS):
+            return []
+        args = item.get("arguments", item.get("parameters", {}))
+        if isinstance(args, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                args = json.loads(args)
+        if not isinstance(args, dict):
+            return []
+        calls.append({"name": item["name"], "arguments": args})
+    return calls
+
+
+def parse_tool_calls(
+    text: str, names: Collection[str] = ()
+) -> tuple[str, list[dict[str, Any]], list[str]]:
     """(text outside the calls, the calls a model wrote, problems): each `<tool_call>` block
     must hold {"name": str, "arguments": object}; a block that does not is a problem, and the
-    caller decides (a server returns the whole text as content)."""
+    caller decides (a server returns the whole text as content). An answer without a block
+    that is nothing but a call of one of the declared tools `names` (`bare_tool_calls`) is that
+    call."""
+    if "<tool_call>" not in text and names:
+        bare = bare_tool_calls(text, names)
+        if bare:
+            return "", bare, []
     calls: list[dict[str, Any]] = []
     problems: list[str] = []
     for block in _CALL.findall(text):

@@ -98,12 +98,12 @@ def _valid(call: dict[str, Any], declared: dict[str, dict[str, Any]]) -> bool:
 
 def _step(item: dict[str, Any], text: str, max_rounds: int) -> bool:
     """Read one generation into the item's state; True while the loop goes on."""
-    content, calls, problems = parse_tool_calls(text)
+    declared = {t["function"]["name"]: t["function"] for t in item["tools"]}
+    content, calls, problems = parse_tool_calls(text, declared)
     item["malformed"] += len(problems)
     if not calls:
         item["final"] = text if problems else content
         return False
-    declared = {t["function"]["name"]: t["function"] for t in item["tools"]}
     item["rounds"].append(calls)
     item["valid"] = item["valid"] and all(_valid(c, declared) for c in calls)
     n = sum(len(r) for r in item["rounds"][:-1])

@@ -129,11 +129,12 @@ def openai_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def split_answer(text: str, req: ToolRequest | None) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, OpenAI tool_calls) of a whole answer. Calls count only when every block parses
-    and names a declared tool; otherwise the whole text is the content."""
-    if req is None or req.choice == "none" or OPEN not in text:
+    and names a declared tool; otherwise the whole text is the content. An answer that is only
+    a declared tool's call JSON without the tags counts as that call (`bare_tool_calls`)."""
+    if req is None or req.choice == "none":
         return text, []
-    content, calls, problems = parse_tool_calls(text)
     declared = {t["function"]["name"] for t in req.tools}
+    content, calls, problems = parse_tool_calls(text, declared)
     if problems or not calls or any(c["name"] not in declared for c in calls):
         return text, []
     if not req.parallel:
@@ -151,7 +152,8 @@ def forced_answer(text: str, req: ToolRequest) -> tuple[str | None, list[dict[st
 
 
 class CallStream:
-    """Streams an answer's text while holding back what may be a `<tool_call>` block: `feed`
+    """Streams an answer's text while holding back what may be a `<tool_call>` block, or the
+    whole answer when it starts as a bare call's JSON may (`{`, `[` or a code fence): `feed`
     returns the text safe to send as content now, `finish` the rest as (content, calls)."""
 
     def __init__(self, req: ToolRequest | None) -> None:
@@ -167,6 +169,13 @@ class CallStream:
         self.held += piece
         if self.calling:
             return ""
+        if self.held == self.text:  # nothing sent yet: the answer may be a bare call
+            start = self.held.lstrip()
+            if not start:
+                return ""
+            if start[0] in "{[`":
+                self.calling = True
+                return ""
         at = self.held.find(OPEN)
         if at >= 0:
             self.calling = True
