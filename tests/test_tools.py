@@ -212,6 +212,16 @@ def test_parse_tool_calls_reads_back_what_the_template_writes():
     assert calls == [] and "not closed" in problems[0]
 
 
+def test_generate_refuses_tool_lists_that_do_not_match_the_conversations():
+    from hanlm.generation import GenerationOptions, generate
+
+    ask = [[{"role": "user", "content": "李白是哪个朝代的？"}]]
+    with pytest.raises(ValueError, match="2 tool lists for 1 conversations"):
+        generate(None, None, ask, GenerationOptions(), tools_each=[TOOLS, None])
+    with pytest.raises(ValueError, match="give one or the other"):
+        generate(None, None, ask, GenerationOptions(), tools=TOOLS, tools_each=[TOOLS])
+
+
 def test_held_out_answers_declare_each_records_tools(tmp_path):
     """SFT's held-out answers (before and after training) are asked with the tools their record
     declares, as the model was trained: a tiny Qwen model taught to answer one way with the

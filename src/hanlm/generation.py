@@ -110,6 +110,11 @@ def generate(
     """Answers for each conversation: {"text", "stopped" (ended on a stop token), "tokens"};
     `tools` (OpenAI function tools) are declared to the model through its chat template, the
     same to every conversation, or `tools_each`: one list (or None) per conversation."""
+    if tools_each is not None and (tools is not None or len(tools_each) != len(conversations)):
+        raise ValueError(
+            f"tools_each: {len(tools_each)} tool lists for {len(conversations)} conversations"
+            + (", and tools as well: give one or the other" if tools is not None else "")
+        )
     import torch
 
     stop_ids = stop_token_ids(tok)
@@ -118,8 +123,6 @@ def generate(
     results = []
     model.eval()
     torch.manual_seed(opts.seed)
-    if tools_each is not None and len(tools_each) != len(conversations):
-        raise ValueError(f"{len(tools_each)} tool lists for {len(conversations)} conversations")
     declared = tools_each if tools_each is not None else [tools] * len(conversations)
     for start in range(0, len(conversations), batch_size):
         convs = conversations[start : start + batch_size]
