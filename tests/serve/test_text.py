@@ -276,9 +276,11 @@ def test_every_openai_field_is_known_and_refused_ones_name_themselves():
     parse_completion({"prompt": "a", "best_of": 2, "n": 2, "suffix": ""}, 10, 4)
 
 
-def test_an_answer_cut_inside_a_character_ends_at_the_last_whole_one(tiny_tokenizer):
-    """max_tokens reached after the first byte token of a character: no U+FFFD, streamed or
-    whole (a plain decode of the same tokens ends in U+FFFD)."""
+@pytest.mark.parametrize("then_eos", [False, True])
+def test_an_answer_cut_inside_a_character_ends_at_the_last_whole_one(tiny_tokenizer, then_eos):
+    """max_tokens reached after the first byte token of a character, or the end-of-turn token
+    right after it: no U+FFFD, streamed or whole (a plain decode of the same tokens ends in
+    U+FFFD)."""
     ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
     cut = next(
         k
@@ -287,7 +289,8 @@ def test_an_answer_cut_inside_a_character_ends_at_the_last_whole_one(tiny_tokeni
         and len(tiny_tokenizer.decode(ids[:k])) > 1
     )
     assert tiny_tokenizer.decode(ids[:cut]).endswith(REPLACEMENT)
-    pieces, _ = _stream(tiny_tokenizer, ids[:cut])
+    eos = [tiny_tokenizer.eos_token_id] if then_eos else []
+    pieces, _ = _stream(tiny_tokenizer, ids[:cut] + eos)
     text = "".join(pieces)
     assert REPLACEMENT not in text
     assert text == tiny_tokenizer.decode(ids[:cut]).rstrip(REPLACEMENT)

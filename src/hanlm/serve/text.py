@@ -4,7 +4,8 @@ A byte-level BPE splits a Chinese character into up to three byte tokens, and de
 that ends inside one gives U+FFFD. `Detokenizer` decodes a sliding window of recent tokens (so a
 tokenizer's leading-space rules see the same context as a full decode) and holds text back while
 it ends in U+FFFD, or while its tail could still grow into a stop string. An answer that ends
-inside a character (`max_tokens` reached after its first byte) ends at the last whole one.
+inside a character (`max_tokens` reached after its first byte, or an end-of-turn token right
+after it) ends at the last whole one, as llama.cpp's server ends it.
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ class Detokenizer:
     def _cut_inside_a_character(self) -> bool:
         """The tokens not yet released end with the first bytes of a UTF-8 character. Bytes that
         can never start one (stray continuation bytes, say) are not a cut: a full decode shows
-        them as U+FFFD, and so does the answer. Tokens whose bytes cannot be known: a cut."""
+        them as U+FFFD, and so does the answer. Tokens whose bytes cannot be known: a cut.
+        Special tokens (an end-of-turn id, say) are no text and are passed over."""
+        special = set(self.tok.all_special_ids)
         data = bytearray()
         for t in self.ids[self.read_offset :]:
+            if t in special:
+                continue
             b = token_bytes(self.tok, t)
             if b is None:
                 return True
