@@ -5,18 +5,25 @@ tool's schema, so whatever the model samples the framework gets a well-formed ca
 - LangChain: `ChatOpenAI(...).bind_tools(...)`, whole and streamed, parses the call into
   `AIMessage.tool_calls`;
 - the OpenAI Agents SDK: an `Agent` on `OpenAIChatCompletionsModel` calls a Python function
-  tool, and the tool's result is the run's final output, whole and streamed.
+  tool, and the tool's result is the run's final output, whole and streamed;
+- litellm: `completion(model="openai/...", api_base=...)` gets the forced call whole and
+  streamed (rebuilt by `stream_chunk_builder`), sends the tool's result back for a final answer,
+  and `embedding(...)` gets one vector per text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 
 import pytest
 
 pytest.importorskip("xgrammar")
 langchain_openai = pytest.importorskip("langchain_openai")
 agents = pytest.importorskip("agents")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm: no fetch at import
+litellm = pytest.importorskip("litellm")
 
 ASK = "李白是哪个朝代的？"
 
@@ -96,3 +103,74 @@ def test_openai_agents_sdk_streamed_run_calls_the_tool(served):
     assert len(calls) == 1
     assert run.final_output == "唐"
     assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "poet_dynasty",
+        "description": "查询诗人所属的朝代",
+        "parameters": {
+            "type": "object",
+            "properties": {"poet": {"type": "string"}},
+            "required": ["poet"],
+        },
+    },
+}
+
+
+def _litellm(served: str, messages: list, **kw):
+    return litellm.completion(
+        model="openai/tiny",
+        api_base=served,
+        api_key="x",
+        messages=messages,
+        tools=[TOOL],
+        max_tokens=96,
+        num_retries=0,
+        **kw,
+    )
+
+
+def test_litellm_completion_runs_a_tool_loop_whole_and_streamed(served):
+    forced = {"type": "function", "function": {"name": "poet_dynasty"}}
+    ask = [{"role": "user", "content": ASK}]
+    whole = _litellm(served, ask, tool_choice=forced)
+    streamed = litellm.stream_chunk_builder(
+        list(_litellm(served, ask, tool_choice=forced, stream=True))
+    )
+    for r in (whole, streamed):
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", r
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "poet_dynasty" and call.id.startswith("call_")
+        assert isinstance(json.loads(call.function.arguments)["poet"], str)
+
+    call = whole.choices[0].message.tool_calls[0]
+    turn = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments},
+            }
+        ],
+    }
+    result = {"role": "tool", "tool_call_id": call.id, "content": "唐"}
+    final = _litellm(served, [*ask, turn, result], tool_choice="none", max_completion_tokens=8)
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(final.choices[0].message.content, str)
+    assert not final.choices[0].message.tool_calls
+    alone = _litellm(served, ask, tool_choice="none", max_completion_tokens=1)
+    assert final.usage.prompt_tokens > alone.usage.prompt_tokens + 5  # the call and result sent
+
+
+def test_litellm_embedding(served):
+    r = litellm.embedding(
+        model="openai/tiny", api_base=served, api_key="x", input=["李白", "杜甫"], num_retries=0
+    )
+    vectors = [d["embedding"] for d in r.data]
+    assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0
+    assert vectors[0] != vectors[1]
