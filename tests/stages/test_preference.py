@@ -234,6 +234,34 @@ def test_each_loss_runs_judged_by_gold_from_its_pinned_first_loss(
     assert info["config"]["loss_type"] == loss
 
 
+@pytest.mark.parametrize("loss", ["kto", "orpo", "simpo"])
+def test_each_loss_trains_lora_adapters_only(loss, tmp_path, tiny_model_path, pref):
+    """With LoRA: only the adapters train (KTO's reference is the adapter disabled; ORPO and SimPO
+    have none), the loss falls, and the merged model differs from the base in the adapted
+    projections only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out, s, metrics = _dpo(
+        tmp_path,
+        tiny_model_path,
+        loss,
+        f"loss_type={loss}",
+        "lora.enabled=true",
+        "lora.r=4",
+        "train.lr=5e-3",
+        "train.batch_size=8",
+        *_data(pref, "train8"),
+    )
+    assert s["trainable_pct"] < 50
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.endswith("proj.weight") for k in changed), sorted(changed)[:5]
+
+
 def test_the_headline_names_the_method_and_reads_the_gold_judge():
     from hanlm.pipeline.headline_rows import stage_headline
 
