@@ -181,3 +181,25 @@ def test_config_template_names_match_the_table():
     from hanlm.data.templates import TEMPLATE_NAMES
 
     assert sorted(TEMPLATE_NAMES) == sorted(("auto", *TEMPLATES))
+
+
+@pytest.mark.parametrize("command", ["serve", "dpo"])
+def test_a_model_without_a_chat_template_is_named_with_what_to_do(tmp_path, capsys, command):
+    """A tokenizer with no chat template and without ChatML's special tokens cannot be served or
+    aligned as a chat model: a clear error naming the model directory and the fix, no traceback,
+    no model written."""
+    from hanlm.modeling import build_model, save_model
+    from hanlm.pipeline import cli
+
+    tok = tiny_tokenizer(template="alpaca")  # adds no special tokens
+    tok.chat_template = None
+    assert "<|im_start|>" not in tok.get_vocab()
+    model = build_model("test", vocab_size=len(tok), max_positions=64)
+    d = save_model(model, tok, tmp_path / "base")
+    out = tmp_path / "out"
+    where = [f"output_dir={out}"] if command == "dpo" else []
+    assert cli.main([command, f"model.path={d}", *where]) != 0
+    err = capsys.readouterr().err
+    assert f"{d}: the tokenizer has no chat template and lacks the chatml chat template's" in err
+    assert "tune this one first (hanlm sft template=chatml)" in err and "Traceback" not in err
+    assert not list(out.glob("*.safetensors"))

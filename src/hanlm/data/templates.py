@@ -244,6 +244,15 @@ def replacement_note(tokenizer: Any, name: str) -> str | None:
     )
 
 
+def _missing(tokenizer: Any, tpl: ChatTemplate) -> list[str]:
+    """The tokens installing `tpl` would add to the tokenizer."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tpl.special if t not in vocab]
+    if tpl.bos and tokenizer.bos_token is None and tpl.bos not in vocab:
+        missing.append(tpl.bos)
+    return missing
+
+
 def apply_template(tokenizer: Any, name: str = "auto") -> list[str]:
     """Install the template on `tokenizer` (adding its special tokens); returns tokens added.
 
@@ -257,13 +266,11 @@ def apply_template(tokenizer: Any, name: str = "auto") -> list[str]:
     note = replacement_note(tokenizer, name)
     if note:
         print(f"[hanlm] note: {note}", file=sys.stderr)
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in tpl.special if t not in vocab]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    missing = _missing(tokenizer, tpl)
+    special = [t for t in tpl.special if t in missing]
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": special})
     if tpl.bos and tokenizer.bos_token is None:
-        if tpl.bos not in tokenizer.get_vocab():
-            missing.append(tpl.bos)
         tokenizer.add_special_tokens({"bos_token": tpl.bos})
     if tokenizer.eos_token is None:
         raise TemplateError(f"the {tpl.name} template needs an EOS token; the tokenizer has none")
@@ -273,11 +280,16 @@ def apply_template(tokenizer: Any, name: str = "auto") -> list[str]:
 
 def require_template(tokenizer: Any, name: str, model_path: str, stage: str) -> None:
     """The template a model that must already be tuned is used with: its own under `auto`."""
-    if apply_template(tokenizer, name):
-        raise TemplateError(
-            f"{model_path}: the tokenizer lacks the {name} chat template's special tokens;"
-            f" {stage} starts from a model tuned with that template (hanlm sft template={name})"
-        )
+    tpl = resolve(tokenizer, name)
+    if tpl is None or not _missing(tokenizer, tpl):
+        apply_template(tokenizer, name)
+        return
+    why = "has no chat template and " if name == "auto" else ""
+    raise TemplateError(
+        f"{model_path}: the tokenizer {why}lacks the {tpl.name} chat template's special tokens;"
+        f" {stage} starts from a chat model: tune this one first (hanlm sft"
+        f" template={tpl.name}), or set template= to one whose tokens it has"
+    )
 
 
 def _probe_eot(tokenizer: Any) -> str | None:
