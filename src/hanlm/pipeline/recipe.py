@@ -98,6 +98,7 @@ class Stage:
     command: str
     config: dict[str, Any]  # as written, with ${...} references unresolved
     needs: list[str]  # earlier stages this one reads
+    if_installed: list[str] = field(default_factory=list)  # packages it runs only with
 
 
 @dataclass
@@ -180,11 +181,16 @@ def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
             raise RecipeError(f"{where}: a stage name is a word (letters, digits, _ and -)")
         if not isinstance(spec, dict) or "command" not in spec:
             raise RecipeError(f"{where}: needs a 'command' (one of {', '.join(COMMANDS)})")
-        extra = set(spec) - {"command", "config"}
+        extra = set(spec) - {"command", "config", "if_installed"}
         if extra:
             raise RecipeError(
-                f"{where}: unknown keys {sorted(map(str, extra))}; use command and config"
+                f"{where}: unknown keys {sorted(map(str, extra))}; use command, config and"
+                " if_installed"
             )
+        packages = spec.get("if_installed") or []
+        packages = [packages] if isinstance(packages, str) else packages
+        if not isinstance(packages, list) or not all(isinstance(x, str) for x in packages):
+            raise RecipeError(f"{where}: 'if_installed' is a package name or a list of them")
         command = spec["command"]
         if not isinstance(command, str) or command not in COMMANDS:
             raise RecipeError(f"{where}: unknown command {command!r} (see hanlm --help)")
@@ -213,7 +219,7 @@ def load_recipe(path: str | Path, run_dir: str = "") -> Recipe:
                     f" so this would be a cycle — move it after '{dep}'"
                 )
             needs.append(dep)
-        stages.append(Stage(name, command, config, sorted(set(needs))))
+        stages.append(Stage(name, command, config, sorted(set(needs)), packages))
     rd = Path(run_dir or raw.get("run_dir") or f"runs/{raw.get('name', path.stem)}")
     return Recipe(raw.get("name", path.stem), path, rd, stages, raw.get("report") or {})
 
@@ -324,6 +330,16 @@ def _read_state(recipe: Recipe) -> dict[str, Any]:
     return state
 
 
+def _installed(package: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
     """For each stage: its action (skip, run, resume, rerun) and why."""
     names = [s.name for s in recipe.stages]
@@ -336,6 +352,12 @@ def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
     forced_from = names.index(cfg.from_stage) if cfg.from_stage else None
     for i, stage in enumerate(recipe.stages):
         config = resolve_config(recipe, stage)
+        absent = [p for p in stage.if_installed if not _installed(p)]
+        if absent:  # its inputs may live in the package it lacks: no fingerprint
+            why = f"needs {', '.join(absent)}, not installed (pip install it)"
+            step = {"stage": stage, "config": config, "fingerprint": "", "action": "skip"}
+            steps.append({**step, "why": why, "absent": absent})
+            continue
         fp = fingerprint(recipe, stage, config, upstream)
         upstream[stage.name] = fp
         prev = state.get(stage.name, {})
@@ -365,12 +387,24 @@ def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
         else:
             action, why = "run", "never run"
         steps.append(
-            {"stage": stage, "config": config, "fingerprint": fp, "action": action, "why": why}
+            {
+                "stage": stage,
+                "config": config,
+                "fingerprint": fp,
+                "action": action,
+                "why": why,
+                "absent": absent,
+            }
         )
     for step in steps:
         if step["action"] in ("run", "rerun", "resume"):
             for dep in step["stage"].needs:
                 dep_step = next(s for s in steps if s["stage"].name == dep)
+                if dep_step["absent"]:
+                    raise RecipeError(
+                        f"stage '{step['stage'].name}' needs the output of '{dep}', which runs"
+                        f" only with {', '.join(dep_step['absent'])} installed; install it"
+                    )
                 if dep_step["action"] == "missing":
                     raise RecipeError(
                         f"stage '{step['stage'].name}' needs the output of '{dep}', which has"
