@@ -259,3 +259,31 @@ def test_report_to_in_a_stage_or_for_every_stage_without_rerunning(tmp_path, fil
     with pytest.raises(RecipeError, match="'comet' is not allowed"):
         plan(load_recipe(recipe(files, tmp_path, sft__train__report_to="comet")), RunConfig())
     assert cli.main(["run", str(path), "report_to=[nope]", "--dry-run"]) == 2
+
+
+def test_a_stage_runs_only_where_its_package_is_installed(tmp_path, files, capsys):
+    """`if_installed:` skips a stage (saying why) where a package is missing, runs it where the
+    package is there, and a stage that reads a skipped one is an error naming the package."""
+    path = recipe(files, tmp_path)
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    spec["stages"]["pretrain"]["if_installed"] = "no-such-package-hanlm"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(RecipeError, match="'pretrain', which runs only with no-such-package-hanlm"):
+        plan(load_recipe(path), RunConfig())
+
+    del spec["stages"]["sft"]
+    spec["stages"]["other"] = {**spec["stages"]["pretrain"], "if_installed": ["pytest"]}
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    steps = {s["stage"].name: s for s in plan(load_recipe(path), RunConfig())}
+    assert steps["pretrain"]["action"] == "skip"
+    assert steps["pretrain"]["why"] == "needs no-such-package-hanlm, not installed (pip install it)"
+    assert steps["other"]["action"] == "run"
+    assert cli.main(["run", str(path), "report=false"]) == 0
+    assert "needs no-such-package-hanlm, not installed" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "pretrain").exists()
+    assert read_run(tmp_path / "run" / "other")["status"] == "complete"
+
+    spec["stages"]["other"]["if_installed"] = {"package": "pytest"}
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(RecipeError, match="'if_installed' is a package name or a list of them"):
+        load_recipe(path)

@@ -357,6 +357,7 @@ def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
             why = f"needs {', '.join(absent)}, not installed (pip install it)"
             step = {"stage": stage, "config": config, "fingerprint": "", "action": "skip"}
             steps.append({**step, "why": why, "absent": absent})
+            upstream[stage.name] = ""
             continue
         fp = fingerprint(recipe, stage, config, upstream)
         upstream[stage.name] = fp
