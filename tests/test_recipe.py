@@ -276,7 +276,9 @@ def test_a_stage_runs_only_where_its_package_is_installed(tmp_path, files, capsy
     path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
     steps = {s["stage"].name: s for s in plan(load_recipe(path), RunConfig())}
     assert steps["pretrain"]["action"] == "skip"
-    assert steps["pretrain"]["why"] == "needs no-such-package-hanlm, not installed (pip install it)"
+    assert steps["pretrain"]["why"] == (
+        "needs no-such-package-hanlm, not installed (pip install --no-deps no-such-package-hanlm)"
+    )
     assert steps["other"]["action"] == "run"
     assert cli.main(["run", str(path), "report=false"]) == 0
     assert "needs no-such-package-hanlm, not installed" in capsys.readouterr().out

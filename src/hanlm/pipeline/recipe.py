@@ -47,6 +47,7 @@ from hanlm.config import (
     read_yaml,
     to_dict,
 )
+from hanlm.data.sources import install_hint
 from hanlm.pipeline.commands import COMMANDS, config_class
 from hanlm.pipeline.report import write_report
 from hanlm.runs import atomic_write_json, atomic_write_text, read_run
@@ -354,7 +355,8 @@ def plan(recipe: Recipe, cfg: RunConfig) -> list[dict[str, Any]]:
         config = resolve_config(recipe, stage)
         absent = [p for p in stage.if_installed if not _installed(p)]
         if absent:  # its inputs may live in the package it lacks: no fingerprint
-            why = f"needs {', '.join(absent)}, not installed (pip install it)"
+            hints = "; ".join(install_hint(p) for p in absent)
+            why = f"needs {', '.join(absent)}, not installed ({hints})"
             step = {"stage": stage, "config": config, "fingerprint": "", "action": "skip"}
             steps.append({**step, "why": why, "absent": absent})
             upstream[stage.name] = ""
