@@ -45,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from serve_vs_llamacpp import answers  # noqa: E402
+from serve_vs_llamacpp import answers, hanlm_answers  # noqa: E402
 
 from hanlm.config import load_config  # noqa: E402
 from hanlm.export.export import DEFAULT_PROMPTS, ExportConfig, run  # noqa: E402
@@ -108,24 +108,7 @@ def expanded(base: str, d: Path) -> Path:
 
 def served(path: str, prompts: list[str]) -> list[str]:
     """`hanlm serve`'s greedy answers on the model itself."""
-    import openai
-
-    from hanlm.serve.api import create_app
-    from hanlm.serve.engine import Engine
-    from hanlm.serve.server import ServeConfig, load
-    from hanlm.testing import ServedApp
-
-    cfg = ServeConfig()
-    cfg.model.path = path
-    model, tok = load(cfg)
-    engine = Engine(model, tok, max_queue=4)
-    app = ServedApp(create_app(engine, model_name="m"))
-    try:
-        client = openai.OpenAI(base_url=app.url + "/v1", api_key="x", max_retries=0, timeout=600)
-        return [a["text"] for a in answers(client, "m", MAX_TOKENS, prompts)]
-    finally:
-        app.close()
-        engine.close()
+    return [a["text"] for a in hanlm_answers(path, MAX_TOKENS, prompts)[0]]
 
 
 def llama_served(gguf: Path, prompts: list[str]) -> list[str]:

