@@ -46,3 +46,17 @@ def summary_declared():
         assert not missing, f"`hanlm {cmd.name}` declares {missing} but its run did not write them"
 
     return check
+
+
+@pytest.fixture
+def offline_trackers(tmp_path, monkeypatch):
+    """wandb in its offline mode and mlflow on a local file store, both under `tmp_path`."""
+    pytest.importorskip("wandb", reason="pip install -e .[dev] installs wandb")
+    pytest.importorskip("mlflow", reason="pip install -e .[dev] installs mlflow-skinny")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no database store
+    (tmp_path / "wandb-dir").mkdir()
+    return tmp_path

@@ -14,7 +14,7 @@ import pytest
 
 from hanlm import console
 from hanlm.config import TRACKER_PACKAGES, ConfigError, TrainConfig, load_config
-from hanlm.testing import tensorboard_scalars
+from hanlm.testing import mlflow_file_runs, tensorboard_scalars, wandb_offline_runs
 
 QA = [("床前明月光的下一句是什么？", "疑是地上霜。"), ("Say hello.", "Hello, world!")]
 # what the libraries print that says nothing to a user, as seen on a verbose console
@@ -246,7 +246,7 @@ def test_report_to_is_checked_before_anything_loads(monkeypatch):
 
 
 def test_trackers_reach_transformers_and_accelerate(tmp_path):
-    """wandb, swanlab and mlflow are not installed here: what reaches the libraries is checked."""
+    """What reaches the libraries for each tracker (swanlab, which is not installed here, included)."""
     from hanlm.trainer import tracker_list, training_args
 
     train = TrainConfig(max_steps=2, report_to=["wandb", "swanlab", "mlflow"])
@@ -322,3 +322,31 @@ def test_pretrain_shows_its_measurement_before_training_as_a_line(tmp_path, tiny
     assert re.search(r"^\[pretrain\] eval before training: loss [\d.]+", out, re.M), out
     assert "[pretrain] eval at step 2/4: loss " in out and "[pretrain] trained 4 steps in " in out
     assert out.count("[pretrain] eval") == 3  # before, at 2 and at 4; not the final re-measure
+
+
+def test_sft_reports_to_wandb_and_mlflow_offline(offline_trackers, tiny_model_path, chats):
+    """transformers' wandb and mlflow callbacks get each step's loss and each evaluation; two
+    stages in one process (as in a recipe) are two runs in each tracker, both ended."""
+    from hanlm.train.sft import SFTConfig, run
+
+    root = offline_trackers
+    args = sft_args(tiny_model_path, chats, root / "first", "train.report_to=[wandb, mlflow]")
+    run(load_config(SFTConfig, None, [*args, "train.logging_steps=1", "train.lr=5e-3"]))
+    args = sft_args(tiny_model_path, chats, root / "second", "train.report_to=[wandb, mlflow]")
+    run(load_config(SFTConfig, None, [*args, "train.max_steps=2", "train.eval_steps=2"]))
+
+    (first, code1), (second, code2) = wandb_offline_runs(root / "wandb-dir")  # two runs, both ended
+    assert (code1, code2) == (0, 0)
+    wb_loss = [(r["train/global_step"], r["train/loss"]) for r in first if "train/loss" in r]
+    assert [s for s, _ in wb_loss] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/global_step"] for r in first if "eval/loss" in r] == [3, 6]
+    assert max(r.get("train/global_step", 0) for r in second) == 2
+    runs = mlflow_file_runs(root / "mlruns", "loss")
+    assert [(name, status) for name, status, _ in runs] == [
+        ("first", "FINISHED"),
+        ("second", "FINISHED"),
+    ]
+    loss = runs[0][2]
+    assert [s for s, _ in loss] == [1, 2, 3, 4, 5, 6] and len({v for _, v in loss}) > 1
+    assert [v for _, v in wb_loss] == pytest.approx([v for _, v in loss])  # one curve, twice
+    assert [s for s, _ in mlflow_file_runs(root / "mlruns", "eval_loss")[0][2]] == [3, 6]

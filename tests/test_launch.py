@@ -157,3 +157,40 @@ def test_a_loop_fills_the_auto_values_from_train(tmp_path, capsys):
     zero = got["zero_optimization"]
     assert zero["stage"] == 3 and "auto" not in zero.values()
     assert got["zero_allow_untested_optimizer"] is True
+
+
+LEAVER = """
+import atexit, sys
+import torch.distributed as dist
+from hanlm.compat import keep_process_group, leave_process
+
+if len(sys.argv) > 1:  # under torchrun
+    dist.init_process_group("gloo")
+keep_process_group()
+atexit.register(lambda: print("interpreter teardown ran", flush=True))
+print("work done", end="")  # left in the buffer: leave_process must flush it
+sys.exit(leave_process(0 if len(sys.argv) > 1 else 3))
+"""
+
+
+def test_a_torchrun_process_leaves_without_destroying_its_process_group(tmp_path):
+    """A process of a multi-process job keeps its process group (torch's gloo teardown can hang:
+    see hanlm.compat) and leaves with os._exit, its buffered output flushed; a single process
+    exits normally, with its exit code and interpreter teardown."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert alone.returncode == 3 and alone.stdout == "work doneinterpreter teardown ran\n"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    job = subprocess.run(
+        [*cmd, str(script), "torchrun"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert job.stdout.count("work done") == 2 and "teardown" not in job.stdout

@@ -2,7 +2,7 @@
 
 import sys
 
-from hanlm.pipeline.cli import main
+from hanlm.pipeline.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

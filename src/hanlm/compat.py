@@ -18,6 +18,13 @@ against and fails loudly, with what to do, on a version where the internal is go
   of an 8k vocabulary, more than the demo model's forward pass). `hanlm serve` gives the manager
   its own processors, the last of which draws the token itself (one random number per row), and
   runs the manager's arg-max path. The manager offers no public way to pass processors.
+- `keep_process_group` / `leave_process`: not an internal but a torch defect (seen on 2.13, no
+  released fix). Under torchrun with gloo, destroying the process group (when DDP's reducer is
+  freed as a stage returns) joins gloo's worker threads while the GIL is held, and a worker
+  still freeing a finished collective's tensor that was made in Python waits for the GIL: the
+  process hangs after its work is done (on busy cores, after PPO's last barrier). A command of
+  a multi-process run keeps the group alive, and its process leaves with `os._exit` once every
+  output is written and closed, so the group is never destroyed in a live interpreter.
 
 pyproject.toml caps transformers, trl and accelerate below the next minor version after the last
 one checked here (a fresh install must not pick a release nobody has read these internals on);
@@ -27,6 +34,9 @@ in the new release, widen the range here, raise the cap, run the tests.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -123,3 +133,28 @@ def batching_logits_processors(manager: Any, processors: list[Any]) -> None:
     manager.logit_processor = ContinuousBatchingLogitsProcessorList(
         LogitsProcessorList(processors), per_request_processors=True
     )
+
+
+_KEPT_GROUPS: list[Any] = []
+
+
+def keep_process_group() -> None:
+    """Hold the default process group of a run of several processes for the life of this
+    process (see the module's docstring); nothing for a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = dist.group.WORLD
+        if group is not None and all(g is not group for g in _KEPT_GROUPS):
+            _KEPT_GROUPS.append(group)
+
+
+def leave_process(code: int) -> int:
+    """For the command line's entry points: a process that kept its process group flushes its
+    output and leaves at once with `code`; any other returns `code` to exit normally."""
+    if not _KEPT_GROUPS:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from hanlm import console
-from hanlm.config import InputError, LoraConfig, to_dict
+from hanlm.config import InputError, LoraConfig, end_tracker_runs, to_dict
 from hanlm.modeling import finish_lora
 from hanlm.modeling import save_model as _save_model
 
@@ -348,6 +348,7 @@ class Run:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.main:
             return
+        end_tracker_runs(f"{exc_type.__name__}: {exc}" if exc_type else None)  # the stage's runs
         # a rejected input leaves nothing behind: no directory that held only this run's records
         if isinstance(exc, InputError) and self._fresh and set(os.listdir(self.dir)) <= self._own:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,64 @@ def tensorboard_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return {tag: sorted(points) for tag, points in out.items()}
+
+
+def wandb_offline_history(run_file: str | Path) -> tuple[list[dict[str, Any]], int | None]:
+    """The history rows ({key: value}, `_step` included) and the exit code of an offline wandb
+    run, read from its `run-*.wandb` file: a 7-byte header, then records laid out as in
+    LevelDB's log (4-byte CRC, 2-byte length, 1-byte type, in 32 KiB blocks), each record a
+    `wandb_internal_pb2.Record`. The exit code is None while the run was not finished."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{run_file}: not a wandb run file")
+    rows: list[dict[str, Any]] = []
+    exit_code, pos, chunks = None, 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (2, 3):  # the first or a middle part of a record split across blocks
+            continue
+        record = pb.Record.FromString(chunks)
+        chunks = b""
+        if record.HasField("history"):
+            rows.append(
+                {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in record.history.item
+                }
+            )
+        elif record.HasField("exit"):
+            exit_code = record.exit.exit_code
+    return rows, exit_code
+
+
+def wandb_offline_runs(wandb_dir: str | Path) -> list[tuple[list[dict[str, Any]], int | None]]:
+    """(history rows, exit code) of each offline wandb run under `wandb_dir` (its WANDB_DIR),
+    oldest first."""
+    files = sorted((Path(wandb_dir) / "wandb").glob("offline-run-*/*.wandb"))
+    return [wandb_offline_history(f) for f in files]
+
+
+def mlflow_file_runs(
+    store: str | Path, metric: str
+) -> list[tuple[str, str, list[tuple[int, float]]]]:
+    """(name, status, [(step, value)] of `metric`) of each run in mlflow's file store `store`
+    (every experiment), oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(Path(store).as_uri())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    out = []
+    for r in client.search_runs(experiments, order_by=["attributes.start_time ASC"]):
+        history = client.get_metric_history(r.info.run_id, metric)
+        out.append((r.info.run_name, r.info.status, [(m.step, m.value) for m in history]))
+    return out

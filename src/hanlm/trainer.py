@@ -20,6 +20,7 @@ from typing import Any
 
 from hanlm import console
 from hanlm.compat import (
+    keep_process_group,
     load_trainer_checkpoint,
     set_trl_token_count,
     trl_token_count,
@@ -374,6 +375,7 @@ def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
         if hasattr(cb, "trainer"):
             cb.trainer = trainer
     use_progress_line(trainer)
+    keep_process_group()  # under torchrun, never destroyed in this process: see hanlm.compat
     extra = Path(checkpoint) / EXTRA_STATE if checkpoint else None
     if extra is not None and extra.is_file():
         saved = json.loads(extra.read_text(encoding="utf-8"))

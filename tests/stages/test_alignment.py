@@ -616,3 +616,22 @@ def test_ppo_reports_to_tensorboard_through_accelerate(tmp_path, tiny_model_path
     assert len({v for _, v in scalars["pg_loss"]}) > 1  # the curve moves
     assert [s for s, _ in scalars["eval_score"]] == [0, 2, 3]  # before training, then when due
     assert [s for s, _ in scalars["lr"]] == [1, 2, 3]
+
+
+def test_ppo_reports_to_wandb_and_mlflow_through_accelerate(
+    offline_trackers, tiny_model_path, pref
+):
+    """PPO's loop logs each step and each evaluation with accelerate's wandb and mlflow trackers
+    (offline), in runs named after the run directory, ended with the stage."""
+    from hanlm.testing import mlflow_file_runs, wandb_offline_runs
+
+    out = offline_trackers / "ppo-run"
+    argv = ppo_argv(tiny_model_path, pref, out, "train.report_to=[wandb, mlflow]")
+    assert cli.main(["ppo", *argv]) == 0
+    [(rows, code)] = wandb_offline_runs(offline_trackers / "wandb-dir")
+    assert code == 0
+    assert [r["_step"] for r in rows if "score" in r] == [1, 2, 3]
+    assert [r["_step"] for r in rows if "eval_score" in r] == [0, 2, 3]
+    [(name, status, score)] = mlflow_file_runs(offline_trackers / "mlruns", "score")
+    assert (name, status) == ("ppo-run", "FINISHED") and [s for s, _ in score] == [1, 2, 3]
+    assert [v for _, v in score] == pytest.approx([r["score"] for r in rows if "score" in r])

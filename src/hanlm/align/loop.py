@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hanlm.compat import reset_accelerator_state
+from hanlm.compat import keep_process_group, reset_accelerator_state
 from hanlm.modeling import pick_precision
 from hanlm.runs import Run
 from hanlm.trainer import check_world, env_true, tracker_list
@@ -96,6 +96,7 @@ def loop_accelerator(
             " (DDP), and for DeepSpeed ZeRO add train.deepspeed=configs/deepspeed/zero2.json"
         )
     check_world(acc.num_processes, command)
+    keep_process_group()  # never destroyed in this process: see hanlm.compat
     return acc
 
 

@@ -4,6 +4,7 @@ errors bad input raises, and `opt`, which gives each field its help line."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -231,6 +232,26 @@ def check_trackers(names: list[str]) -> None:
                 f"train.report_to={name} needs the {package} package, which is not installed:"
                 f" pip install {package}"
             )
+
+
+def end_tracker_runs(error: str | None = None) -> None:
+    """End the wandb, mlflow and swanlab runs this process still has open (transformers leaves
+    wandb's and swanlab's open after training), marked failed with `error`: each stage of a
+    recipe is then its own run in them, not merged into the first stage's run (wandb) or
+    refused (swanlab). A tracker whose package was never imported is left alone."""
+    wandb, mlflow, swanlab = (sys.modules.get(m) for m in ("wandb", "mlflow", "swanlab"))
+    try:
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish(exit_code=1 if error else 0)
+        if mlflow is not None and hasattr(mlflow, "active_run") and mlflow.active_run():
+            mlflow.end_run(status="FAILED" if error else "FINISHED")
+        if swanlab is not None and hasattr(swanlab, "has_run") and swanlab.has_run():
+            if error:
+                swanlab.finish(state="crashed", error=error)
+            else:
+                swanlab.finish()
+    except Exception as e:  # a tracker that cannot close (its server is gone) fails no stage
+        print(f"[hanlm] warning: ending the experiment tracker's run failed: {e}", file=sys.stderr)
 
 
 def zero_stage(train: TrainConfig) -> int | None:

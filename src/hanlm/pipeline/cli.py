@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hanlm import __version__, console
+from hanlm.compat import leave_process
 from hanlm.config import (
     ConfigError,
     ModelConfig,
@@ -209,5 +210,11 @@ def fields_of(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(config_class(name))]
 
 
+def entry() -> int:
+    """The `hanlm` script and `python -m hanlm`: `main` on the process's arguments; a process of
+    a torchrun job leaves through `compat.leave_process`."""
+    return leave_process(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())
