@@ -59,4 +59,7 @@ def offline_trackers(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no database store
     (tmp_path / "wandb-dir").mkdir()
-    return tmp_path
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # wandb reads its settings (WANDB_DIR) once per process, at its set-up
+    yield tmp_path
+    wandb.teardown()

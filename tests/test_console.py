@@ -350,3 +350,26 @@ def test_sft_reports_to_wandb_and_mlflow_offline(offline_trackers, tiny_model_pa
     assert [s for s, _ in loss] == [1, 2, 3, 4, 5, 6] and len({v for _, v in loss}) > 1
     assert [v for _, v in wb_loss] == pytest.approx([v for _, v in loss])  # one curve, twice
     assert [s for s, _ in mlflow_file_runs(root / "mlruns", "eval_loss")[0][2]] == [3, 6]
+
+
+def test_sft_reports_to_swanlab_offline(tmp_path, monkeypatch, tiny_model_path, chats):
+    """Where swanlab is installed (not in the dev extra: it requires protobuf < 7): two stages in
+    one process are two offline SwanLab runs, each with its own stage's config."""
+    pytest.importorskip("swanlab", reason="swanlab is not installed (it requires protobuf < 7)")
+    import yaml
+
+    from hanlm.train.sft import SFTConfig, run
+
+    monkeypatch.setenv("SWANLAB_MODE", "offline")
+    monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlog"))
+    for name, steps in (("first", 4), ("second", 2)):
+        args = sft_args(tiny_model_path, chats, tmp_path / name, "train.report_to=swanlab")
+        run(load_config(SFTConfig, None, [*args, f"train.max_steps={steps}"]))
+    runs = sorted((tmp_path / "swanlog").glob("run-*"))
+    configs = [yaml.safe_load((r / "files" / "config.yaml").read_text()) for r in runs]
+    names = [
+        c["run_name"]["value"] if isinstance(c["run_name"], dict) else c["run_name"]
+        for c in configs
+    ]
+    assert names == ["first", "second"]  # one run: the second stage logged into the first
+    assert all(list(r.glob("run-*.swanlab")) for r in runs)

@@ -18,6 +18,10 @@ against and fails loudly, with what to do, on a version where the internal is go
   of an 8k vocabulary, more than the demo model's forward pass). `hanlm serve` gives the manager
   its own processors, the last of which draws the token itself (one random number per row), and
   runs the manager's arg-max path. The manager offers no public way to pass processors.
+- `open_swanlab_run`: transformers' SwanLab callback (read on 5.25) asks `swanlab.get_run()`
+  whether a run is open, and swanlab 0.10 raises when none is instead of returning None, so
+  `train.report_to=swanlab` failed as training began. hanlm opens the run the callback would
+  open (named after the run, in `SWANLAB_PROJECT`) just before, and the callback uses it.
 - `keep_process_group` / `leave_process`: not an internal but a torch defect (seen on 2.13, no
   released fix). Under torchrun with gloo, destroying the process group (when DDP's reducer is
   freed as a stage returns) joins gloo's worker threads while the GIL is held, and a worker
@@ -133,6 +137,17 @@ def batching_logits_processors(manager: Any, processors: list[Any]) -> None:
     manager.logit_processor = ContinuousBatchingLogitsProcessorList(
         LogitsProcessorList(processors), per_request_processors=True
     )
+
+
+def open_swanlab_run(args: Any) -> None:
+    """Open the SwanLab run transformers' callback would open, where `args.report_to` names
+    swanlab (main process; see the module's docstring)."""
+    if "swanlab" not in (args.report_to or []) or args.process_index != 0:
+        return
+    import swanlab
+
+    if hasattr(swanlab, "has_run") and not swanlab.has_run():
+        swanlab.init(experiment_name=args.run_name, project=os.getenv("SWANLAB_PROJECT"))
 
 
 _KEPT_GROUPS: list[Any] = []

@@ -22,6 +22,7 @@ from hanlm import console
 from hanlm.compat import (
     keep_process_group,
     load_trainer_checkpoint,
+    open_swanlab_run,
     set_trl_token_count,
     trl_token_count,
 )
@@ -376,6 +377,7 @@ def run_trainer(trainer: Any, checkpoint: str | None) -> Any:
             cb.trainer = trainer
     use_progress_line(trainer)
     keep_process_group()  # under torchrun, never destroyed in this process: see hanlm.compat
+    open_swanlab_run(trainer.args)
     extra = Path(checkpoint) / EXTRA_STATE if checkpoint else None
     if extra is not None and extra.is_file():
         saved = json.loads(extra.read_text(encoding="utf-8"))

@@ -237,8 +237,8 @@ def check_trackers(names: list[str]) -> None:
 def end_tracker_runs(error: str | None = None) -> None:
     """End the wandb, mlflow and swanlab runs this process still has open (transformers leaves
     wandb's and swanlab's open after training), marked failed with `error`: each stage of a
-    recipe is then its own run in them, not merged into the first stage's run (wandb) or
-    refused (swanlab). A tracker whose package was never imported is left alone."""
+    recipe is then its own run in them, not logged into the first stage's run. A tracker whose
+    package was never imported is left alone."""
     wandb, mlflow, swanlab = (sys.modules.get(m) for m in ("wandb", "mlflow", "swanlab"))
     try:
         if wandb is not None and getattr(wandb, "run", None) is not None:
