@@ -107,11 +107,23 @@ def _free_port() -> int:
 class LlamaServer:
     """`llama-server` on one GGUF, on a free local port, for the length of a `with` block."""
 
-    def __init__(self, bin_dir: Path, gguf: Path, ctx: int = 2048, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        bin_dir: Path,
+        gguf: Path,
+        ctx: int = 2048,
+        timeout: float = 120.0,
+        threads: int = 1,
+        parallel: int = 1,
+    ) -> None:
+        """One thread and one slot by default, so parity checks are repeatable; `threads` and
+        `parallel` (slots, each `ctx` tokens) for a server that answers many requests."""
         self.binary = bin_dir / SERVER
         self.gguf = gguf
         self.ctx = ctx
         self.timeout = timeout
+        self.threads = threads
+        self.parallel = parallel
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self._log: Any = None
@@ -129,7 +141,8 @@ class LlamaServer:
         cmd = [
             str(self.binary),
             *("-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port)),
-            *("-t", "1", "-tb", "1", "-c", str(self.ctx), "-np", "1"),
+            *("-t", str(self.threads), "-tb", str(self.threads), "-np", str(self.parallel)),
+            *("-c", str(self.ctx * self.parallel)),
             *("-ctk", "f32", "-ctv", "f32", "-fa", "off", "--jinja", "--no-webui", "--no-warmup"),
         ]
         try:
