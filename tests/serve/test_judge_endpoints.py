@@ -20,7 +20,7 @@ import pytest
 
 from hanlm.eval import judge_stats
 from hanlm.eval.judge import EMBEDDED, JudgeConfig, load_questions, run
-from hanlm.eval.judge_prompts import parse_score, parse_verdict
+from hanlm.eval.judge_prompts import pair_messages, parse_score, parse_verdict, single_messages
 from hanlm.testing import ServedApp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ class Script:
             if text in self.seen:
                 return "重新按格式给出：[[6]]"
             self.seen.add(text)
-            return "评分：[6]"
+            return "评分：六分"
         if kinds[0] == "two":
             return "可以是[[3]]，也可以是[[8]]。"
         if "first" in kinds:
@@ -143,13 +143,33 @@ def _headline(out: Path):
 def test_verdict_parsers_take_only_one_clear_verdict():
     assert parse_score("好。[[7]]") == 7.0
     assert parse_score("[[ 8.5 ]] 再说一次 [[8.5]]") == 8.5
-    assert parse_score("评分：[7]") is None  # not the fixed form
+    assert parse_score("我给它7分。") is None  # prose: not the form
     assert parse_score("[[3]] 或 [[8]]") is None  # two different grades: never guessed
     assert parse_score("[[11]]") is None and parse_score("[[0]]") is None
     assert parse_verdict("A更好 [[A]]") == "A"
     assert parse_verdict("[[C]]") == "tie"
     assert parse_verdict("[[A]] 不，[[B]]") is None
     assert parse_verdict("A更好") is None
+    assert parse_verdict("Therefore, the verdict is A.") is None
+
+
+def test_the_reply_forms_last_line_counts_and_an_echo_of_the_form_does_not():
+    """The prompts end with the reply's form; a judge that fills it in (brackets or not) gives
+    a verdict, one that copies the form back gives none."""
+    assert parse_score("评语：切题，但有错。\n评分：7") == 7.0
+    assert parse_score("Comment: fine.\n\nGrade: [[9]]") == 9.0
+    assert parse_score("评语：好。\n评分：[7]。") == 7.0
+    assert parse_score("评语：好。\n评分：7 或 8") is None
+    assert parse_verdict("比较：A对B错。\n结论：A") == "A"
+    assert parse_verdict("Comparison: both wrong.\n\nVerdict: C") == "tie"
+    assert parse_verdict("结论：[[B]]") == "B"
+    pair_form = pair_messages("zh", ["问"], ["甲"], ["乙"], 1)[1]["content"].splitlines()[-1]
+    single_form = single_messages("en", ["q"], ["a"], 1)[1]["content"].splitlines()[-1]
+    assert pair_form.startswith("结论") and parse_verdict(pair_form) is None
+    assert single_form.startswith("Grade") and parse_score(single_form) is None
+    for lang in ("zh", "en"):  # the material comes before the form
+        text = pair_messages(lang, ["问"], ["甲的回答"], ["乙的回答"], 1)[1]["content"]
+        assert text.index("乙的回答") < text.rindex("[[A]]")
 
 
 def test_both_orders_must_agree_for_a_win():

@@ -5,8 +5,9 @@ file) -> each answering model's answers, from an endpoint (`hanlm serve` or any 
 second turn is asked with the first turn's answer in the history, at MT-bench's temperature for
 the category) or from a file -> the judge's verdicts -> tables and trust figures.
 
-- `mode=single`: the judge grades each answer 1-10 (`[[7]]`); for math, reasoning and coding it
-  sees the reference answer; for the second turn, the whole conversation.
+- `mode=single`: the judge grades each answer 1-10 (`[[7]]`, or `评分：7` on the reply form's
+  last line); for math, reasoning and coding it sees the reference answer; for the second turn,
+  the whole conversation.
 - `mode=pairwise`: the judge compares the answers of `a` and `b` twice, once in each order; a
   model wins only when both orders say so, anything else is a tie (MT-bench). How often the two
   orders disagree is the judge's *position bias*.

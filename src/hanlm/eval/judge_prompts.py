@@ -26,31 +26,42 @@ SYSTEM = {
 _SINGLE = {
     "zh": (
         "请评价下面AI助手{which}的质量。综合考虑回答是否有用、切题、准确，是否有深度和创意，"
-        "细节是否充分。{ref_note}先用几句话写出简短、客观的评语，然后严格按照“[[评分]]”的格式"
-        "给出1到10之间的整数评分，例如：[[6]]。"
+        "细节是否充分。{ref_note}先写几句简短、客观的评语，再给出1到10之间的整数评分。"
     ),
     "en": (
         "Grade the quality of {which} below. Weigh how helpful, relevant and accurate it is, its"
         " depth, creativity and level of detail. {ref_note}First write a short, objective comment"
-        " in a few sentences, then give an integer grade from 1 to 10 in exactly the form"
-        ' "[[grade]]", for example: [[6]].'
+        " in a few sentences, then give an integer grade from 1 to 10."
     ),
 }
 _PAIR = {
     "zh": (
         "请比较两位AI助手{which}，判断哪一个更好。综合考虑回答是否有用、切题、准确，是否有深度和"
         "创意，细节是否充分。{ref_note}不要让两个回答出现的先后顺序、回答的长短或助手的名称影响"
-        "你的判断，尽量客观。先简要比较两者，然后严格按格式给出结论：助手A更好写“[[A]]”，"
-        "助手B更好写“[[B]]”，两者不相上下写“[[C]]”。"
+        "你的判断，尽量客观。先简要比较两者，再给出结论：A（助手A更好）、B（助手B更好）或"
+        "C（两者不相上下）。"
     ),
     "en": (
         "Compare {which} of two AI assistants and decide which is better. Weigh how helpful,"
         " relevant and accurate each is, its depth, creativity and level of detail. {ref_note}"
         "Do not let the order in which the answers appear, their length or the assistants' names"
         " sway you; be as objective as you can. First compare the two briefly, then give your"
-        ' verdict in exactly this form: "[[A]]" if assistant A is better, "[[B]]" if assistant B'
-        ' is better, "[[C]]" for a tie.'
+        " verdict: A (assistant A is better), B (assistant B is better) or C (a tie)."
     ),
+}
+# The form of the reply, given after the material: small judges copy a verdict written out in
+# full ("[[A]]" if ...) instead of giving one, so the form names the choices without one.
+_FORM = {
+    ("zh", "single"): "请按以下格式回答：\n评语：（几句话）\n评分：[[1到10之间的一个整数]]",
+    ("zh", "pair"): "请按以下格式回答：\n比较：（一两句话）\n结论：[[A]]、[[B]]、[[C]] 三者选一",
+    (
+        "en",
+        "single",
+    ): "Reply in this form:\nComment: (a few sentences)\nGrade: [[an integer from 1 to 10]]",
+    (
+        "en",
+        "pair",
+    ): "Reply in this form:\nComparison: (a sentence or two)\nVerdict: one of [[A]], [[B]], [[C]]",
 }
 _WHICH = {  # (single turn, second turn) x (single, pair)
     "zh": {
@@ -151,8 +162,11 @@ def single_messages(
     else:
         conversation = _conversation(lang, questions[:2], answers[:2])
         body = [_block(lang, t["the_conversation"], conversation)]
-    text = "\n\n".join([intro, *_references(lang, turn, reference), *body])
-    return [{"role": "system", "content": SYSTEM[lang]}, {"role": "user", "content": text}]
+    parts = [intro, *_references(lang, turn, reference), *body, _FORM[lang, "single"]]
+    return [
+        {"role": "system", "content": SYSTEM[lang]},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
 
 
 def pair_messages(
@@ -180,18 +194,30 @@ def pair_messages(
             _block(lang, t["conversation"].format(x=x), _conversation(lang, questions[:2], ans[:2]))
             for x, ans in (("A", first), ("B", second))
         ]
-    text = "\n\n".join([intro, *_references(lang, turn, reference), *body])
-    return [{"role": "system", "content": SYSTEM[lang]}, {"role": "user", "content": text}]
+    parts = [intro, *_references(lang, turn, reference), *body, _FORM[lang, "pair"]]
+    return [
+        {"role": "system", "content": SYSTEM[lang]},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
 
 
 _SCORE = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# The reply form's own last line ("评分：7", "Verdict: [[A]]"): the label, then the grade or the
+# letter alone, its brackets optional. Prose around a verdict ("so A is better") is not read.
+_SCORE_LINE = re.compile(
+    r"^\s*(?:评分|grade)\s*[:：]\s*\[{0,2}\s*(\d+(?:\.\d+)?)\s*\]{0,2}\s*[。.]?\s*$", re.M | re.I
+)
+_VERDICT_LINE = re.compile(
+    r"^\s*(?:结论|verdict)\s*[:：]\s*\[{0,2}\s*([ABC])\s*\]{0,2}\s*[。.]?\s*$", re.M | re.I
+)
 
 
 def parse_score(text: str) -> float | None:
-    """The grade in `[[n]]` (1-10); None when there is none, several that differ, or one out of
-    range."""
-    found = {float(m) for m in _SCORE.findall(text or "")}
+    """The grade in `[[n]]` or on the form's `评分：n` / `Grade: n` line (1-10); None when there
+    is none, several that differ, or one out of range."""
+    text = text or ""
+    found = {float(m) for m in _SCORE.findall(text) + _SCORE_LINE.findall(text)}
     if len(found) != 1:
         return None
     score = found.pop()
@@ -199,9 +225,10 @@ def parse_score(text: str) -> float | None:
 
 
 def parse_verdict(text: str) -> str | None:
-    """ "A", "B" or "tie" from `[[A]]`, `[[B]]`, `[[C]]`; None when there is none or several that
-    differ."""
-    found = set(_VERDICT.findall(text or ""))
+    """ "A", "B" or "tie" from `[[A]]`, `[[B]]`, `[[C]]` or the form's `结论：A` / `Verdict: A`
+    line; None when there is none or several that differ."""
+    text = text or ""
+    found = set(_VERDICT.findall(text) + _VERDICT_LINE.findall(text))
     if len(found) != 1:
         return None
     v = found.pop()
