@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hanlm.eval import judge_stats
+from hanlm.eval import judge_prompts, judge_stats
 from hanlm.eval.judge import EMBEDDED, JudgeConfig, load_questions, run
 from hanlm.eval.judge_prompts import pair_messages, parse_score, parse_verdict, single_messages
 from hanlm.testing import ServedApp
@@ -158,18 +158,23 @@ def test_the_reply_forms_last_line_counts_and_an_echo_of_the_form_does_not():
     a verdict, one that copies the form back gives none."""
     assert parse_score("评语：切题，但有错。\n评分：7") == 7.0
     assert parse_score("Comment: fine.\n\nGrade: [[9]]") == 9.0
-    assert parse_score("评语：好。\n评分：[7]。") == 7.0
+    assert parse_score("评语：好。评分：[7]。") == 7.0
     assert parse_score("评语：好。\n评分：7 或 8") is None
     assert parse_verdict("比较：A对B错。\n结论：A") == "A"
+    assert parse_verdict("比较：都对。结论：B（助手B更好）") == "B"
+    assert parse_verdict("结论：A、B、C 三者选一") is None and parse_verdict("x结论：A") is None
     assert parse_verdict("Comparison: both wrong.\n\nVerdict: C") == "tie"
     assert parse_verdict("结论：[[B]]") == "B"
     pair_form = pair_messages("zh", ["问"], ["甲"], ["乙"], 1)[1]["content"].splitlines()[-1]
     single_form = single_messages("en", ["q"], ["a"], 1)[1]["content"].splitlines()[-1]
     assert pair_form.startswith("结论") and parse_verdict(pair_form) is None
     assert single_form.startswith("Grade") and parse_score(single_form) is None
+    for lang, mode in judge_prompts.REPLY_FORM:  # a form copied back is no verdict
+        form = judge_prompts.REPLY_FORM[lang, mode]
+        assert parse_verdict(form) is None and parse_score(form) is None
     for lang in ("zh", "en"):  # the material comes before the form
         text = pair_messages(lang, ["问"], ["甲的回答"], ["乙的回答"], 1)[1]["content"]
-        assert text.index("乙的回答") < text.rindex("[[A]]")
+        assert text.index("乙的回答") < text.rindex("[[X]]")
 
 
 def test_both_orders_must_agree_for_a_win():

@@ -51,17 +51,16 @@ _PAIR = {
 }
 # The form of the reply, given after the material: small judges copy a verdict written out in
 # full ("[[A]]" if ...) instead of giving one, so the form names the choices without one.
-_FORM = {
-    ("zh", "single"): "请按以下格式回答：\n评语：（几句话）\n评分：[[1到10之间的一个整数]]",
-    ("zh", "pair"): "请按以下格式回答：\n比较：（一两句话）\n结论：[[A]]、[[B]]、[[C]] 三者选一",
-    (
-        "en",
-        "single",
-    ): "Reply in this form:\nComment: (a few sentences)\nGrade: [[an integer from 1 to 10]]",
+REPLY_FORM = {
+    ("zh", "single"): "请按以下格式回答：\n评语：（几句话）\n评分：[[n]]（n 为1到10之间的整数）",
+    ("zh", "pair"): "请按以下格式回答：\n比较：（一两句话）\n结论：[[X]]（X 为 A、B 或 C）",
+    ("en", "single"): (
+        "Reply in this form:\nComment: (a few sentences)\nGrade: [[n]] (n an integer from 1 to 10)"
+    ),
     (
         "en",
         "pair",
-    ): "Reply in this form:\nComparison: (a sentence or two)\nVerdict: one of [[A]], [[B]], [[C]]",
+    ): "Reply in this form:\nComparison: (a sentence or two)\nVerdict: [[X]] (X is A, B or C)",
 }
 _WHICH = {  # (single turn, second turn) x (single, pair)
     "zh": {
@@ -162,7 +161,7 @@ def single_messages(
     else:
         conversation = _conversation(lang, questions[:2], answers[:2])
         body = [_block(lang, t["the_conversation"], conversation)]
-    parts = [intro, *_references(lang, turn, reference), *body, _FORM[lang, "single"]]
+    parts = [intro, *_references(lang, turn, reference), *body, REPLY_FORM[lang, "single"]]
     return [
         {"role": "system", "content": SYSTEM[lang]},
         {"role": "user", "content": "\n\n".join(parts)},
@@ -194,7 +193,7 @@ def pair_messages(
             _block(lang, t["conversation"].format(x=x), _conversation(lang, questions[:2], ans[:2]))
             for x, ans in (("A", first), ("B", second))
         ]
-    parts = [intro, *_references(lang, turn, reference), *body, _FORM[lang, "pair"]]
+    parts = [intro, *_references(lang, turn, reference), *body, REPLY_FORM[lang, "pair"]]
     return [
         {"role": "system", "content": SYSTEM[lang]},
         {"role": "user", "content": "\n\n".join(parts)},
@@ -203,13 +202,18 @@ def pair_messages(
 
 _SCORE = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
-# The reply form's own last line ("评分：7", "Verdict: [[A]]"): the label, then the grade or the
-# letter alone, its brackets optional. Prose around a verdict ("so A is better") is not read.
+# The reply form's verdict line ("评分：7", "结论：B（助手B更好）", "Verdict: [[A]]"), at the start
+# of a line or after a sentence: the label, then the grade or the letter alone (brackets
+# optional), then the end, a full stop or a parenthesis. Prose ("so A is better") is not read.
+_AFTER = r"(?=\s*(?:$|[。.，,;；（(]))"
 _SCORE_LINE = re.compile(
-    r"^\s*(?:评分|grade)\s*[:：]\s*\[{0,2}\s*(\d+(?:\.\d+)?)\s*\]{0,2}\s*[。.]?\s*$", re.M | re.I
+    r"(?:^|(?<=[。.！!\s]))(?:评分|grade)\s*[:：]\s*\[{0,2}\s*(\d+(?:\.\d+)?)\s*\]{0,2}\s*分?"
+    + _AFTER,
+    re.M | re.I,
 )
 _VERDICT_LINE = re.compile(
-    r"^\s*(?:结论|verdict)\s*[:：]\s*\[{0,2}\s*([ABC])\s*\]{0,2}\s*[。.]?\s*$", re.M | re.I
+    r"(?:^|(?<=[。.！!\s]))(?:结论|verdict)\s*[:：]\s*\[{0,2}\s*([ABC])\s*\]{0,2}" + _AFTER,
+    re.M | re.I,
 )
 
 
