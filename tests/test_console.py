@@ -189,9 +189,9 @@ def test_progress_plain_lines_are_throttled_with_eta(monkeypatch):
     p.note("eval at step 100/100: loss 4.2")
     p.close("trained 100 steps in 50s")
     lines = out.getvalue().splitlines()
-    assert lines[0] == "[sft] step 5/100  loss 4.95  lr 3.00e-03  0.50 s/step  ETA 48s"
-    assert lines[1] == "[sft] step 25/100  loss 4.75  lr 3.00e-03  0.50 s/step  ETA 38s"
-    assert lines[-3] == "[sft] step 100/100  loss 4  lr 3.00e-03  0.50 s/step  ETA 0s"
+    assert lines[0] == "[sft] step 5/100  loss 4.95  lr 3.00e-03  0.50s/step  ETA 48s"
+    assert lines[1] == "[sft] step 25/100  loss 4.75  lr 3.00e-03  0.50s/step  ETA 38s"
+    assert lines[-3] == "[sft] step 100/100  loss 4  lr 3.00e-03  0.50s/step  ETA 0s"
     assert lines[-2:] == ["[sft] eval at step 100/100: loss 4.2", "[sft] trained 100 steps in 50s"]
     # the first, then every 10 s (20 steps: 25, 45, 65, 85) and the last; eval; close
     assert [int(x.split()[2].split("/")[0]) for x in lines[:-2]] == [5, 25, 45, 65, 85, 100]

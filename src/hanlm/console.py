@@ -279,7 +279,7 @@ class Progress:
             parts.append(figures(self.values))
         if done > 0:
             per = elapsed / done
-            parts.append(f"{per:.2f} s/step" if per < 10 else f"{duration(per)}/step")
+            parts.append(f"{per:.2f}s/step" if per < 10 else f"{duration(per)}/step")
             parts.append(f"ETA {duration(per * max(self.total - self.step, 0))}")
         else:
             parts.append("ETA ?")
