@@ -101,7 +101,7 @@ def run_judge(args: argparse.Namespace, url: str, run_dir: Path, method: str, ro
     from hanlm.eval.judge_stats import summary_of
 
     return {
-        "seconds": round(time.time() - t0, 1),
+        "seconds_this_run": round(time.time() - t0, 1),  # verdicts already asked are reused
         "judge": report.get("judge"),
         **summary_of(report),
         "first_position_share": report.get("first_position_share"),
@@ -131,11 +131,8 @@ def table(results: dict[str, Any]) -> str:
             f" {g['up']} up, {g['down']} down)"
         )
         agree = j.get("gold") or {}
-        agrees = (
-            f"{fmt(agree.get('agreement'))} ({agree.get('n', 0)} pairs both named a winner)"
-            if agree
-            else "–"
-        )
+        both = agree.get("agree", 0) + agree.get("disagree", 0)
+        agrees = f"{agree['agree']} of {both} (pairs where both name a winner)" if agree else "–"
         lines.append(
             f"| {m} | {gold} | {j['a_wins']} / {j['b_wins']} / {j['ties']} (of {j['pairs']}) |"
             f" {fmt(j['win_rate'])} ± {fmt(j['win_rate_se'])} | {fmt(j['position_bias'])} |"
@@ -201,7 +198,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "run_dir": str(args.run_dir),
-        "judge": args.judge or f"llama-server on {args.judge_gguf.name}",
+        "judge": next(r["judge"]["judge"] for r in results.values()),
         "prompts": len(next(iter(samples.values()))),
         "command": "python benchmarks/judge_methods.py " + " ".join(sys.argv[1:]),
     }
