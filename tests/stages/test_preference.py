@@ -402,7 +402,9 @@ def test_grpo_first_losses_follow_each_aggregation(tmp_path, tiny_model_path, pr
     assert dr["loss"] == pytest.approx(dapo["loss"] * mean_len / 8, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["preference-methods", "preference-methods-qwen"])
+@pytest.mark.parametrize(
+    "name", ["preference-methods", "preference-methods-demo", "preference-methods-qwen"]
+)
 def test_the_recipe_sets_each_loss_through_the_config_class(tmp_path, name):
     from hanlm.pipeline.recipe import RecipeError, find_recipe, load_recipe, resolve_config
 
