@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -69,15 +68,15 @@ def judge_inputs(rows: list[dict[str, Any]], work: Path) -> tuple[Path, Path, Pa
 
 def gold_change(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The gold reward model's score before and after, and the paired change ± its s.e."""
+    from hanlm.eval.judge_stats import mean_se
+
     diffs = [r["after"]["gold_score"] - r["before"]["gold_score"] for r in rows]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    change, se = mean_se(diffs)
     return {
-        "before": sum(r["before"]["gold_score"] for r in rows) / n,
-        "after": sum(r["after"]["gold_score"] for r in rows) / n,
-        "change": mean,
-        "se": math.sqrt(var / n),
+        "before": mean_se([r["before"]["gold_score"] for r in rows])[0],
+        "after": mean_se([r["after"]["gold_score"] for r in rows])[0],
+        "change": change,
+        "se": se,
         "up": sum(d > 0 for d in diffs),
         "down": sum(d < 0 for d in diffs),
     }
@@ -110,13 +109,9 @@ def run_judge(args: argparse.Namespace, url: str, run_dir: Path, method: str, ro
     }
 
 
-def fmt(v: Any, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
 def table(results: dict[str, Any]) -> str:
+    from hanlm.eval.judge_stats import fmt
+
     head = (
         "| method | gold RM score (not the target): before → after, paired change ± 2 s.e. |"
         " judge: method wins / start wins / ties (of n) | method's win rate ± s.e. |"
